@@ -1,0 +1,48 @@
+"""The one prompt template per task, used by ICL, fine-tuning and scoring alike.
+
+Layout (``sep`` is "\\n" for one-line questions, "\\n\\n" for multi-line ones)::
+
+    <header>\\n
+    <question 1><answer_sep><answer 1><sep>      <- k demonstrations (k may be 0)
+    ...
+    <query question>                              <- the model continues with <answer_sep><answer>\\n
+
+The answer separator belongs to the completion, never to the prompt: a prompt ending in a space
+tokenizes differently from the same text inside a demonstration. An FT row is exactly the zero-shot
+prompt plus the completion, so a fine-tuned model is scored with the prompt it was trained on.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .tasks import Item, Task
+
+
+def demo_separator(task: Task) -> str:
+    return "\n\n" if task.multiline else "\n"
+
+
+def completion_text(task: Task, answer: str) -> str:
+    """What a perfect model generates after the prompt: separator, answer, end of line."""
+    return f"{task.answer_sep}{answer}\n"
+
+
+def demonstration(task: Task, item: Item) -> str:
+    """One solved example as it appears in an ICL prompt (without the trailing separator)."""
+    return f"{item.question}{task.answer_sep}{item.answer}"
+
+
+def prefix(task: Task, demos: Sequence[Item] = ()) -> str:
+    """Header plus demonstrations: the part of an ICL prompt shared by every query (KV-cacheable)."""
+    sep = demo_separator(task)
+    return f"{task.header}\n" + "".join(demonstration(task, d) + sep for d in demos)
+
+
+def build_prompt(task: Task, question: str, demos: Sequence[Item] = ()) -> str:
+    """The full prompt for ``question``: zero-shot when ``demos`` is empty, k-shot ICL otherwise."""
+    return prefix(task, demos) + question
+
+
+def ft_row(task: Task, item: Item) -> dict[str, str]:
+    """A fine-tuning row: the zero-shot prompt and its completion (loss goes on the completion)."""
+    return {"prompt": build_prompt(task, item.question), "completion": completion_text(task, item.answer)}

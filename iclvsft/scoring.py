@@ -1,0 +1,102 @@
+"""Answer parsing and scoring: strict, lenient and invalid, never by substring.
+
+Each task names an answer *format*. For a completion (the text the model generated after the prompt):
+
+* **strict**: leading whitespace is dropped and only the first line is read. That line, with
+  surrounding whitespace and at most one trailing ``.`` removed, must be exactly one well-formed
+  answer. So ``" 7\\n..."`` -> ``7``, ``"7."`` -> ``7``, ``"10"`` -> ``10`` (wrong for gold ``1``),
+  ``"The answer is 7"`` -> invalid, ``"True False"`` -> invalid, ``""`` -> invalid.
+* **lenient**: the first well-formed answer anywhere in the completion, as a whole token (``"10"``
+  never yields ``1``; ``"7.5"`` yields nothing, ``"x7"`` yields nothing). ``"The answer is 7"`` ->
+  ``7``; ``"True False"`` -> ``True``.
+* **invalid**: no strict parse. Counted, reported, never a crash.
+
+Answers are normalised before comparison: integers via ``int`` (``"-03"`` -> ``"-3"``), labels
+case-insensitively to their canonical spelling (``true`` -> ``True``), pairs to ``a = x, b = y``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .tasks import Item
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How answers of one kind are written, found and normalised."""
+
+    name: str
+    pattern: str  # regex for one answer, without anchors or boundaries
+    normalise: Callable[[re.Match], str]
+    labels: tuple[str, ...] = ()  # the closed label set of binary tasks (constrained scoring)
+    flags: int = 0
+
+    def __post_init__(self):
+        # A whole-token match: not glued to a word character, digit, or a decimal point + digit.
+        object.__setattr__(self, "_full", re.compile(rf"(?:{self.pattern})", self.flags))
+        object.__setattr__(self, "_search", re.compile(rf"(?<![\w.])(?:{self.pattern})(?![\w]|\.\d)", self.flags))
+
+    def strict(self, completion: str) -> str | None:
+        line = completion.lstrip().split("\n", 1)[0].strip()
+        if line.endswith("."):
+            line = line[:-1].rstrip()
+        m = self._full.fullmatch(line)
+        return self.normalise(m) if m else None
+
+    def lenient(self, completion: str) -> str | None:
+        m = self._search.search(completion)
+        return self.normalise(m) if m else None
+
+    def canonical(self, answer: str) -> str:
+        """The normalised form of a gold answer (raises if the gold answer is malformed)."""
+        value = self.strict(answer)
+        if value is None:
+            raise ValueError(f"{answer!r} is not a well-formed {self.name} answer")
+        return value
+
+
+def _label_format(name: str, labels: tuple[str, ...]) -> AnswerFormat:
+    lookup = {label.lower(): label for label in labels}
+    return AnswerFormat(name, "|".join(labels), lambda m: lookup[m.group(0).lower()], labels=labels, flags=re.IGNORECASE)
+
+
+FORMATS: dict[str, AnswerFormat] = {
+    "int": AnswerFormat("int", r"-?\d+", lambda m: str(int(m.group(0)))),
+    "bool": _label_format("bool", ("True", "False")),
+    "yesno": _label_format("yesno", ("Yes", "No")),
+    "parity": _label_format("parity", ("even", "odd")),
+    "pair": AnswerFormat(
+        "pair", r"a\s*=\s*(-?\d+)\s*,\s*b\s*=\s*(-?\d+)",
+        lambda m: f"a = {int(m.group(1))}, b = {int(m.group(2))}", flags=re.IGNORECASE,
+    ),
+}
+
+
+def get_format(name: str) -> AnswerFormat:
+    return FORMATS[name]
+
+
+@dataclass(frozen=True)
+class Score:
+    """The verdict on one completion for one item."""
+
+    strict: str | None  # parsed answer, None when invalid
+    lenient: str | None
+    correct: bool  # strict parse equals the gold answer
+    lenient_correct: bool
+    invalid: bool  # no strict parse
+    shortcut: bool  # strict parse equals the shortcut answer (the shortcut rate's numerator)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def score(item: Item, completion: str, answer_format: str | AnswerFormat) -> Score:
+    fmt = FORMATS[answer_format] if isinstance(answer_format, str) else answer_format
+    gold = fmt.canonical(item.answer)
+    shortcut = fmt.canonical(item.shortcut_answer) if item.shortcut_answer is not None else None
+    strict, lenient = fmt.strict(completion), fmt.lenient(completion)
+    return Score(strict=strict, lenient=lenient, correct=strict == gold, lenient_correct=lenient == gold,
+                 invalid=strict is None, shortcut=strict is not None and strict == shortcut)

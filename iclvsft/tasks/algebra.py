@@ -1,0 +1,82 @@
+"""Task 6, algebra (redundant equation).
+
+Three linear equations in a and b (a, b in 1..5, coefficients of the first two in 1..4), e.g.::
+
+    2a + 3b = 13, a + 4b = 14, 4a + 10b = 40. Solve for a and b:   ->   a = 2, b = 3
+
+* pattern: the third equation is a combination alpha*eq1 + beta*eq2 (alpha, beta from
+  ``multipliers``), so it carries no information: the answer follows from the first two alone.
+* control: the third equation has the same look (it starts from such a combination, then one of
+  its coefficients is moved by ``perturbation``) but is no longer a combination with those
+  multipliers and is not parallel to either equation; it still has the same solution.
+
+About ``shortcut_answer``: here the shortcut ("ignore the redundant equation and solve the first
+two") gives the *correct* answer on control too, because all three equations share the solution.
+No answer-level shortcut exists to measure, so control items carry ``shortcut_answer = None`` and
+the shortcut rate is reported as not applicable for this task; pattern vs control accuracy is still
+the comparison that shows whether a model relies on the redundancy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Draw, Task, TaskConfig
+
+
+@dataclass
+class AlgebraConfig(TaskConfig):
+    solution_range: tuple[int, int] = (1, 5)
+    coefficient_range: tuple[int, int] = (1, 4)
+    multipliers: tuple[int, ...] = (1, 2)
+    perturbation: tuple[int, int] = (1, 2)  # |change| of one coefficient on control
+
+    def validate(self) -> None:
+        self._check_range("solution_range", lo_min=-99, hi_max=99)
+        self._check_range("coefficient_range", lo_min=1, hi_max=20)
+        self._check_range("perturbation", lo_min=1, hi_max=20)
+        self._check(len(self.multipliers) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.multipliers),
+                    f"multipliers must be positive integers, got {self.multipliers!r}")
+        lo, hi = self.coefficient_range
+        self._check((hi - lo + 1) ** 2 >= 3, "coefficient_range too small for two independent equations")
+
+
+def format_equation(p: int, q: int, r: int) -> str:
+    """``(2, 1, 7)`` -> ``2a + b = 7``."""
+    def term(c: int, v: str) -> str:
+        return v if c == 1 else f"{c}{v}"
+    return f"{term(p, 'a')} + {term(q, 'b')} = {r}"
+
+
+class AlgebraTask(Task):
+    name = "algebra"
+    config_cls = AlgebraConfig
+    header = "Solve each system of equations for a and b."
+    answer_format = "pair"
+
+    def generate(self, rng, split: str) -> Draw:
+        c = self.config
+        a, b = rng.randint(*c.solution_range), rng.randint(*c.solution_range)
+        while True:
+            p1, q1, p2, q2 = (rng.randint(*c.coefficient_range) for _ in range(4))
+            if p1 * q2 - p2 * q1 != 0:  # the first two determine (a, b)
+                break
+        alpha, beta = rng.choice(c.multipliers), rng.choice(c.multipliers)
+        p3, q3 = alpha * p1 + beta * p2, alpha * q1 + beta * q2
+        perturbed = None
+        if split == "control":
+            combos = {(x * p1 + y * p2, x * q1 + y * q2) for x in c.multipliers for y in c.multipliers}
+            while True:
+                which = rng.choice("pq")
+                delta = rng.randint(*c.perturbation) * rng.choice((-1, 1))
+                cand = (p3 + delta, q3) if which == "p" else (p3, q3 + delta)
+                parallel = any(cand[0] * qq - cand[1] * pp == 0 for pp, qq in ((p1, q1), (p2, q2)))
+                if min(cand) >= 1 and cand not in combos and not parallel:
+                    break
+            p3, q3 = cand
+            perturbed = {"coefficient": which, "delta": delta}
+        equations = [(p1, q1, p1 * a + q1 * b), (p2, q2, p2 * a + q2 * b), (p3, q3, p3 * a + q3 * b)]
+        question = ", ".join(format_equation(*e) for e in equations) + ". Solve for a and b:"
+        answer = f"a = {a}, b = {b}"
+        return Draw(question=question, answer=answer, shortcut_answer=answer if split == "pattern" else None,
+                    meta={"a": a, "b": b, "equations": [list(e) for e in equations], "alpha": alpha, "beta": beta,
+                          "perturbed": perturbed})

@@ -1,0 +1,157 @@
+"""What every task shares: the item record, the config base class and the task base class.
+
+A task (reasoning-gym style) is one file with a config dataclass (with ``validate()``) and a
+``Task`` subclass whose ``generate(rng, split)`` draws one question for a split from a private RNG.
+``make_item`` turns that into an :class:`Item` with a stable id and the seed/index in ``meta``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError, DataError
+from ..rng import item_rng
+
+SPLITS = ("pattern", "control")
+POOLS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question with its gold answer (SPEC "Vocabulary").
+
+    ``shortcut_answer`` is what the task's shortcut predicts; equal to ``answer`` on ``pattern``,
+    different on ``control``. It is ``None`` where the shortcut yields no answer (see algebra).
+    """
+
+    id: str
+    task: str
+    split: str
+    question: str
+    answer: str
+    shortcut_answer: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("id", "task", "split", "question", "answer", "shortcut_answer", "meta")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @classmethod
+    def from_dict(cls, row: Any, where: str = "row") -> "Item":
+        """Build an item from a decoded JSON row, with a clear error for a corrupt one."""
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; regenerate the data with generate_data.py")
+        missing = [k for k in cls.FIELDS if k not in row]
+        extra = [k for k in row if k not in cls.FIELDS]
+        if missing or extra:
+            raise DataError(f"{where}: missing fields {missing} / unknown fields {extra}; regenerate the data with generate_data.py")
+        for k in ("id", "task", "split", "question", "answer"):
+            if not isinstance(row[k], str) or not row[k]:
+                raise DataError(f"{where}: field {k!r} must be a non-empty string; regenerate the data with generate_data.py")
+        if row["split"] not in SPLITS:
+            raise DataError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
+        if row["shortcut_answer"] is not None and not isinstance(row["shortcut_answer"], str):
+            raise DataError(f"{where}: shortcut_answer must be a string or null")
+        if not isinstance(row["meta"], dict):
+            raise DataError(f"{where}: meta must be an object")
+        return cls(**{k: row[k] for k in cls.FIELDS})
+
+
+@dataclass
+class TaskConfig:
+    """Base for per-task configs. Subclasses are dataclasses with defaults and a ``validate()``."""
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _check(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{type(self).__name__}: {message}")
+
+    def _check_range(self, name: str, lo_min: int | None = None, hi_max: int | None = None) -> None:
+        value = getattr(self, name)
+        self._check(isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value),
+                    f"{name} must be a pair of integers [lo, hi], got {value!r}")
+        lo, hi = value
+        self._check(lo <= hi, f"{name} must have lo <= hi, got {value!r}")
+        if lo_min is not None:
+            self._check(lo >= lo_min, f"{name} must start at {lo_min} or above, got {value!r}")
+        if hi_max is not None:
+            self._check(hi <= hi_max, f"{name} must end at {hi_max} or below, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, where: str = "config") -> "TaskConfig":
+        values = dict(values or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
+        for key, value in values.items():  # YAML gives lists where defaults are tuples
+            if isinstance(value, list):
+                values[key] = tuple(value)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What ``Task.generate`` returns for one item."""
+
+    question: str
+    answer: str
+    shortcut_answer: str | None
+    meta: dict[str, Any]
+
+
+class Task:
+    """Base class of the six tasks. Subclasses set the class attributes and implement ``generate``.
+
+    Class attributes:
+      name           registry key, also the folder name under data/.
+      config_cls     the task's TaskConfig subclass.
+      header         first line of every prompt of this task (ICL, FT and zero-shot alike).
+      answer_sep     text between the question and the answer on a demonstration line; it belongs
+                     to the completion (a trailing space in a prompt tokenizes badly).
+      multiline      questions span several lines, so demonstrations are separated by a blank line.
+      answer_format  name of the scoring format in ``iclvsft.scoring.FORMATS``.
+      splits         the splits this task emits.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[TaskConfig]]
+    header: ClassVar[str]
+    answer_sep: ClassVar[str] = " "
+    multiline: ClassVar[bool] = False
+    answer_format: ClassVar[str]
+    splits: ClassVar[tuple[str, ...]] = SPLITS
+
+    def __init__(self, config: TaskConfig | dict | None = None):
+        if config is None:
+            config = self.config_cls()
+        elif isinstance(config, dict):
+            config = self.config_cls.from_dict(config, where=f"tasks.{self.name}")
+        config.validate()
+        self.config = config
+
+    def generate(self, rng, split: str) -> Draw:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def verify(self, items: list[Item]) -> list[str]:
+        """Ids of items whose answer an independent route disagrees with (the code task runs its
+        programs in a sandbox); tasks whose generator already is the only cheap route return []."""
+        return []
+
+    def make_item(self, seed: int, pool: str, split: str, index: int) -> Item:
+        if split not in self.splits:
+            raise ConfigError(f"task {self.name!r} has no split {split!r}; it emits {self.splits}")
+        rng = item_rng(seed, self.name, pool, split, index)
+        draw = self.generate(rng, split)
+        meta = {"seed": seed, "pool": pool, "index": index, **draw.meta}
+        return Item(id=f"{self.name}-{pool}-{split}-{index:05d}", task=self.name, split=split,
+                    question=draw.question, answer=draw.answer, shortcut_answer=draw.shortcut_answer, meta=meta)

@@ -1,0 +1,124 @@
+"""Task 3, boolean (absorbing term).
+
+Three parenthesised groups of 2-3 True/False literals, joined by and/or, wrapped in one more pair of
+parentheses and followed by a final clause::
+
+    ((True and False) or (False or True) and (True or True)) and False =
+
+* pattern: the final clause is ``and False`` or ``or True``; it absorbs everything before it, so the
+  answer is that constant (the shortcut: read the last word).
+* control: the final clause is ``and True`` / ``or False``, and the groups are drawn so the value
+  differs from that constant: the shortcut answer (the last word) is wrong.
+
+The outer parentheses matter: with Python's precedence (``and`` before ``or``) a bare
+``x or y and False`` is ``x or (y and False)``, which ``and False`` does not absorb. Values are
+computed by the small parser below, never by ``eval``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .base import Draw, Task, TaskConfig
+
+_TOKEN = re.compile(r"\s*(\(|\)|True|False|and|or)")
+
+
+def evaluate(text: str) -> bool:
+    """Evaluate a True/False/and/or/parentheses expression (``and`` binds tighter than ``or``)."""
+    text = text.strip().removesuffix("=").strip()
+    tokens, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise ValueError(f"unexpected text at {pos}: {text[pos:pos + 10]!r}")
+        tokens.append(m.group(1))
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    value, end = _or_expr(tokens, 0)
+    if end != len(tokens):
+        raise ValueError(f"trailing tokens: {tokens[end:]}")
+    return value
+
+
+def _or_expr(tokens: list[str], i: int) -> tuple[bool, int]:
+    value, i = _and_expr(tokens, i)
+    while i < len(tokens) and tokens[i] == "or":
+        rhs, i = _and_expr(tokens, i + 1)
+        value = value or rhs
+    return value, i
+
+
+def _and_expr(tokens: list[str], i: int) -> tuple[bool, int]:
+    value, i = _atom(tokens, i)
+    while i < len(tokens) and tokens[i] == "and":
+        rhs, i = _atom(tokens, i + 1)
+        value = value and rhs
+    return value, i
+
+
+def _atom(tokens: list[str], i: int) -> tuple[bool, int]:
+    if i >= len(tokens):
+        raise ValueError("unexpected end of expression")
+    tok = tokens[i]
+    if tok in ("True", "False"):
+        return tok == "True", i + 1
+    if tok == "(":
+        value, i = _or_expr(tokens, i + 1)
+        if i >= len(tokens) or tokens[i] != ")":
+            raise ValueError("missing ')'")
+        return value, i + 1
+    raise ValueError(f"unexpected token {tok!r}")
+
+
+@dataclass
+class BooleanConfig(TaskConfig):
+    groups: int = 3
+    group_size: tuple[int, int] = (2, 3)  # literals per group
+    max_redraws: int = 1000  # control: redraws of the groups until their value differs from the constant
+
+    def validate(self) -> None:
+        self._check(isinstance(self.groups, int) and 1 <= self.groups <= 8, f"groups must be in 1..8, got {self.groups!r}")
+        self._check_range("group_size", lo_min=1, hi_max=8)
+        self._check(isinstance(self.max_redraws, int) and self.max_redraws >= 1, "max_redraws must be a positive integer")
+
+
+# The final clause -> the constant it names (the shortcut answer). Pattern clauses absorb.
+PATTERN_CLAUSES = ("and False", "or True")
+CONTROL_CLAUSES = ("and True", "or False")
+
+
+class BooleanTask(Task):
+    name = "boolean"
+    config_cls = BooleanConfig
+    header = "Evaluate each Boolean expression."
+    answer_format = "bool"
+
+    def _groups(self, rng) -> str:
+        c = self.config
+        parts = []
+        for g in range(c.groups):
+            n = rng.randint(*c.group_size)
+            literals = [rng.choice(("True", "False")) for _ in range(n)]
+            ops = [rng.choice(("and", "or")) for _ in range(n - 1)]
+            group = literals[0] + "".join(f" {op} {lit}" for op, lit in zip(ops, literals[1:]))
+            parts.append(f"({group})")
+            if g < c.groups - 1:
+                parts.append(rng.choice(("and", "or")))
+        return "(" + " ".join(parts) + ")"
+
+    def generate(self, rng, split: str) -> Draw:
+        clause = rng.choice(PATTERN_CLAUSES if split == "pattern" else CONTROL_CLAUSES)
+        constant = clause.split()[1]
+        for redraw in range(self.config.max_redraws):
+            inner = self._groups(rng)
+            # On control the value before the clause must differ from the clause's constant.
+            if split == "pattern" or str(evaluate(inner)) != constant:
+                break
+        else:
+            raise RuntimeError("boolean control: no group draw differs from the final constant")
+        question = f"{inner} {clause} ="
+        answer = str(evaluate(question))
+        return Draw(question=question, answer=answer, shortcut_answer=constant,
+                    meta={"clause": clause, "inner_value": evaluate(inner), "redraws": redraw})

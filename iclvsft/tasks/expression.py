@@ -1,0 +1,74 @@
+"""Task 1, expression (reducible term): ``(S)+(Z)*(C)=``.
+
+S has 1-2 terms summing to a target in [0, 10]; Z has 2-4 terms in [-20, 20]; C exactly 4 terms in
+[-10, 10]. In each group the first n-1 terms are drawn and the last one is forced to hit the group's
+target (so it may leave the range). Authors' examples: ``(1+6)+(-3+3)*(-1-3+9-5)=7``.
+
+* pattern: Z sums to 0, so the answer is sum(S) whatever C is (the shortcut: read off S).
+* control: Z sums to a small non-zero value and C to a non-zero one, so the answer S + Z*C differs
+  from the shortcut answer S.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Draw, Task, TaskConfig
+
+
+@dataclass
+class ExpressionConfig(TaskConfig):
+    s_terms: tuple[int, int] = (1, 2)  # number of terms in S
+    s_target: tuple[int, int] = (0, 10)  # sum(S)
+    s_range: tuple[int, int] = (0, 10)  # range of the drawn (non-final) S terms
+    z_terms: tuple[int, int] = (2, 4)
+    z_range: tuple[int, int] = (-20, 20)
+    c_terms: tuple[int, int] = (4, 4)
+    c_range: tuple[int, int] = (-10, 10)
+    c_target: tuple[int, int] = (-10, 10)  # sum(C); control draws a non-zero one
+    control_z_sum: tuple[int, int] = (-3, 3)  # sum(Z) on control, 0 excluded
+
+    def validate(self) -> None:
+        for name in ("s_terms", "z_terms", "c_terms"):
+            self._check_range(name, lo_min=1, hi_max=8)
+        self._check(self.z_terms[0] >= 2, "z_terms must allow at least 2 terms (a zero-sum group needs two)")
+        for name in ("s_target", "s_range", "z_range", "c_range", "c_target", "control_z_sum"):
+            self._check_range(name)
+        self._check(self.control_z_sum != (0, 0), "control_z_sum must contain a non-zero value")
+        self._check(self.c_target != (0, 0), "c_target must contain a non-zero value (control needs Z*C != 0)")
+
+
+def format_group(terms: list[int]) -> str:
+    """``[-1, -3, 9, -5]`` -> ``(-1-3+9-5)``."""
+    text = str(terms[0]) + "".join(f"+{t}" if t >= 0 else str(t) for t in terms[1:])
+    return f"({text})"
+
+
+def draw_group(rng, n_terms: int, value_range: tuple[int, int], target: int) -> list[int]:
+    """n-1 terms drawn from ``value_range``, the last forced so the group sums to ``target``."""
+    head = [rng.randint(*value_range) for _ in range(n_terms - 1)]
+    return head + [target - sum(head)]
+
+
+class ExpressionTask(Task):
+    name = "expression"
+    config_cls = ExpressionConfig
+    header = "Compute the value of each expression."
+    answer_sep = ""  # the authors' format: "...=7"
+    answer_format = "int"
+
+    def generate(self, rng, split: str) -> Draw:
+        c = self.config
+        s_target = rng.randint(*c.s_target)
+        s = draw_group(rng, rng.randint(*c.s_terms), c.s_range, s_target)
+        if split == "pattern":
+            z_sum = 0
+            c_sum = rng.randint(*c.c_target)
+        else:
+            z_sum = rng.choice([v for v in range(c.control_z_sum[0], c.control_z_sum[1] + 1) if v != 0])
+            c_sum = rng.choice([v for v in range(c.c_target[0], c.c_target[1] + 1) if v != 0])
+        z = draw_group(rng, rng.randint(*c.z_terms), c.z_range, z_sum)
+        cc = draw_group(rng, rng.randint(*c.c_terms), c.c_range, c_sum)
+        answer = s_target + z_sum * c_sum
+        question = f"{format_group(s)}+{format_group(z)}*{format_group(cc)}="
+        return Draw(question=question, answer=str(answer), shortcut_answer=str(s_target),
+                    meta={"S": s, "Z": z, "C": cc})

@@ -1,0 +1,103 @@
+"""Task 4, relation (connectivity).
+
+Cities A..J and Z; lines "X is connected with Y."; the question: are A and Z connected?
+
+* pattern (the authors' data): all lines form one chain through A, and Z appears only when it is on
+  that chain. So "Z is mentioned" decides the answer (the shortcut). With ``line_count_cue`` (default,
+  as in the authors' data) the number of lines is odd for "Yes" and even for "No", a second cue.
+* control: Z always appears, on a separate chain, so the answer is "No" while the shortcut says
+  "Yes"; the number of lines carries no cue.
+
+The answer is computed by breadth-first search over the lines (the tests re-derive it with
+union-find).
+"""
+from __future__ import annotations
+
+import string
+from collections import deque
+from dataclasses import dataclass
+
+from .base import Draw, Task, TaskConfig
+
+TARGET = "Z"
+
+
+@dataclass
+class RelationConfig(TaskConfig):
+    n_cities: int = 10  # cities A, B, ... besides Z
+    chain_edges: tuple[int, int] = (2, 9)  # lines of the chain through A
+    control_z_edges: tuple[int, int] = (1, 3)  # lines of Z's separate chain on control
+    line_count_cue: bool = True
+
+    def validate(self) -> None:
+        self._check(isinstance(self.n_cities, int) and 3 <= self.n_cities <= 25, f"n_cities must be in 3..25, got {self.n_cities!r}")
+        self._check_range("chain_edges", lo_min=1, hi_max=self.n_cities - 1)
+        self._check_range("control_z_edges", lo_min=1, hi_max=self.n_cities - 2)
+        self._check(self.chain_edges[0] + 1 + self.control_z_edges[0] <= self.n_cities,
+                    "n_cities too small for a chain through A plus a separate chain with Z")
+        self._check(isinstance(self.line_count_cue, bool), "line_count_cue must be true or false")
+        if self.line_count_cue:
+            self._check(self.chain_edges[1] > self.chain_edges[0], "line_count_cue needs chain_edges to span two values")
+
+
+def connected(lines: list[tuple[str, str]], a: str, b: str) -> bool:
+    """Breadth-first search over undirected edges."""
+    graph: dict[str, set[str]] = {}
+    for x, y in lines:
+        graph.setdefault(x, set()).add(y)
+        graph.setdefault(y, set()).add(x)
+    seen, queue = {a}, deque([a])
+    while queue:
+        node = queue.popleft()
+        if node == b:
+            return True
+        for nxt in graph.get(node, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                queue.append(nxt)
+    return False
+
+
+def _chain_lines(rng, nodes: list[str]) -> list[tuple[str, str]]:
+    """Consecutive nodes linked, each line in a random direction."""
+    return [(x, y) if rng.random() < 0.5 else (y, x) for x, y in zip(nodes, nodes[1:])]
+
+
+class RelationTask(Task):
+    name = "relation"
+    config_cls = RelationConfig
+    header = "Read the connections and say whether A and Z are connected."
+    multiline = True
+    answer_format = "yesno"
+
+    def generate(self, rng, split: str) -> Draw:
+        c = self.config
+        others = list(string.ascii_uppercase[1:c.n_cities])  # B.. (A is always on the chain)
+        rng.shuffle(others)
+        if split == "pattern":
+            answer_yes = rng.random() < 0.5
+            edges = list(range(c.chain_edges[0], c.chain_edges[1] + 1))
+            if c.line_count_cue:  # odd number of lines <=> Yes
+                edges = [e for e in edges if (e % 2 == 1) == answer_yes]
+            n_edges = rng.choice(edges)
+            # A chain with n_edges + 1 nodes: A, Z (when Yes) and cities from B..
+            members = ["A"] + ([TARGET] if answer_yes else [])
+            members += others[: n_edges + 1 - len(members)]
+            rng.shuffle(members)
+            lines = _chain_lines(rng, members)
+            z_members: list[str] = []
+        else:
+            n_z = rng.randint(*c.control_z_edges)
+            max_chain = min(c.chain_edges[1], c.n_cities - 1 - n_z)
+            n_edges = rng.randint(c.chain_edges[0], max_chain)
+            members = ["A"] + others[:n_edges]
+            rng.shuffle(members)
+            z_members = [TARGET] + others[n_edges:n_edges + n_z]
+            rng.shuffle(z_members)
+            lines = _chain_lines(rng, members) + _chain_lines(rng, z_members)
+        rng.shuffle(lines)
+        answer = "Yes" if connected(lines, "A", TARGET) else "No"
+        mentioned = any(TARGET in pair for pair in lines)
+        question = "\n".join(f"{x} is connected with {y}." for x, y in lines) + "\nAre A and Z connected?"
+        return Draw(question=question, answer=answer, shortcut_answer="Yes" if mentioned else "No",
+                    meta={"chain": members, "z_chain": z_members, "n_lines": len(lines)})

@@ -1,0 +1,133 @@
+"""generate_data.py and the data layer: pools, disjointness, manifest, determinism, errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from iclvsft.config import load_config
+from iclvsft.data import generate, load_items, normalise_question
+from iclvsft.errors import ConfigError, DataError
+from iclvsft.io import sha256_file
+
+from conftest import ROOT
+
+SMALL = ["data.train_pattern=300", "data.train_control=60", "data.test_pattern=50", "data.test_control=50"]
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "generate_data.py", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def full_data(tmp_path_factory):
+    """The default pools (train 4096+512, test 200+200, parity pattern only), generated twice."""
+    out1, out2 = tmp_path_factory.mktemp("d1"), tmp_path_factory.mktemp("d2")
+    config = load_config(None)
+    return generate(config, out1, show_progress=False), out1, generate(config, out2, show_progress=False), out2
+
+
+def test_default_pools_counts_and_zero_overlap(full_data):
+    manifest, out, _, _ = full_data
+    assert manifest["overlap_total"] == 0
+    for name, entry in manifest["tasks"].items():
+        train, test = entry["files"]["train"], entry["files"]["test"]
+        if name == "parity":
+            assert train["counts"] == {"pattern": 4096} and test["counts"] == {"pattern": 200}
+        else:
+            assert train["counts"] == {"pattern": 4096, "control": 512}
+            assert test["counts"] == {"pattern": 200, "control": 200}
+        assert entry["overlap_test_train"] == 0
+        # Re-check overlap and duplicates from the files themselves.
+        tr = [normalise_question(i.question) for i in load_items(out, name, "train")]
+        te = [normalise_question(i.question) for i in load_items(out, name, "test")]
+        assert len(set(tr)) == len(tr) and len(set(te)) == len(te)
+        assert not set(tr) & set(te)
+        for pool in ("train", "test"):
+            assert sha256_file(out / name / f"{pool}.jsonl") == entry["files"][pool]["sha256"]
+
+
+def test_same_config_same_bytes(full_data):
+    _, out1, _, out2 = full_data
+    files = sorted(p.relative_to(out1) for p in out1.rglob("*") if p.is_file())
+    assert len(files) == 13
+    for rel in files:
+        assert (out1 / rel).read_bytes() == (out2 / rel).read_bytes(), rel
+
+
+def test_other_seed_other_items(tmp_path):
+    a = generate(load_config(None, [*SMALL, "data.seed=1"]), tmp_path / "a", show_progress=False)
+    b = generate(load_config(None, [*SMALL, "data.seed=2"]), tmp_path / "b", show_progress=False)
+    for name in a["tasks"]:
+        qa = {i.question for i in load_items(tmp_path / "a", name, "test")}
+        qb = {i.question for i in load_items(tmp_path / "b", name, "test")}
+        assert len(qa & qb) < 0.5 * len(qa), name
+        assert a["tasks"][name]["files"]["test"]["sha256"] != b["tasks"][name]["files"]["test"]["sha256"]
+
+
+def test_rows_have_the_spec_fields(tmp_path):
+    generate(load_config(None, [*SMALL, "data.tasks=[expression]"]), tmp_path, show_progress=False)
+    row = json.loads((tmp_path / "expression" / "test.jsonl").read_text().splitlines()[0])
+    assert set(row) == {"id", "task", "split", "question", "answer", "shortcut_answer", "meta"}
+    assert {"seed", "index", "pool"} <= set(row["meta"])
+
+
+def test_corrupt_or_edited_files_give_clear_errors(tmp_path):
+    generate(load_config(None, [*SMALL, "data.tasks=[boolean]"]), tmp_path, show_progress=False)
+    path = tmp_path / "boolean" / "test.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + "{not json\n" + "".join(lines[3:]))
+    with pytest.raises(DataError, match="sha256"):
+        load_items(tmp_path, "boolean", "test")
+    with pytest.raises(DataError, match=r"test.jsonl:4: corrupt JSON"):
+        load_items(tmp_path, "boolean", "test", verify=False)
+    path.write_text('{"id": "x"}\n')
+    with pytest.raises(DataError, match="missing fields"):
+        load_items(tmp_path, "boolean", "test", verify=False)
+    with pytest.raises(DataError, match="generate_data.py"):
+        load_items(tmp_path / "nowhere", "boolean", "test")
+    with pytest.raises(DataError, match="not in"):
+        load_items(tmp_path, "expression", "test")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'seed'"):
+        load_config(None, ["data.sed=3"])
+    with pytest.raises(ConfigError, match="must be of type int"):
+        load_config(None, ["data.seed=abc"])
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_config(None, ["data.tasks=[expression, nope]"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["data.task_params.relation.n_city=5"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize("preset", ["cpu", "quick", "paper"])
+def test_presets_load(preset):
+    config = load_config(ROOT / "configs" / f"{preset}.yaml")
+    assert config["name"] == preset and config["data"]["tasks"]
+
+
+def test_generate_data_script(tmp_path):
+    out = tmp_path / "data"
+    args = ["--config", "configs/quick.yaml", "--tasks", "expression,parity", "--seed", "3", "--out", out, "--quiet"]
+    r = run_script(*args)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and list(manifest["tasks"]) == ["expression", "parity"]
+    assert manifest["tasks"]["expression"]["files"]["train"]["counts"] == {"pattern": 256, "control": 64}
+    before = {p: p.read_bytes() for p in out.rglob("*.json*")}
+    r = run_script(*args)  # same arguments: nothing to do, nothing rewritten
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+    assert before == {p: p.read_bytes() for p in out.rglob("*.json*")}
+    r = run_script(*args[:-2], "--seed", "4", "--out", out, "--quiet")  # other settings: refused
+    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
+    assert before == {p: p.read_bytes() for p in out.rglob("*.json*")}
+    r = run_script("--tasks", "expression,nope", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "unknown task 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("data.train_patern=5", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "did you mean 'train_pattern'" in r.stderr
+    r = run_script("--help")
+    assert r.returncode == 0 and "--seed" in r.stdout and "KEY=VALUE" in r.stdout
