@@ -30,6 +30,52 @@ DEFAULTS: dict[str, Any] = {
         "test_control": 200,  # ignored by tasks without a control split (parity)
         "task_params": {},  # per-task generation parameters, e.g. {expression: {z_terms: [2, 3]}}
     },
+    # The model under study: an offline name (qwen2.5-coder-0.5b-instruct, ...), a hub id or a folder.
+    "model": "qwen2.5-coder-0.5b-instruct",
+    "dtype": "auto",  # auto (bf16 where the hardware runs it natively, else fp32) | bf16 | fp16 | fp32
+    "attn_implementation": "auto",  # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager
+    "eval": {
+        "tasks": [],  # empty: data.tasks
+        "shots": [0, 4, 16],  # k demonstrations per prompt (0 = zero-shot)
+        "demo_seeds": [0, 1, 2],  # one demo set per (k, demo seed); k = 0 runs once
+        "demo_mode": "shared",  # shared: one demo set per cell, KV-cached | per_item: fresh demos per item (authors)
+        "demo_split": "pattern",  # which train split demonstrations come from
+        "splits": ["pattern", "control"],
+        "limit": 0,  # items per split (0 = all)
+        "batch_size": 16,
+        "max_new_tokens": 0,  # 0: longest train answer + a margin, per task
+        "constrained": True,  # also score binary tasks by the label's log-probability
+    },
+    "ft": {
+        "method": "lora",  # lora (peft adapter, base frozen) | full (every parameter, fp32 master weights)
+        "tasks": [],  # tasks trained together, n_train rows each (several = the paper's mixed file); empty: --task
+        "n_train": 256,  # rows per task: the first N pattern rows of <data>/<task>/train.jsonl (same N, same rows)
+        "train_seed": 0,  # seeds the mixed-task shuffle, LoRA init, dropout and the epoch order
+        "loss_on": "completion",  # completion (answer tokens only) | sequence (prompt + answer: the authors')
+        "append_eos": True,  # end each completion with the eos token (teaches stopping); the authors did not
+        "epochs": 2.0,  # passes over the rows; ignored when max_steps > 0
+        "max_steps": 0,  # > 0: exactly this many optimizer steps (the authors: 100), overrides epochs
+        "learning_rate": 2.0e-4,  # peak learning rate (the authors' full FT: 1e-5)
+        "lr_scheduler": "linear",  # linear | cosine | cosine_with_restarts | polynomial | constant | constant_with_warmup | inverse_sqrt
+        "warmup_steps": 0,  # optimizer steps of linear warm-up (the authors: 20)
+        "weight_decay": 0.0,  # AdamW weight decay
+        "max_grad_norm": 1.0,  # gradient clipping norm (0: no clipping)
+        "optimizer": "adamw_torch",  # a transformers optimizer name (TrainingArguments.optim)
+        "batch_size": 16,  # effective rows per optimizer step = per_device_batch_size x devices x accumulation
+        "per_device_batch_size": 4,  # rows per forward pass on one device; accumulation makes up batch_size
+        "max_length": 512,  # max tokens per row; longer rows are cut at the end (a row left with no answer token: error)
+        "batching": "padding_free",  # padding_free (rows concatenated, positions restart per row, no padding) | padded (right-pad to the longest row) | max_length (pad every row to max_length: the authors')
+        "gradient_checkpointing": False,  # recompute activations in the backward pass: less memory, slower
+        "save_steps": 50,  # a resumable checkpoint every N optimizer steps (0: none)
+        "keep_checkpoints": False,  # keep <out>/checkpoints after the run finishes (they hold the optimizer state)
+        "logging_steps": 1,  # a train_log.jsonl line every N optimizer steps
+        "lora": {
+            "r": 16,  # adapter rank
+            "alpha": 32,  # scaling numerator: the update is (alpha / r) * B @ A
+            "dropout": 0.05,  # dropout on the adapter's input
+            "target_modules": "all-linear",  # all-linear (every linear layer but the output head) or a list of module names, e.g. [q_proj, v_proj]
+        },
+    },
 }
 
 OPEN = {("data", "task_params")}
@@ -40,8 +86,17 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# Keys whose value may be a string or a list of strings (LoRA target modules: "all-linear" or
+# [q_proj, v_proj]); _check_type accepts exactly those two shapes for them, nothing else.
+STR_OR_LIST = {"ft.lora.target_modules"}
+
+
 def _check_type(dotted: str, value: Any, default: Any) -> None:
     if default is None or value is None:
+        return
+    if dotted in STR_OR_LIST:
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise ConfigError(f"config key {dotted!r} must be a string or a list of strings, got {value!r}")
         return
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
@@ -120,3 +175,7 @@ def validate(config: dict) -> None:
             raise ConfigError(f"data.{key} must be >= 0, got {data[key]}")
     for task, params in data["task_params"].items():
         get_task(task, params)  # raises ConfigError for an unknown task, key or bad value
+
+    from .train import validate_ft_config
+
+    validate_ft_config(config)  # the ft section's own checks (iclvsft/train.py)

@@ -104,8 +104,9 @@ def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str |
 
 
 def provenance() -> dict[str, Any]:
-    """What every result file records besides its config: code version, packages, interpreter."""
+    """What every result file records besides its config: code version, commit, packages, platform.
+    (The command line is recorded separately where useful: it differs between equal runs.)"""
     from . import __version__
 
     return {"iclvsft": __version__, "git_commit": git_commit(), "versions": package_versions(),
-            "argv": sys.argv, "platform": platform.platform()}
+            "platform": platform.platform()}

@@ -1,0 +1,155 @@
+"""Batched greedy decoding and label log-probabilities over a shared, cached prompt prefix.
+
+Why this is written by hand: ``model.generate`` takes one prompt per row and recomputes every row's
+full prompt. In an ICL cell every item shares the same header + k demonstrations (up to ~3000
+tokens at 32 shots), so we run that prefix through the model **once**, keep its KV cache, and for
+each batch copy the cache to the batch size and feed only the items' own tokens::
+
+    [ prefix (cached, shared) ][ pad pad ][ item tokens ] -> greedy tokens ...
+
+Pads sit between the prefix and each item (left padding of the suffixes); they are masked out of
+attention, and position ids are the running count of real tokens, so every row computes exactly
+what it would alone. The same routine with an empty prefix is the plain (uncached) path; the tests
+check both give the same predictions, and that batch size does not change them.
+
+Tokenization is done on the whole prompt (prefix + question), and the prefix tokens are split off
+only when they are a token-for-token prefix of it; otherwise that item falls back to the uncached
+path, so caching can never change what the model sees.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Prefix:
+    """A prompt prefix and its KV cache (batch size 1)."""
+
+    text: str
+    ids: list[int]
+    cache: DynamicCache | None
+
+    @property
+    def length(self) -> int:
+        return len(self.ids) if self.cache is not None else 0
+
+    def expanded(self, batch: int) -> DynamicCache:
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+@torch.inference_mode()
+def build_prefix(model, tokenizer, text: str) -> Prefix:
+    """Run ``text`` through the model once and keep its KV cache."""
+    ids = encode(tokenizer, text)
+    if not ids:
+        return Prefix(text, ids, None)
+    x = torch.tensor([ids], device=device_of(model))
+    out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
+    return Prefix(text, ids, out.cache)
+
+
+def empty_prefix() -> Prefix:
+    return Prefix("", [], None)
+
+
+def split_suffixes(tokenizer, prefix: Prefix, texts: Sequence[str]) -> list[list[int] | None]:
+    """Token ids of each ``prefix.text + text`` after the cached prefix, or None where the joint
+    tokenization does not start with the prefix's tokens (that row must go the uncached way)."""
+    out: list[list[int] | None] = []
+    for text in texts:
+        full = encode(tokenizer, prefix.text + text)
+        n = prefix.length
+        out.append(full[n:] if full[:n] == prefix.ids[:n] and len(full) > n else None)
+    return out
+
+
+def _batch_inputs(rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int, device) -> tuple:
+    """Left-pad ``rows``; the mask and positions cover the cached prefix as well."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), prefix_len + width), dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, prefix_len + width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _finished(text: str, token: int, eos_ids: set[int]) -> bool:
+    """A row stops at end of line (once it has written something) or at an end-of-sequence token."""
+    return token in eos_ids or "\n" in text.lstrip()
+
+
+def greedy(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prefix + row`` for each row, cut at the end of the first line."""
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy_ids(model, tokenizer, prefix, rows, max_new_tokens)]
+
+
+@torch.inference_mode()
+def greedy_ids(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """The generated token ids behind :func:`greedy`."""
+    if not rows:
+        return []
+    device = device_of(model)
+    ids, mask, positions = _batch_inputs(rows, tokenizer.pad_token_id, prefix.length, device)
+    cache = prefix.expanded(len(rows)) if prefix.length else DynamicCache()
+    eos_ids = set(_as_list(tokenizer.eos_token_id)) | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    generated: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    for step in range(max_new_tokens):
+        next_tokens = out.logits[:, -1, :].argmax(-1)
+        for i, tok in enumerate(next_tokens.tolist()):
+            if not done[i]:
+                generated[i].append(tok)
+                done[i] = _finished(tokenizer.decode(generated[i], skip_special_tokens=True), tok, eos_ids)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                    use_cache=True, logits_to_keep=1)
+    return generated
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]],
+                          n_scored: Sequence[int]) -> list[float]:
+    """Sum of log-probabilities of the last ``n_scored[i]`` tokens of each row, given the rest."""
+    if not rows:
+        return []
+    device = device_of(model)
+    ids, mask, positions = _batch_inputs(rows, tokenizer.pad_token_id, prefix.length, device)
+    cache = prefix.expanded(len(rows)) if prefix.length else None
+    keep = max(n_scored) + 1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=cache is not None, logits_to_keep=keep)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, keep, V]; position j predicts token j+1
+    scores = []
+    for i, n in enumerate(n_scored):
+        targets = ids[i, ids.shape[1] - n:]
+        preds = logp[i, keep - 1 - n: keep - 1]
+        scores.append(float(preds.gather(-1, targets[:, None]).sum()))
+    return scores
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [int(x)]

@@ -1,0 +1,172 @@
+"""The evaluation engine: caching, batching, sharding and resuming never change a prediction."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from iclvsft import engine, evaluate as ev
+from iclvsft.config import load_config
+from iclvsft.data import generate, load_items, normalise_question
+from iclvsft.errors import ConfigError, DataError
+from iclvsft.evaluate import Cell, EvalPlan, Evaluator, demo_order, evaluate
+from iclvsft.models import load_model
+from iclvsft.tasks import get_task
+
+from conftest import ROOT
+
+SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=12", "data.test_control=12",
+         "data.tasks=[expression,boolean,relation,algebra]"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    generate(load_config(None, SMALL), out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random-qwen2")
+
+
+def eval_config(**eval_overrides):
+    overrides = [*SMALL, "model=tiny-random-qwen2", "eval.shots=[0,3]", "eval.demo_seeds=[0,1]", "eval.batch_size=4"]
+    overrides += [f"eval.{k}={json.dumps(v)}" for k, v in eval_overrides.items()]
+    return load_config(None, overrides)
+
+
+def test_cached_uncached_and_batch_sizes_agree(data_dir, tiny):
+    for name in ("expression", "relation", "boolean"):
+        task = get_task(name)
+        items = load_items(data_dir, name, "test")
+        demos = demo_order(load_items(data_dir, name, "train", split="pattern"), 0, name, 4)
+        runs = [Evaluator(tiny.model, tiny.tokenizer, bs).run(task, items, demos, 6, use_cache=cache)
+                for bs, cache in ((8, True), (1, True), (8, False), (3, False))]
+        for other in runs[1:]:
+            assert [r["completion"] for r in other] == [r["completion"] for r in runs[0]]
+            for a, b in zip(other, runs[0]):
+                if a["label_logprobs"]:
+                    assert a["constrained"] == b["constrained"]
+                    for label in a["label_logprobs"]:
+                        assert a["label_logprobs"][label] == pytest.approx(b["label_logprobs"][label], abs=1e-4)
+
+
+def test_engine_matches_generate(tiny):
+    """Our greedy loop gives the tokens of transformers' own generate(), up to where it stops."""
+    import torch
+
+    model, tok = tiny.model, tiny.tokenizer
+    for text in ["Compute.\n(1+2)=", "Evaluate.\n(True and False) or True =", "x"]:
+        ids = engine.encode(tok, text)
+        ours = engine.greedy_ids(model, tok, engine.empty_prefix(), [ids], 8)[0]
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        assert ours and ours == ref[: len(ours)], (ours, ref)
+
+
+def test_demos_are_train_rows_nested_and_never_test_items(data_dir):
+    for name in ("expression", "relation"):
+        train = load_items(data_dir, name, "train", split="pattern")
+        test_q = {normalise_question(i.question) for i in load_items(data_dir, name, "test")}
+        d16 = demo_order(train, 5, name, 16)
+        assert demo_order(train, 5, name, 4) == d16[:4]
+        assert demo_order(train, 6, name, 4) != d16[:4]
+        assert all(d.id.startswith(f"{name}-train-pattern") for d in d16)
+        assert not {normalise_question(d.question) for d in d16} & test_q
+    leak = load_items(data_dir, "expression", "test")[:1]
+    with pytest.raises(DataError, match="test questions"):
+        ev._check_demos(leak, {normalise_question(leak[0].question)}, Cell("expression", 1, 0))
+
+
+def run_eval(data_dir, out, tiny, **kw):
+    return evaluate(EvalPlan(eval_config(**kw), data_dir, out, "tiny-random-qwen2", None), loaded=tiny,
+                    show_progress=False)
+
+
+def test_outputs_and_resume_after_interruption(data_dir, tmp_path, tiny, monkeypatch):
+    full = tmp_path / "full"
+    metrics = run_eval(data_dir, full, tiny)
+    rows = [json.loads(line) for line in (full / "samples.jsonl").read_text().splitlines()]
+    # 4 tasks x (k=0 + k=3 x 2 seeds) cells x 24 items (algebra and others have both splits)
+    assert len(rows) == 4 * 3 * 24 and len(metrics["cells"]) == 12
+    assert len({(r["cell"], r["item_id"]) for r in rows}) == len(rows)
+    for key in ("prompt_sha256", "completion", "strict", "lenient", "correct", "invalid", "shortcut"):
+        assert key in rows[0]
+    assert all(r["shortcut"] is None for r in rows if r["task"] == "algebra" and r["split"] == "control")
+    table = (full / "table.md").read_text()
+    assert "| expression | 3 | 2 |" in table and "tiny-random-qwen2" in table
+
+    # Interrupt: the 5th chunk write leaves half a line and the process "dies".
+    calls = {"n": 0}
+    real_append = ev.append_rows
+
+    def flaky_append(path, chunk_rows):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            text = "".join(ev.jsonl_line(r) for r in chunk_rows)
+            with open(path, "a") as f:
+                f.write(text[: len(text) // 2 + 7])
+            raise KeyboardInterrupt
+        real_append(path, chunk_rows)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(ev, "append_rows", flaky_append)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(data_dir, part, tiny)
+    monkeypatch.setattr(ev, "append_rows", real_append)
+    assert not (part / "samples.jsonl").read_text().endswith("\n")
+    run_eval(data_dir, part, tiny, batch_size=4)
+    assert (part / "samples.jsonl").read_bytes() == (full / "samples.jsonl").read_bytes()
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert m1["by_condition"] == m2["by_condition"] and m1["cells"] == m2["cells"]
+    assert (full / "table.md").read_text() == (part / "table.md").read_text()
+    # A finished run is a no-op; another identity into the same folder is refused.
+    before = (full / "samples.jsonl").read_bytes()
+    run_eval(data_dir, full, tiny)
+    assert (full / "samples.jsonl").read_bytes() == before
+    with pytest.raises(ConfigError, match="another run"):
+        run_eval(data_dir, full, tiny, limit=3)
+
+
+def test_per_item_demos_mode(data_dir, tmp_path, tiny):
+    run_eval(data_dir, tmp_path, tiny, demo_mode="per_item", shots=[2], demo_seeds=[0], limit=4)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task"], set()).add(r["prompt_sha256"])
+    assert all(len(v) == 8 for v in by_task.values())  # every item its own prompt
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    """accelerate launch --cpu --num_processes 2 test.py gives the same samples as one process."""
+    common = ["--model", "tiny-random-qwen2", "--data", str(data_dir), "--tasks", "expression,boolean",
+              "--shots", "0,2", "--demo-seeds", "0", "--limit", "5", "--batch-size", "2", "--quiet", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "test.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "test.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = ((tmp_path / d / "samples.jsonl").read_text() for d in ("one", "two"))
+    assert a == b and len(a.splitlines()) == 2 * 2 * 10
+
+
+def test_script_errors(data_dir, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "test.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    r = run("--model", "no-such-model-anywhere", "--data", str(data_dir), "--out", str(tmp_path / "x"), *SMALL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "offline" in r.stderr.lower()
+    r = run("--model", "tiny-random-qwen2", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "generate_data.py" in r.stderr
+    r = run("--shots", "0,four", "--data", str(data_dir))
+    assert r.returncode == 2 and "--shots" in r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "--adapter" in r.stdout and "--demo-mode" in r.stdout
