@@ -6,13 +6,12 @@ unless --force is given.
 """
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 from iclvsft import cli
 from iclvsft.data import generate, is_up_to_date
 from iclvsft.errors import ConfigError
 from iclvsft.tasks import parse_task_list
-from pathlib import Path
 
 
 def main() -> int:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import engine
 from .data import load_items, load_manifest, normalise_question
 from .errors import ConfigError, DataError
-from .io import atomic_write_text, dumps_json, jsonl_line, provenance, write_json
+from .io import atomic_write_text, jsonl_line, provenance, write_json
 from .metrics import fmt_ci, over_seeds, rate
 from .prompts import build_prompt, completion_text, prefix
 from .rng import item_rng
@@ -256,32 +256,41 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     if any(k < 0 for k in ev["shots"]) or ev["batch_size"] < 1:
         raise ConfigError("eval.shots must be >= 0 and eval.batch_size >= 1")
     manifest = load_manifest(plan.data_dir)
-    if loaded is None:
-        loaded = load_model(plan.model_name, dtype=cfg["dtype"], attn_implementation=cfg["attn_implementation"],
-                            adapter=plan.adapter, device=str(state.device))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    model.eval()
-    identity = {
+    out = plan.out
+    samples_path = out / "samples.jsonl"
+    cells = plan_cells(tasks, ev["shots"], ev["demo_seeds"])
+    # What identifies the run before the model is loaded (the resolved dtype/attention join below).
+    core = {
         "model": plan.model_name, "adapter": str(plan.adapter) if plan.adapter else None,
-        "dtype": str(loaded.info.get("dtype")), "attn_implementation": loaded.info.get("attn_implementation"),
+        "dtype_requested": cfg["dtype"], "attn_requested": cfg["attn_implementation"],
         "data_seed": manifest.get("seed"),
         "data_sha256": {t: manifest["tasks"][t]["files"]["test"]["sha256"] for t in tasks if t in manifest["tasks"]},
         "demo_mode": ev["demo_mode"], "demo_split": ev["demo_split"], "splits": ev["splits"], "limit": ev["limit"],
         "constrained": ev["constrained"], "max_new_tokens": ev["max_new_tokens"],
     }
-    out = plan.out
-    samples_path = out / "samples.jsonl"
+    done = {(r["cell"], r["item_id"]) for r in read_samples(samples_path)} if samples_path.is_file() else set()
+    recorded = json.loads((out / "run.json").read_text()).get("identity") if (out / "run.json").is_file() else None
+    if recorded and {k: recorded.get(k) for k in core} == core:
+        planned = {(c.key, i.id) for c in cells for i in test_items(plan.data_dir, c.task, cfg)}
+        if planned <= done:  # nothing left to compute: no need to load the model
+            if state.is_main_process:
+                write_metrics(out, recorded)
+            state.wait_for_everyone()
+            return json.loads((out / "metrics.json").read_text())
+    if loaded is None:
+        loaded = load_model(plan.model_name, dtype=cfg["dtype"], attn_implementation=cfg["attn_implementation"],
+                            adapter=plan.adapter, device=str(state.device))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    identity = {**core, "dtype": str(loaded.info.get("dtype")), "attn_implementation": loaded.info.get("attn_implementation")}
     check_identity(out, identity)  # on every process, so a refusal stops them all
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", {"identity": identity, "config": cfg, "model_info": _jsonable(loaded.info),
                                       "provenance": provenance(), "argv": sys.argv})
-    state.wait_for_everyone()
-    done = {(r["cell"], r["item_id"]) for r in read_samples(samples_path)} if samples_path.is_file() else set()
-    state.wait_for_everyone()  # every process has read the file before the main one appends to it
+    state.wait_for_everyone()  # every process has read samples.jsonl before the main one appends to it
 
     evaluator = Evaluator(model, tokenizer, ev["batch_size"], ev["constrained"])
-    cells = plan_cells(tasks, ev["shots"], ev["demo_seeds"])
     chunk = ev["batch_size"] * state.num_processes * 2
     by_task: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not (show_progress and state.is_main_process))
@@ -317,16 +326,24 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def _task_inputs(data_dir: Path, name: str, cfg: dict, tokenizer) -> dict[str, Any]:
+def test_items(data_dir: Path, name: str, cfg: dict) -> list[Item]:
+    """The items a run evaluates for one task: per split in eval.splits, the first eval.limit."""
     ev = cfg["eval"]
     task = get_task(name, cfg["data"]["task_params"].get(name))
     test = load_items(data_dir, name, "test")
     items: list[Item] = []
     for split in ev["splits"]:
-        if split not in task.splits:
-            continue
-        part = [i for i in test if i.split == split]
-        items += part[: ev["limit"]] if ev["limit"] else part
+        if split in task.splits:
+            part = [i for i in test if i.split == split]
+            items += part[: ev["limit"]] if ev["limit"] else part
+    return items
+
+
+def _task_inputs(data_dir: Path, name: str, cfg: dict, tokenizer) -> dict[str, Any]:
+    ev = cfg["eval"]
+    task = get_task(name, cfg["data"]["task_params"].get(name))
+    test = load_items(data_dir, name, "test")
+    items = test_items(data_dir, name, cfg)
     train = load_items(data_dir, name, "train")
     demo_pool = [i for i in train if i.split == ev["demo_split"]]
     max_new = ev["max_new_tokens"] or max_new_tokens_for(tokenizer, task, [i.answer for i in train])

@@ -17,7 +17,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # Rounding can leave the bounds a hair on the wrong side of p at 0% and 100%.
+    return (min(lo, p), max(hi, p))
 
 
 def rate(flags: Sequence[bool]) -> dict:

@@ -1,7 +1,6 @@
 """The evaluation engine: caching, batching, sharding and resuming never change a prediction."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
