@@ -101,11 +101,18 @@ def greedy(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_
     return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy_ids(model, tokenizer, prefix, rows, max_new_tokens)]
 
 
-@torch.inference_mode()
 def greedy_ids(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     """The generated token ids behind :func:`greedy`."""
+    return decode(model, tokenizer, prefix, rows, max_new_tokens)[0]
+
+
+@torch.inference_mode()
+def decode(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_new_tokens: int,
+           score_tokens: Sequence[int] = ()) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy token ids for each row and, from the same forward pass, the log-probabilities of
+    ``score_tokens`` as the first generated token (the constrained score of one-token labels)."""
     if not rows:
-        return []
+        return [], []
     device = device_of(model)
     ids, mask, positions = _batch_inputs(rows, tokenizer.pad_token_id, prefix.length, device)
     cache = prefix.expanded(len(rows)) if prefix.length else DynamicCache()
@@ -113,6 +120,10 @@ def greedy_ids(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], 
     generated: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    scores: list[list[float]] = [[] for _ in rows]
+    if score_tokens:
+        logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, list(score_tokens)]
+        scores = logp.tolist()
     for step in range(max_new_tokens):
         next_tokens = out.logits[:, -1, :].argmax(-1)
         for i, tok in enumerate(next_tokens.tolist()):
@@ -125,7 +136,7 @@ def greedy_ids(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], 
         positions = positions[:, -1:] + 1
         out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
                     use_cache=True, logits_to_keep=1)
-    return generated
+    return generated, scores
 
 
 @torch.inference_mode()

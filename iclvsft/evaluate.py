@@ -117,9 +117,31 @@ class Evaluator:
         rows = [s if s is not None else engine.encode(self.tokenizer, p) for s, p in zip(suffixes, prompts)]
         if use_cache:
             self.fallbacks += len(uncached)
-        completions = self._generate(pre, rows, uncached, max_new_tokens)
-        labels = self._labels(task, pre, items, prompts, rows, uncached) if self.constrained else [None] * len(items)
+        label_ids = self._one_token_labels(task, prompts) if self.constrained else None
+        completions, first = self._generate(pre, rows, uncached, max_new_tokens, label_ids)
+        if label_ids is not None:  # one-token labels: scored from the generation's own first step
+            labels = [dict(zip(FORMATS[task.answer_format].labels, f)) for f in first]
+        elif self.constrained:
+            labels = self._labels(task, pre, items, prompts, rows, uncached)
+        else:
+            labels = [None] * len(items)
         return [self._row(task, i, p, c, lab) for i, p, c, lab in zip(items, prompts, completions, labels)]
+
+    def _one_token_labels(self, task: Task, prompts: Sequence[str]) -> list[int] | None:
+        """The token of each label when, after every prompt, each label (with its separator) is
+        exactly one token, always the same one; else None (labels then get a forward pass each)."""
+        labels = FORMATS[task.answer_format].labels
+        if not labels:
+            return None
+        found: list[int] | None = None
+        for prompt in prompts:
+            n = len(engine.encode(self.tokenizer, prompt))
+            conts = [engine.encode(self.tokenizer, prompt + task.answer_sep + label)[n:] for label in labels]
+            ids = [c[0] for c in conts if len(c) == 1]
+            if len(ids) != len(labels) or (found is not None and ids != found):
+                return None
+            found = ids
+        return found
 
     def run_per_item(self, task: Task, items: Sequence[Item], demos_for: Callable[[Item], list[Item]],
                      max_new_tokens: int) -> list[dict]:
@@ -127,7 +149,7 @@ class Evaluator:
         pre = engine.empty_prefix()
         prompts = [build_prompt(task, i.question, demos_for(i)) for i in items]
         rows = [engine.encode(self.tokenizer, p) for p in prompts]
-        completions = self._generate(pre, rows, [], max_new_tokens)
+        completions, _ = self._generate(pre, rows, [], max_new_tokens)
         labels = [None] * len(items)
         if self.constrained and FORMATS[task.answer_format].labels:
             labels = [self._label_scores(task, pre, [items[n]], [rows[n]], [prompts[n]])[0] for n in range(len(items))]
@@ -138,15 +160,19 @@ class Evaluator:
         order = sorted(indices, key=lambda n: (-len(rows[n]), n))
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def _generate(self, pre: engine.Prefix, rows, uncached: Sequence[int], max_new_tokens: int) -> list[str]:
+    def _generate(self, pre: engine.Prefix, rows, uncached: Sequence[int], max_new_tokens: int,
+                  score_tokens: Sequence[int] | None = None) -> tuple[list[str], list[list[float]]]:
         completions: list[str] = [""] * len(rows)
+        first: list[list[float]] = [[] for _ in rows]
         cached = [n for n in range(len(rows)) if n not in set(uncached)]
         for group, p in ((cached, pre), (list(uncached), engine.empty_prefix())):
             for batch in self._batches(group, rows):
-                texts = engine.greedy(self.model, self.tokenizer, p, [rows[n] for n in batch], max_new_tokens)
-                for n, t in zip(batch, texts):
-                    completions[n] = t
-        return completions
+                ids, scores = engine.decode(self.model, self.tokenizer, p, [rows[n] for n in batch], max_new_tokens,
+                                            score_tokens or ())
+                for j, n in enumerate(batch):
+                    completions[n] = self.tokenizer.decode(ids[j], skip_special_tokens=True)
+                    first[n] = scores[j]
+        return completions, first
 
     def _labels(self, task, pre, items, prompts, rows, uncached) -> list[dict | None]:
         if not FORMATS[task.answer_format].labels:
@@ -274,7 +300,7 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
         planned = {(c.key, i.id) for c in cells for i in test_items(plan.data_dir, c.task, cfg)}
         if planned <= done:  # nothing left to compute: no need to load the model
             if state.is_main_process:
-                write_metrics(out, recorded)
+                write_metrics(out, recorded, cells)
             state.wait_for_everyone()
             return json.loads((out / "metrics.json").read_text())
     if loaded is None:
@@ -317,7 +343,7 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
                                                 "demo_seed": cell.demo_seed, **r} for r in rows])
                 state.wait_for_everyone()
         if state.is_main_process:
-            write_metrics(out, identity)
+            write_metrics(out, identity, cells)
         bar.update(1)
     bar.close()
     if evaluator.fallbacks:
@@ -436,8 +462,12 @@ def summarise(rows: Sequence[dict]) -> dict:
     return {"cells": per_cell, "by_condition": per_k}
 
 
-def write_metrics(out: Path, identity: dict) -> dict:
-    rows = read_samples(out / "samples.jsonl")
+def write_metrics(out: Path, identity: dict, cells: Sequence[Cell]) -> dict:
+    """metrics.json and table.md from the rows of the planned ``cells`` (rows of cells that an
+    earlier run of the folder planned, e.g. with more demo seeds, stay in samples.jsonl but do not
+    count)."""
+    keys = {c.key for c in cells}
+    rows = [r for r in read_samples(out / "samples.jsonl") if r["cell"] in keys]
     summary = summarise(rows)
     metrics = {"identity": identity, "provenance": provenance(), **summary}
     write_json(out / "metrics.json", metrics)

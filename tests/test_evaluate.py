@@ -129,6 +129,10 @@ def test_outputs_and_resume_after_interruption(data_dir, tmp_path, tiny, monkeyp
     assert (full / "samples.jsonl").read_bytes() == before
     with pytest.raises(ConfigError, match="another run"):
         run_eval(data_dir, full, tiny, limit=3)
+    # Fewer demo seeds on a rerun: only the planned cells count in the metrics.
+    fewer = run_eval(data_dir, full, tiny, demo_seeds=[0])
+    assert sorted(fewer["cells"]) == sorted(k for k in metrics["cells"] if "seed=1" not in k)
+    assert (full / "samples.jsonl").read_bytes() == before
 
 
 def test_per_item_demos_mode(data_dir, tmp_path, tiny):
@@ -169,3 +173,25 @@ def test_script_errors(data_dir, tmp_path):
     assert r.returncode == 2 and "--shots" in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "--adapter" in r.stdout and "--demo-mode" in r.stdout
+
+
+def test_one_token_labels_scored_from_the_generation_pass(data_dir, tiny, monkeypatch):
+    """Labels that are one token are scored from the generation's own first step; the numbers
+    equal a separate forward pass over prompt + label (the path multi-token labels take)."""
+    from iclvsft.scoring import AnswerFormat, FORMATS
+
+    task = get_task("relation")
+    monkeypatch.setattr(task, "answer_sep", "")
+    monkeypatch.setitem(FORMATS, "yesno", AnswerFormat("yesno", "Y|N", lambda m: m.group(0), labels=("Y", "N")))
+    items = load_items(data_dir, "relation", "test")[:10]
+    items = [ev.Item(**{**i.to_dict(), "answer": i.answer[0], "shortcut_answer": i.shortcut_answer[0]}) for i in items]
+    demos = demo_order(load_items(data_dir, "relation", "train", split="pattern"), 0, "relation", 2)
+    fast = Evaluator(tiny.model, tiny.tokenizer, 4)
+    assert fast._one_token_labels(task, [ev.build_prompt(task, i.question, demos) for i in items]) is not None
+    rows_fast = fast.run(task, items, demos, 4)
+    monkeypatch.setattr(Evaluator, "_one_token_labels", lambda self, task, prompts: None)
+    rows_slow = Evaluator(tiny.model, tiny.tokenizer, 4).run(task, items, demos, 4)
+    for a, b in zip(rows_fast, rows_slow):
+        assert a["constrained"] == b["constrained"]
+        for label in ("Y", "N"):
+            assert a["label_logprobs"][label] == pytest.approx(b["label_logprobs"][label], abs=1e-4)
