@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -76,9 +77,43 @@ DEFAULTS: dict[str, Any] = {
             "target_modules": "all-linear",  # all-linear (every linear layer but the output head) or a list of module names, e.g. [q_proj, v_proj]
         },
     },
+    # reproduce.py: the whole study for this config (iclvsft/study.py).
+    "reproduce": {
+        "models": [],  # models to study, each gets the full sweep; empty: [model]
+        "icl": True,  # the ICL sweep of the eval section (shots x demo seeds) on the base model
+        "ft_tasks": [],  # tasks fine-tuned one at a time; empty: data.tasks
+        "ft_n_train": [16, 64, 256],  # FT rows per task (the first N pattern rows)
+        "ft_train_seeds": [0],  # one fine-tuned model per (protocol, tasks, N, seed)
+        # FT protocols: name -> overrides of the ft section. A protocol that sets `tasks` trains one
+        # model on those tasks mixed (the paper's setting) and evaluates it on each of them.
+        "ft_protocols": {"answer_lora": {}},
+        "ft_protocol_tasks": {},  # protocol name -> tasks it runs on (default: ft_tasks)
+        "ft_protocol_n_train": {},  # protocol name -> its N values (default: ft_n_train)
+        "ft_eval_shots": [0],  # shots when evaluating fine-tuned models (0: zero-shot, the protocol)
+    },
+    # Circuit shift (analyze_circuits.py, iclvsft/circuits.py): which heads and MLPs carry the answer
+    # under base zero-shot, base + k demonstrations, and base + fine-tuned adapter (zero-shot).
+    "circuits": {
+        "enabled": False,  # reproduce.py runs the analysis (and adds its report section) only when true
+        "tasks": ["expression"],  # tasks to analyse; each needs a corruption (expression, boolean, relation, parity)
+        "split": "pattern",  # test split the clean items come from (pattern | control)
+        "n_items": 32,  # clean/corrupted pairs per task: the first test items that have a usable twin
+        "shots": 4,  # k demonstrations in the ICL condition (the first k of evaluate.demo_order)
+        "demo_seed": 0,  # the ICL condition's demo set (one set, the same for every item)
+        "corruption": "answer",  # answer: minimal edit of what the answer is read from (expression: S) | control: expression's Z edited (the control twin)
+        "method": "attribution",  # attribution (gradient x activation difference, fast) | activation (exact patching, one pass per component) | both
+        "activation_items": 0,  # with method attribution: also exact-patch the first N pairs, to check the approximation
+        "batch_size": 32,  # patched copies per forward pass in activation patching
+        "dtype": "fp32",  # the analysis' precision; fp32 because bf16 logits near 20 are 0.125 apart, coarser than many effects; "" = the top-level dtype
+        "adapter": "",  # the FT condition's adapter folder, "{task}" replaced by the task (e.g. runs/ft-{task}-256); empty: no FT condition
+        "bootstrap": 1000,  # bootstrap resamples of the items for the 95% intervals (0: none)
+        "top_k": 20,  # components compared by the top-k overlap
+        "seed": 0,  # seeds the choice of corruption edits and the bootstrap
+    },
 }
 
-OPEN = {("data", "task_params")}
+OPEN = {("data", "task_params"), ("reproduce", "ft_protocols"), ("reproduce", "ft_protocol_tasks"),
+        ("reproduce", "ft_protocol_n_train")}
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
@@ -138,6 +173,11 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse the value ({e})") from None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; a number is meant
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()) else value
+        except ValueError:
+            pass
     out: dict = value
     for part in reversed(key.strip().split(".")):
         out = {part: out}
@@ -179,3 +219,7 @@ def validate(config: dict) -> None:
     from .train import validate_ft_config
 
     validate_ft_config(config)  # the ft section's own checks (iclvsft/train.py)
+
+    from .circuits import validate_circuits_config
+
+    validate_circuits_config(config)  # the circuits section's own checks (iclvsft/circuits.py)

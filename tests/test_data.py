@@ -102,6 +102,7 @@ def test_config_errors():
         load_config(None, ["data.task_params.relation.n_city=5"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+    assert load_config(None, ["ft.learning_rate=1e-5"])["ft"]["learning_rate"] == 1e-5  # YAML 1.1 reads a string
 
 
 @pytest.mark.parametrize("preset", ["cpu", "quick", "paper"])

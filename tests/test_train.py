@@ -1,0 +1,313 @@
+"""Fine-tuning (iclvsft/train.py, finetune.py) on the tiny random Qwen2, CPU only.
+
+What must hold (issue 4): prompt tokens carry label -100 and every row keeps a label token after
+truncation; the three batchings give the same loss on the same rows (padding-free packing is exact);
+the loss falls on a repeated small batch; LoRA leaves the base bit-identical and changes the adapter,
+and the saved adapter reproduces the in-memory logits; a full run saves a loadable model; an
+interrupted run resumes to the same log as an uninterrupted one; a finished run is not overwritten
+unless asked; `accelerate launch` with two processes completes and saves once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from iclvsft.config import load_config
+from iclvsft.errors import ConfigError, DataError
+from iclvsft.models import build_tiny_model, load_model
+from iclvsft import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "tiny-random-qwen2"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from iclvsft.data import generate
+
+    out = tmp_path_factory.mktemp("ft-data")
+    config = load_config(None, ["data.tasks=[expression,boolean]", "data.train_pattern=48", "data.train_control=4",
+                                "data.test_pattern=4", "data.test_control=4"])
+    generate(config, out, show_progress=False)
+    return out
+
+
+def tiny_config(*overrides: str) -> dict:
+    """A fast tiny-model config: 8 rows of expression, batch 4 = 2 x 2 accumulation, fp32."""
+    return load_config(None, [f"model={TINY}", "ft.tasks=[expression]", "ft.n_train=8", "ft.per_device_batch_size=2",
+                              "ft.batch_size=4", "ft.max_steps=4", "ft.save_steps=0", "ft.learning_rate=0.01",
+                              *overrides])
+
+
+def log_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / train.LOG_FILE).read_text().splitlines()]
+
+
+def tiny_tokenizer():
+    return load_model(TINY).tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# rows, tokens, collators
+# ----------------------------------------------------------------------------------------------
+
+def test_select_rows_first_n_and_mixed(data_dir):
+    rows, record = train.select_rows(data_dir, ["expression"], 5)
+    assert [r["id"] for r in rows] == [f"expression-train-pattern-{i:05d}" for i in range(5)]
+    again, _ = train.select_rows(data_dir, ["expression"], 8)
+    assert again[:5] == rows  # same N, same rows; a larger N extends them
+    assert set(rows[0]) == {"id", "task", "prompt", "completion"}
+    assert record["tasks"]["expression"]["train_sha256"]
+
+    mixed, rec = train.select_rows(data_dir, ["expression", "boolean"], 6, seed=1)
+    assert sorted(r["task"] for r in mixed).count("boolean") == 6 and len(mixed) == 12
+    assert [r["task"] for r in mixed] != ["expression"] * 6 + ["boolean"] * 6  # shuffled
+    assert mixed == train.select_rows(data_dir, ["expression", "boolean"], 6, seed=1)[0]
+    assert mixed != train.select_rows(data_dir, ["expression", "boolean"], 6, seed=2)[0]
+    assert rec["rows"] == 12
+
+    with pytest.raises(DataError, match="holds 48 pattern rows"):
+        train.select_rows(data_dir, ["expression"], 49)
+
+
+def test_labels_mask_the_prompt_and_end_with_eos(data_dir):
+    tok = tiny_tokenizer()
+    rows, _ = train.select_rows(data_dir, ["expression"], 3)
+    feats, stats = train.tokenize_rows(rows, tok, loss_on="completion", max_length=512)
+    for row, f in zip(rows, feats):
+        prompt = tok(row["prompt"], add_special_tokens=True)["input_ids"]
+        completion = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert f["input_ids"] == prompt + completion  # the prompt exactly as evaluation encodes it
+        assert f["labels"] == [-100] * len(prompt) + completion
+    assert stats["label_tokens"] == sum(sum(l != -100 for l in f["labels"]) for f in feats)
+
+    seq, _ = train.tokenize_rows(rows, tok, loss_on="sequence", max_length=512, append_eos=False)
+    assert all(f["labels"] == f["input_ids"] for f in seq)
+    assert all(f["input_ids"][-1] != tok.eos_token_id for f in seq)
+
+
+def test_truncation_keeps_a_label_token_or_fails_naming_the_row(data_dir):
+    tok = tiny_tokenizer()
+    rows, _ = train.select_rows(data_dir, ["expression"], 2)
+    prompt_len = len(tok(rows[0]["prompt"])["input_ids"])
+    feats, stats = train.tokenize_rows(rows[:1], tok, max_length=prompt_len + 1)  # one answer token left
+    assert len(feats[0]["input_ids"]) == prompt_len + 1 and stats["truncated_rows"] == 1
+    assert sum(l != -100 for l in feats[0]["labels"]) == 1
+    with pytest.raises(DataError, match=rows[0]["id"]):
+        train.tokenize_rows(rows[:1], tok, max_length=prompt_len)
+    # the whole-sequence loss still has prompt labels to train on
+    train.tokenize_rows(rows[:1], tok, max_length=prompt_len, loss_on="sequence")
+
+
+def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
+    """Packing is exact: no attention across rows, positions restart per row (SDPA, CPU)."""
+    loaded = load_model(TINY, attn_implementation="sdpa")
+    model, tok = loaded.model, loaded.tokenizer
+    assert model.config.use_cache  # as loaded for generation: the collator must switch the cache off itself
+    rows, _ = train.select_rows(data_dir, ["expression", "boolean"], 3, seed=0)
+    feats, _ = train.tokenize_rows(rows, tok, loss_on="completion", max_length=128)
+    assert len({len(f["input_ids"]) for f in feats}) > 1  # rows of different lengths
+    losses, grads = {}, {}
+    for batching in train.BATCHING:
+        batch = train.make_collator(batching, tok.pad_token_id, 128, "sdpa")(feats)
+        if batching == "padding_free":
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+            assert (batch["position_ids"] == 0).sum() == len(feats)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses[batching] = loss.item()
+        grads[batching] = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    ref = losses["padded"]
+    assert losses["padding_free"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert losses["max_length"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert torch.allclose(grads["padding_free"], grads["padded"], atol=1e-5)
+    # negative control: the same flat sequence with positions running on lets rows see each other
+    flat = train.make_collator("padding_free", tok.pad_token_id, 128)(feats)
+    leaky = model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss.item()
+    assert abs(leaky - ref) > 1e-3
+    # ... and so do restarting positions when a KV cache is built (why the batch carries use_cache=False)
+    leaky = model(**{**flat, "use_cache": True}).loss.item()
+    assert abs(leaky - ref) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+
+def test_ft_config_checks():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(train.LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    config = load_config(None, ["ft.lora.target_modules=[q_proj,v_proj]"])
+    assert config["ft"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    for bad, match in [("ft.lora.target_modules=[1]", "string or a list"), ("ft.method=qlora", "ft.method"),
+                       ("ft.loss_on=prompt", "ft.loss_on"), ("ft.batch_size=6", "multiple"),
+                       ("ft.batching=packed", "ft.batching"), ("ft.tasks=[nope]", "unknown task"),
+                       ("ft.lora.dropout=1.0", "dropout"), ("ft.lr_scheduler=step", "lr_scheduler")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
+    assert train.gradient_accumulation(load_config(None, []), world_size=2) == 2  # 16 = 4 x 2 x 2
+    with pytest.raises(ConfigError, match="multiple"):
+        train.gradient_accumulation(load_config(None, []), world_size=3)
+    authors = load_config(ROOT / "configs" / "ft_authors.yaml")["ft"]
+    assert (authors["method"], authors["learning_rate"], authors["warmup_steps"], authors["lr_scheduler"],
+            authors["batch_size"], authors["max_steps"], authors["loss_on"], authors["n_train"]) == \
+        ("full", 1e-5, 20, "constant_with_warmup", 16, 100, "sequence", 1000)
+    assert authors["tasks"] == ["expression", "relation", "boolean", "code"]
+
+
+# ----------------------------------------------------------------------------------------------
+# training runs
+# ----------------------------------------------------------------------------------------------
+
+def test_loss_falls_on_a_repeated_small_batch(data_dir, tmp_path):
+    config = tiny_config("ft.n_train=4", "ft.max_steps=25", "ft.method=full", "ft.learning_rate=0.003",
+                         "ft.logging_steps=1")
+    result = train.finetune(config, tmp_path / "run", data_dir, show_progress=False)
+    losses = [e["loss"] for e in log_lines(tmp_path / "run")]
+    assert len(losses) == 25
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result.summary["steps"] == 25 and result.summary["effective_batch_size"] == 4
+
+
+def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    out = tmp_path / "lora"
+    result = train.finetune(tiny_config(), out, data_dir, show_progress=False)
+    model = result.model.eval()
+    reference = build_tiny_model().state_dict()
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in model.state_dict().items() if "lora_" not in k}
+    assert base.keys() == reference.keys()
+    assert all(torch.equal(base[k], reference[k]) for k in reference)  # the base is bit-identical
+
+    set_seed(0)  # the adapter as initialised (same seed, same config) vs as trained
+    lora = tiny_config()["ft"]["lora"]
+    fresh = get_peft_model(build_tiny_model(), LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                          lora_dropout=lora["dropout"], target_modules="all-linear",
+                                                          task_type="CAUSAL_LM")).state_dict()
+    trained = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert trained and all(not torch.equal(v, fresh[k]) for k, v in trained.items())
+
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / train.CHECKPOINT_DIR).exists()
+    reloaded = load_model(TINY, adapter=str(out)).model
+    ids = torch.tensor([list(range(10, 40)), list(range(40, 70))])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
+    summary = json.loads((out / train.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 4 and summary["provenance"]["versions"]["peft"]
+    assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"]["ft"]["n_train"] == 8
+
+
+def test_full_finetune_saves_a_loadable_model(data_dir, tmp_path):
+    out = tmp_path / "full"
+    result = train.finetune(tiny_config("ft.method=full", "ft.max_steps=2"), out, data_dir, show_progress=False)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    reloaded = load_model(str(out)).model
+    ids = torch.tensor([list(range(5, 25))])
+    with torch.no_grad():
+        assert torch.allclose(result.model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
+        assert not torch.allclose(build_tiny_model()(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_log(data_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):  # a kill after step 3 was logged, one step past the checkpoint at step 2
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
+                raise Crash("simulated kill after step 3")
+
+    config = tiny_config("ft.max_steps=6", "ft.save_steps=2", "ft.lora.dropout=0.1")
+    straight = train.finetune(config, tmp_path / "straight", data_dir, show_progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        train.finetune(config, out, data_dir, callbacks=[CrashAt()], show_progress=False)
+    assert not (out / train.SUMMARY_FILE).exists()
+    assert (out / train.CHECKPOINT_DIR / "checkpoint-2").is_dir()
+    assert [e["step"] for e in log_lines(out)] == [1, 2, 3]
+
+    with pytest.raises(ConfigError, match="another config"):  # resuming needs the same settings
+        train.finetune(tiny_config("ft.max_steps=6", "ft.save_steps=2", "ft.learning_rate=0.02"), out, data_dir,
+                       show_progress=False)
+    resumed = train.finetune(config, out, data_dir, show_progress=False)
+    assert resumed.summary["resumed_from"].endswith("checkpoint-2")
+    a, b = log_lines(tmp_path / "straight"), log_lines(out)
+    assert [e["step"] for e in b] == [1, 2, 3, 4, 5, 6]  # step 3 redone once, no duplicate lines
+    assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-5)
+    assert resumed.summary["final_loss"] == pytest.approx(straight.summary["final_loss"], rel=1e-5)
+
+
+def test_finished_run_is_refused_unless_overwrite(data_dir, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config("ft.max_steps=1")
+    train.finetune(config, out, data_dir, show_progress=False)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        train.finetune(config, out, data_dir, show_progress=False)
+    stamp = (out / train.SUMMARY_FILE).stat().st_mtime_ns
+    train.finetune(config, out, data_dir, overwrite=True, show_progress=False)
+    assert (out / train.SUMMARY_FILE).stat().st_mtime_ns != stamp
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a finetune.py output"):
+        train.finetune(config, other, data_dir, overwrite=True, show_progress=False)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------
+# the script
+# ----------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_two_processes_complete_and_save_once(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           "finetune.py", "--quiet", "--model", TINY, "--task", "expression,boolean", "--n-train", "8",
+           "--data", str(data_dir), "--out", str(out), "ft.max_steps=3", "ft.save_steps=2",
+           "ft.per_device_batch_size=2", "ft.batch_size=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / train.SUMMARY_FILE).read_text())
+    assert summary["world_size"] == 2 and summary["gradient_accumulation_steps"] == 2
+    assert [e["step"] for e in log_lines(out)] == [1, 2, 3]  # one writer: no duplicated lines
+    assert sorted(p.name for p in out.glob("adapter_model*")) == ["adapter_model.safetensors"]
+    assert proc.stderr.count("INFO iclvsft.train: finished: 3 steps") == 1  # the main process reports once
+    assert proc.stderr.count("tokens/s -> ") == 1
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_script_help_and_clean_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=120)
+    helped = run("--help")
+    assert helped.returncode == 0
+    for option in ("--config", "--model", "--task", "--n-train", "--method", "--out", "--data", "--overwrite",
+                   "KEY=VALUE", "accelerate launch"):
+        assert option in helped.stdout
+    failed = run("--task", "expression", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert failed.returncode == 2 and failed.stderr.startswith("error:") and "generate_data.py" in failed.stderr
+    assert run("--task", "nope").returncode == 2
