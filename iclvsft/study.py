@@ -1,0 +1,191 @@
+"""The whole study for one config, resumable at cell granularity (reproduce.py).
+
+Stages, each skipped where its output is already complete:
+
+1. data: ``generate_data`` into ``--data`` (default ``data/<config name>``) unless it already holds
+   exactly this config's data;
+2. ICL: for each model, the eval section's sweep (shots x demo seeds) on the base model, one
+   test.py folder per model (cells already in samples.jsonl are not recomputed);
+3. FT: for each model, protocol, task (or mixed task set), N and train seed, one finetune.py folder;
+   a folder with summary.json is finished and skipped, one without resumes from its last checkpoint;
+4. FT evaluation: each fine-tuned model zero-shot on its task(s), one test.py folder each;
+5. circuit shift (``iclvsft.circuits``) when ``circuits.enabled``: attribution maps under base,
+   ICL and FT (the first protocol's largest single-task run unless ``circuits.adapter`` is set);
+6. the report (``iclvsft.report``): report.md, summary.json, plots.
+
+Layout under ``results/<config name>/``::
+
+    config.json                                    the resolved config and provenance
+    icl/<model>/                                   test.py output for the base model
+    ft/<model>/<protocol>/<tasks>/n<N>-s<seed>/    finetune.py output (adapter or full model)
+    ft_eval/<model>/<protocol>/<tasks>/n<N>-s<seed>/  test.py output for that fine-tuned model
+    circuits/<model>/                              analyze_circuits.py output (when enabled)
+    report.md  summary.json  plots/  timings.json
+
+report.md holds no timings or other run-to-run noise, so an interrupted and resumed run ends with
+the same report as an uninterrupted one; wall times go to timings.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULTS, merge
+from .data import generate, is_up_to_date
+from .errors import ConfigError
+from .io import provenance, write_json
+
+log = logging.getLogger(__name__)
+
+
+def slug(text: str) -> str:
+    """A folder-safe name for a model name, hub id or path."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).strip("/")).strip("_")[-80:]
+
+
+@dataclass(frozen=True)
+class FTRun:
+    model: str
+    protocol: str
+    tasks: tuple[str, ...]  # trained together (one task, or the mixed set)
+    n_train: int
+    train_seed: int
+    config: dict  # the full config with this run's ft section
+
+    @property
+    def rel(self) -> Path:
+        return Path(slug(self.model)) / self.protocol / "+".join(self.tasks) / f"n{self.n_train}-s{self.train_seed}"
+
+
+def models_of(config: dict) -> list[str]:
+    return list(config["reproduce"]["models"]) or [config["model"]]
+
+
+def plan_ft(config: dict) -> list[FTRun]:
+    rep = config["reproduce"]
+    default_tasks = rep["ft_tasks"] or config["data"]["tasks"]
+    runs = []
+    for model in models_of(config):
+        for protocol, overrides in rep["ft_protocols"].items():
+            ft = merge(DEFAULTS["ft"], config["ft"], "config ft")
+            ft = merge(ft, overrides or {}, f"reproduce.ft_protocols.{protocol}")
+            tasks = rep["ft_protocol_tasks"].get(protocol) or default_tasks
+            unknown = [t for t in tasks if t not in config["data"]["tasks"]]
+            if unknown:
+                raise ConfigError(f"reproduce: protocol {protocol!r} uses tasks {unknown} that data.tasks does not generate")
+            groups = [tuple(ft["tasks"])] if ft["tasks"] else [(t,) for t in tasks]
+            for group in groups:
+                for n in rep["ft_protocol_n_train"].get(protocol) or rep["ft_n_train"]:
+                    for seed in rep["ft_train_seeds"]:
+                        cfg = copy.deepcopy(config)
+                        cfg["model"] = model
+                        cfg["ft"] = {**ft, "tasks": list(group), "n_train": n, "train_seed": seed}
+                        runs.append(FTRun(model, protocol, group, n, seed, cfg))
+    return runs
+
+
+def _eval_config(config: dict, model: str, tasks: list[str], shots: list[int]) -> dict:
+    cfg = copy.deepcopy(config)
+    cfg["model"] = model
+    cfg["eval"] = {**cfg["eval"], "tasks": list(tasks), "shots": list(shots)}
+    return cfg
+
+
+def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool = True,
+              finetune_fn=None, evaluate_fn=None) -> Path:
+    """Run (or resume) every stage; returns the path of report.md.
+
+    ``finetune_fn`` / ``evaluate_fn`` default to :func:`iclvsft.train.finetune` and
+    :func:`iclvsft.evaluate.evaluate` (tests pass wrappers that interrupt them).
+    """
+    from .evaluate import EvalPlan, evaluate
+    from .report import FTResult, build_summary, write_report
+    from .train import finetune
+
+    finetune_fn = finetune_fn or finetune
+    evaluate_fn = evaluate_fn or evaluate
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    results.mkdir(parents=True, exist_ok=True)
+    write_json(results / "config.json", {"config": config, "provenance": provenance()})
+
+    t0 = time.perf_counter()
+    if not is_up_to_date(config, data_dir):
+        if (data_dir / "manifest.json").exists():
+            raise ConfigError(f"{data_dir} holds data made with other settings; pass another --data folder")
+        generate(config, data_dir, show_progress=show_progress)
+    timings["data"] = time.perf_counter() - t0
+
+    tasks = list(config["eval"]["tasks"] or config["data"]["tasks"])
+    ft_runs = plan_ft(config)
+    for model in models_of(config):
+        if config["reproduce"]["icl"]:
+            t0 = time.perf_counter()
+            cfg = _eval_config(config, model, tasks, config["eval"]["shots"])
+            evaluate_fn(EvalPlan(cfg, data_dir, results / "icl" / slug(model), model, None), show_progress=show_progress)
+            timings[f"icl/{slug(model)}"] = time.perf_counter() - t0
+
+    for run in ft_runs:
+        t0 = time.perf_counter()
+        out = results / "ft" / run.rel
+        if not (out / "summary.json").is_file():
+            log.info("fine-tuning %s", run.rel)
+            finetune_fn(run.config, out, data_dir, show_progress=show_progress)
+        adapter = out if (out / "adapter_config.json").is_file() else None
+        model_name = run.model if adapter else str(out)
+        cfg = _eval_config(run.config, model_name, list(run.tasks), config["reproduce"]["ft_eval_shots"])
+        evaluate_fn(EvalPlan(cfg, data_dir, results / "ft_eval" / run.rel, model_name, str(adapter) if adapter else None),
+                    show_progress=show_progress)
+        timings[f"ft/{run.rel}"] = time.perf_counter() - t0
+
+    extra: list[str] = []
+    if config["circuits"]["enabled"]:
+        from .circuits import analyze, report_section
+
+        for model in models_of(config):
+            t0 = time.perf_counter()
+            out = results / "circuits" / slug(model)
+            if (out / "circuits.json").is_file():
+                result = json.loads((out / "circuits.json").read_text())
+            else:
+                cfg = copy.deepcopy(config)
+                cfg["model"] = model
+                if not cfg["circuits"]["adapter"]:
+                    cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
+                result = analyze(cfg, data_dir, out, show_progress=show_progress)
+            extra.append(report_section(result))
+            timings[f"circuits/{slug(model)}"] = time.perf_counter() - t0
+
+    summaries = []
+    for model in models_of(config):
+        ft_results = [FTResult(r.protocol, r.config["ft"]["method"], r.tasks, r.n_train, r.train_seed,
+                               results / "ft_eval" / r.rel / "metrics.json",
+                               _read_json(results / "ft" / r.rel / "summary.json"))
+                      for r in ft_runs if r.model == model]
+        summaries.append(build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
+                                       config["name"] or "default"))
+    report = write_report(results, summaries, extra)
+    timings["total"] = time.perf_counter() - started
+    write_json(results / "timings.json", {"seconds": timings, "provenance": provenance()})
+    return report
+
+
+def _circuit_adapter(results: Path, ft_runs: list[FTRun], model: str) -> str:
+    """The FT condition of the circuit analysis: the first protocol's single-task run with the
+    most rows (first train seed), as a path template with ``{task}``; "" when there is none."""
+    single = [r for r in ft_runs if r.model == model and len(r.tasks) == 1]
+    if not single:
+        return ""
+    first = single[0].protocol
+    best = max((r for r in single if r.protocol == first), key=lambda r: (r.n_train, -r.train_seed))
+    return str(results / "ft" / slug(model) / first / "{task}" / f"n{best.n_train}-s{best.train_seed}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

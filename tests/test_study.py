@@ -1,0 +1,101 @@
+"""reproduce.py end to end on the quick preset with the tiny model: interrupted runs (during
+fine-tuning and during evaluation) resume to the same report as an uninterrupted run."""
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import TrainerCallback
+
+from iclvsft import evaluate as ev
+from iclvsft.config import load_config
+from iclvsft.study import plan_ft, run_study
+from iclvsft.train import finetune
+
+from conftest import ROOT
+
+TINY = ["model=tiny-random-qwen2", "data.tasks=[expression,boolean,relation]", "data.train_pattern=64",
+        "data.train_control=8", "data.test_pattern=6", "data.test_control=6", "eval.shots=[0,2]",
+        "eval.demo_seeds=[0,1]", "eval.limit=0", "eval.batch_size=4", "ft.batch_size=4", "ft.per_device_batch_size=2",
+        "ft.save_steps=1", "reproduce.ft_protocol_n_train={authors: [4, 8]}", "eval.tasks=[expression,boolean,relation]",
+        "reproduce.ft_n_train=[4,8]", "reproduce.ft_tasks=[expression,boolean]",
+        "reproduce.ft_protocol_tasks={authors: [expression]}", "circuits.enabled=true", "circuits.n_items=3",
+        "circuits.bootstrap=20"]
+
+
+def quick_config():
+    config = load_config(ROOT / "configs" / "quick.yaml", TINY)
+    assert set(config["reproduce"]["ft_protocols"]) >= {"answer_lora", "authors"}
+    return config
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
+    config = quick_config()
+    data = tmp_path / "data"
+    straight = run_study(config, data, tmp_path / "straight", show_progress=False)
+
+    class KillAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise Killed("kill during fine-tuning")
+
+    calls = {"ft": 0}
+
+    def flaky_finetune(cfg, out, data_dir, **kw):
+        calls["ft"] += 1
+        if calls["ft"] == 2:  # the second fine-tuning run dies mid-way
+            return finetune(cfg, out, data_dir, callbacks=[KillAtStep2()], **kw)
+        return finetune(cfg, out, data_dir, **kw)
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        run_study(config, data, resumed, show_progress=False, finetune_fn=flaky_finetune)
+
+    real_append, appends = ev.append_rows, {"n": 0}
+
+    def flaky_append(path, rows):
+        appends["n"] += 1
+        if appends["n"] == 3:  # and evaluation dies writing a chunk
+            with open(path, "a") as f:
+                f.write(ev.jsonl_line(rows[0])[:20])
+            raise Killed("kill during evaluation")
+        real_append(path, rows)
+
+    monkeypatch.setattr(ev, "append_rows", flaky_append)
+    with pytest.raises(Killed):
+        run_study(config, data, resumed, show_progress=False)
+    monkeypatch.setattr(ev, "append_rows", real_append)
+    report = run_study(config, data, resumed, show_progress=False)
+
+    # Identical but for the results folder's own path (the circuit section names the adapter it used).
+    assert (report.read_text().replace(str(resumed), "<results>")
+            == straight.read_text().replace(str(tmp_path / "straight"), "<results>"))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "straight", resumed))
+    assert a == b
+    text = report.read_text()
+    for needle in ("## Headline", "## FT protocols compared on the same rows", "## expression", "plots/expression.png",
+                   "## Circuit shift", "answer_lora/expression/n8-s0",
+                   "| answer_lora | lora | 8 |", "| authors | full | 4 |"):
+        assert needle in text, needle
+    assert (resumed / "plots" / "expression.png").stat().st_size > 1000
+    runs = plan_ft(config)
+    assert {r.protocol for r in runs} == {"answer_lora", "authors"} and len(runs) == 2 * 2 + 2
+    for r in runs:
+        assert (resumed / "ft" / r.rel / "summary.json").is_file()
+
+
+def test_reproduce_script_reuses_everything(tmp_path):
+    args = [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(tmp_path / "d"),
+            "--results", str(tmp_path / "r"), "--quiet", *TINY, "reproduce.ft_n_train=[4]",
+            "reproduce.ft_protocols={answer_lora: {}}", "circuits.enabled=false"]
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "## Headline" in first.stdout and (tmp_path / "r" / "report.md").is_file()
+    before = (tmp_path / "r" / "report.md").read_text()
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and (tmp_path / "r" / "report.md").read_text() == before
+    assert "fine-tuning" not in second.stderr  # nothing was trained again
