@@ -60,7 +60,7 @@ def main() -> int:
                        show_progress=not args.quiet)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    if PartialState().is_main_process:  # the state evaluate() initialised
         print((out / "table.md").read_text())
         print(f"wrote {out}/samples.jsonl, metrics.json, table.md ({len(metrics['cells'])} cells)")
     return 0

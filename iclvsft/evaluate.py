@@ -274,7 +274,11 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
 
     from .models import load_model
 
-    state = PartialState()
+    import torch
+
+    # On a machine without CUDA, cpu=True is what makes the processes of `accelerate launch` one job
+    # (over gloo); without it each would run, and write, the whole evaluation on its own.
+    state = PartialState(cpu=not torch.cuda.is_available())
     cfg, ev = plan.config, plan.config["eval"]
     tasks = ev["tasks"] or cfg["data"]["tasks"]
     if ev["demo_mode"] not in ("shared", "per_item"):
@@ -313,7 +317,7 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", {"identity": identity, "config": cfg, "model_info": _jsonable(loaded.info),
-                                      "provenance": provenance(), "argv": sys.argv})
+                                      "processes": state.num_processes, "provenance": provenance(), "argv": sys.argv})
     state.wait_for_everyone()  # every process has read samples.jsonl before the main one appends to it
 
     evaluator = Evaluator(model, tokenizer, ev["batch_size"], ev["constrained"])

@@ -145,20 +145,38 @@ def test_per_item_demos_mode(data_dir, tmp_path, tiny):
 
 
 def test_two_processes_match_one(data_dir, tmp_path):
-    """accelerate launch --cpu --num_processes 2 test.py gives the same samples as one process."""
+    """accelerate launch with two CPU processes (gloo) gives the same samples as one process.
+    (accelerate's own --cpu flag starts a single process without an MPI hostfile, so the DDP
+    config file is used with no GPU visible, as in tests/test_train.py.)"""
     common = ["--model", "tiny-random-qwen2", "--data", str(data_dir), "--tasks", "expression,boolean",
               "--shots", "0,2", "--demo-seeds", "0", "--limit", "5", "--batch-size", "2", "--quiet", *SMALL]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     one = subprocess.run([sys.executable, "test.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          "configs/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", str(_free_port()),
                           "test.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = ((tmp_path / d / "samples.jsonl").read_text() for d in ("one", "two"))
-    assert a == b and len(a.splitlines()) == 2 * 2 * 10
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == 1
+    a, b = ([json.loads(line) for line in (tmp_path / d / "samples.jsonl").read_text().splitlines()]
+            for d in ("one", "two"))
+    assert len(a) == len(b) == 2 * 2 * 10
+    for ra, rb in zip(a, b):  # every prediction identical; log-probs equal up to batch-order rounding
+        la, lb = ra.pop("label_logprobs"), rb.pop("label_logprobs")
+        assert ra == rb
+        if la:
+            assert la == pytest.approx(lb, abs=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_script_errors(data_dir, tmp_path):
