@@ -7,11 +7,11 @@ split across processes and gathered on the main one.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from iclvsft import cli
 from iclvsft.errors import ConfigError
+from iclvsft.io import slug
 from iclvsft.evaluate import EvalPlan, evaluate
 from iclvsft.tasks import parse_task_list
 
@@ -23,10 +23,6 @@ def int_list(text: str | None, flag: str) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{flag} takes comma-separated integers, e.g. 0,4,16; got {text!r}") from None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:]
 
 
 def main() -> int:

@@ -190,7 +190,7 @@ def main() -> int:
     print(f"\n{args.model}, task {args.task}, {rows_needed} rows, batch {args.batch_size} "
           f"({args.per_device} per forward), {args.steps} timed steps, {precision}, "
           f"{torch.get_num_threads()} threads, {args.clock} clock")
-    print(f"matmul 2048^3: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+    print("matmul 2048^3: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
     header = (f"{'setup':<10} {'rows/s':>7} {'tokens/s':>9} {'s/epoch':>8} {'x authors':>9} "
               f"{'useful GFLOP/s':>14} {'% matmul':>8}")
     print(header)

@@ -71,6 +71,13 @@ def read_jsonl(path: str | Path, hint: str = "") -> Iterator[tuple[int, Any]]:
                 raise DataError(f"{path}:{n}: corrupt JSON line ({e.msg})" + (f"; {hint}" if hint else "")) from None
 
 
+def slug(text: str) -> str:
+    """A folder-safe name for a model name, hub id or path (the last 80 characters)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).strip("/")).strip("_")[-80:]
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as f:

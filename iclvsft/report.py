@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text, slug, write_json
 from .metrics import fmt_ci, fmt_pct
 
 
@@ -283,7 +283,7 @@ def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str]
     """report.md (one part per model), summary.json and plots/ under ``out_dir``."""
     parts = []
     for summary in summaries:
-        sub = "plots" if len(summaries) == 1 else f"plots/{_slug(summary['model'])}"
+        sub = "plots" if len(summaries) == 1 else f"plots/{slug(summary['model'])}"
         plots = plot(summary, out_dir / sub)
         parts.append(render(summary, {t: [str(Path(sub) / Path(p).name) for p in ps] for t, ps in plots.items()},
                             protocol_comparison(summary)))
@@ -291,9 +291,3 @@ def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str]
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(parts) + "".join(f"{s}\n" for s in extra_sections))
     return report
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).strip("/")).strip("_")[-80:]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,9 @@ from typing import Any
 from .config import DEFAULTS, merge
 from .data import generate, is_up_to_date
 from .errors import ConfigError
-from .io import provenance, write_json
+from .io import provenance, slug, write_json
 
 log = logging.getLogger(__name__)
-
-
-def slug(text: str) -> str:
-    """A folder-safe name for a model name, hub id or path."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).strip("/")).strip("_")[-80:]
 
 
 @dataclass(frozen=True)
