@@ -1081,8 +1081,9 @@ def _verdict(diff: dict, similarity: bool) -> str:
     return "no clear difference (interval includes 0)"
 
 
-def report_section(result: dict) -> str:
-    """A markdown section (for the reproduce report and circuits.md) from circuits.json's content."""
+def report_section(result: dict, link_prefix: str = "") -> str:
+    """A markdown section (for the reproduce report and circuits.md) from circuits.json's content;
+    heatmap links (relative to the results folder) get ``link_prefix`` in front."""
     lines = ["## Circuit shift", "",
              f"Model {result['model']}; method {result['method']}; corruption {result['corruption']} on "
              f"{result['split']} items; grid {result['grid']['layers']} layers x {result['grid']['heads']} heads + MLP. "
@@ -1124,6 +1125,6 @@ def report_section(result: dict) -> str:
         plots = result.get("plots", {}).get(task, {})
         if plots:
             order = [k for k in ("base", "icl", "ft", "icl_minus_base", "ft_minus_base") if k in plots]
-            lines += ["", "Heatmaps: " + ", ".join(f"[{k}]({plots[k]})" for k in order) + "."]
+            lines += ["", "Heatmaps: " + ", ".join(f"[{k}]({link_prefix}{plots[k]})" for k in order) + "."]
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -224,6 +224,10 @@ def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
             if sc:
                 ax.plot([k for k, _ in sc], [100 * _mean(s) for _, s in sc], ":^", label="ICL shortcut rate (control)")
         ax.set_xscale("symlog", linthresh=1)
+        shots = sorted({r["k"] for r in t["icl"]})
+        if shots:
+            ax.set_xticks(shots, [str(k) for k in shots])
+            ax.minorticks_off()
         ax.set_xlabel("demonstrations k")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{task}: ICL")
@@ -240,6 +244,10 @@ def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
         if bi:
             ax.axhline(100 * _mean(bi["pattern"]), color="grey", lw=1, ls=":", label=f"best ICL pattern (k={bi['k']})")
         ax.set_xscale("log")
+        ns = sorted({r["n_train"] for r in t["ft"]})
+        if ns:
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
         ax.set_xlabel("fine-tuning rows N")
         ax.set_title(f"{task}: FT (zero-shot)")
         ax.legend(fontsize=7)

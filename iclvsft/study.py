@@ -153,7 +153,7 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
                 if not cfg["circuits"]["adapter"]:
                     cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
                 result = analyze(cfg, data_dir, out, show_progress=show_progress)
-            extra.append(report_section(result))
+            extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/"))
             timings[f"circuits/{slug(model)}"] = time.perf_counter() - t0
 
     summaries = []
