@@ -14,3 +14,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random Qwen2 model (built in code, fp32, grouped-query attention)."""
+    from iclvsft.models import load_model
+
+    return load_model("tiny-random-qwen2")
+
+
+def small_data(tmp_path_factory, overrides):
+    """A data folder generated with ``overrides`` of the default config (seconds)."""
+    from iclvsft.config import load_config
+    from iclvsft.data import generate
+
+    out = tmp_path_factory.mktemp("data")
+    generate(load_config(None, overrides), out, show_progress=False)
+    return out

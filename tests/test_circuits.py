@@ -12,14 +12,14 @@ from scipy.stats import spearmanr
 
 from iclvsft import circuits as C
 from iclvsft.config import load_config
-from iclvsft.data import generate, load_items
+from iclvsft.data import load_items
 from iclvsft.errors import ConfigError
 from iclvsft.evaluate import demo_order
 from iclvsft.models import load_model
 from iclvsft.prompts import ft_row, prefix
 from iclvsft.tasks import get_task
 
-from conftest import ROOT
+from conftest import ROOT, small_data
 
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=16", "data.test_control=8",
          "data.tasks=[expression,relation,parity]"]
@@ -27,14 +27,7 @@ SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=16
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    generate(load_config(None, SMALL), out, show_progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-random-qwen2")
+    return small_data(tmp_path_factory, SMALL)
 
 
 @pytest.fixture(scope="module")

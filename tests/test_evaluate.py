@@ -8,13 +8,12 @@ import pytest
 
 from iclvsft import engine, evaluate as ev
 from iclvsft.config import load_config
-from iclvsft.data import generate, load_items, normalise_question
+from iclvsft.data import load_items, normalise_question
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.evaluate import Cell, EvalPlan, Evaluator, demo_order, evaluate
-from iclvsft.models import load_model
 from iclvsft.tasks import get_task
 
-from conftest import ROOT
+from conftest import ROOT, small_data
 
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=12", "data.test_control=12",
          "data.tasks=[expression,boolean,relation,algebra]"]
@@ -22,14 +21,7 @@ SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=12
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    generate(load_config(None, SMALL), out, show_progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-random-qwen2")
+    return small_data(tmp_path_factory, SMALL)
 
 
 def eval_config(**eval_overrides):
