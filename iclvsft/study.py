@@ -100,7 +100,7 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     """
     from .evaluate import EvalPlan, evaluate
     from .report import FTResult, build_summary, write_report
-    from .train import finetune
+    from .train import finetune, is_finished
 
     finetune_fn = finetune_fn or finetune
     evaluate_fn = evaluate_fn or evaluate
@@ -128,7 +128,7 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     for run in ft_runs:
         t0 = time.perf_counter()
         out = results / "ft" / run.rel
-        if not (out / "summary.json").is_file():
+        if not is_finished(run.config, out, data_dir):
             log.info("fine-tuning %s", run.rel)
             finetune_fn(run.config, out, data_dir, show_progress=show_progress)
         adapter = out if (out / "adapter_config.json").is_file() else None

@@ -420,6 +420,26 @@ def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
     return "resume"
 
 
+def is_finished(config: dict, out: str | Path, data_dir: str | Path) -> bool:
+    """True when ``out`` holds a finished run of exactly this config and these rows (reuse it);
+    False when there is none yet or it is unfinished (finetune() resumes it). A finished run made
+    with other settings raises ConfigError: reusing it would silently report the wrong model."""
+    out = Path(out)
+    if not (out / SUMMARY_FILE).is_file():
+        return False
+    ft = config["ft"]
+    _, data_record = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"], config["data"]["task_params"])
+    try:
+        saved = json.loads((out / RUN_CONFIG_FILE).read_text())["identity"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"{out / RUN_CONFIG_FILE} is unreadable; move {out} away to train it again") from None
+    diff = _differences(saved, json.loads(json.dumps(run_identity(config, data_record))))
+    if diff:
+        raise ConfigError(f"{out} holds a finished run made with other settings ({'; '.join(diff[:5])}); "
+                          "use another results folder, or move that run away to train it again")
+    return True
+
+
 def last_checkpoint(out: Path) -> str | None:
     """The newest ``checkpoints/checkpoint-<step>`` that holds a trainer state, or None."""
     from transformers.trainer_utils import get_last_checkpoint
