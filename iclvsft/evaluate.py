@@ -301,7 +301,8 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     done = {(r["cell"], r["item_id"]) for r in read_samples(samples_path)} if samples_path.is_file() else set()
     recorded = json.loads((out / "run.json").read_text()).get("identity") if (out / "run.json").is_file() else None
     if recorded and {k: recorded.get(k) for k in core} == core:
-        planned = {(c.key, i.id) for c in cells for i in test_items(plan.data_dir, c.task, cfg)}
+        items_of = {t: test_items(plan.data_dir, t, cfg) for t in tasks}
+        planned = {(c.key, i.id) for c in cells for i in items_of[c.task]}
         if planned <= done:  # nothing left to compute: no need to load the model
             if state.is_main_process:
                 write_metrics(out, recorded, cells)
@@ -356,24 +357,24 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _first(items: Sequence[Item], split: str, limit: int) -> list[Item]:
+    part = [i for i in items if i.split == split]
+    return part[:limit] if limit else part
+
+
 def test_items(data_dir: Path, name: str, cfg: dict) -> list[Item]:
     """The items a run evaluates for one task: per split in eval.splits, the first eval.limit."""
     ev = cfg["eval"]
     task = get_task(name, cfg["data"]["task_params"].get(name))
     test = load_items(data_dir, name, "test")
-    items: list[Item] = []
-    for split in ev["splits"]:
-        if split in task.splits:
-            part = [i for i in test if i.split == split]
-            items += part[: ev["limit"]] if ev["limit"] else part
-    return items
+    return [i for split in ev["splits"] if split in task.splits for i in _first(test, split, ev["limit"])]
 
 
 def _task_inputs(data_dir: Path, name: str, cfg: dict, tokenizer) -> dict[str, Any]:
     ev = cfg["eval"]
     task = get_task(name, cfg["data"]["task_params"].get(name))
     test = load_items(data_dir, name, "test")
-    items = test_items(data_dir, name, cfg)
+    items = [i for split in ev["splits"] if split in task.splits for i in _first(test, split, ev["limit"])]
     train = load_items(data_dir, name, "train")
     demo_pool = [i for i in train if i.split == ev["demo_split"]]
     max_new = ev["max_new_tokens"] or max_new_tokens_for(tokenizer, task, [i.answer for i in train])
