@@ -23,7 +23,7 @@ Layout under ``results/<config name>/``::
     report.md  summary.json  plots/  timings.json
 
 report.md holds no timings or other run-to-run noise, so an interrupted and resumed run ends with
-the same report as an uninterrupted one; wall times go to timings.json.
+the same report as an uninterrupted one; wall times go to timings.json, one entry per run.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,7 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     evaluate_fn = evaluate_fn or evaluate
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "config.json", {"config": config, "provenance": provenance()})
 
@@ -166,8 +168,16 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
                                        config["name"] or "default"))
     report = write_report(results, summaries, extra)
     timings["total"] = time.perf_counter() - started
-    write_json(results / "timings.json", {"seconds": timings, "provenance": provenance()})
+    _append_timings(results / "timings.json", started_at, timings)
     return report
+
+
+def _append_timings(path: Path, started_at: str, seconds: dict[str, float]) -> None:
+    """Add this run's stage times to timings.json, which keeps every run (oldest first), so that a
+    rerun that reuses everything does not erase the wall times of the run that did the work."""
+    runs = (_read_json(path) or {}).get("runs", [])
+    runs.append({"started_at": started_at, "seconds": seconds, "provenance": provenance()})
+    write_json(path, {"runs": runs})
 
 
 def _circuit_adapter(results: Path, ft_runs: list[FTRun], model: str) -> str:

@@ -99,6 +99,9 @@ def test_reproduce_script_reuses_everything(tmp_path):
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and (tmp_path / "r" / "report.md").read_text() == before
     assert "fine-tuning" not in second.stderr  # nothing was trained again
+    # timings.json keeps both runs, so the reuse run does not erase the wall times of the first.
+    runs = json.loads((tmp_path / "r" / "timings.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[1]["seconds"]["total"] < runs[0]["seconds"]["total"]
     # Changed FT settings never silently reuse a finished model.
     third = subprocess.run([*args, "ft.learning_rate=0.01"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 2 and "other settings" in third.stderr and "Traceback" not in third.stderr
