@@ -97,7 +97,9 @@ def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[F
             if task in r.tasks:
                 groups.setdefault((r.protocol, r.method, r.n_train), []).append(r)
         for (protocol, method, n), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-            row = {"protocol": protocol, "method": method, "n_train": n, "train_seeds": sorted(r.train_seed for r in runs)}
+            row = {"protocol": protocol, "method": method, "n_train": n, "train_seeds": sorted(r.train_seed for r in runs),
+                   "train": [{"seed": r.train_seed, "steps": r.train_summary.get("steps"),
+                              "final_loss": r.train_summary.get("final_loss")} for r in sorted(runs, key=lambda r: r.train_seed)]}
             present = False
             for split in ("pattern", "control"):
                 entries = []
@@ -185,14 +187,17 @@ def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str]
                              f"{fmt_ci(c.get('shortcut_rate'))} | {fmt_ci(p.get('invalid'))} |")
             lines.append("")
         if t["ft"]:
-            lines += ["FT (zero-shot after fine-tuning on the first N train pattern rows):", "",
-                      "| protocol | method | N | seeds | pattern | control | shortcut (control) | invalid (pattern) |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines += ["FT (zero-shot after fine-tuning on the first N train pattern rows; *steps* and *final loss* "
+                      "per train seed, the loss over the tokens the protocol trains on):", "",
+                      "| protocol | method | N | seeds | steps | final loss | pattern | control | shortcut (control) "
+                      "| invalid (pattern) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in t["ft"]:
                 p, c = r.get("pattern") or {}, r.get("control") or {}
-                lines.append(f"| {r['protocol']} | {r['method']} | {r['n_train']} | {len(r['train_seeds'])} | "
-                             f"{fmt_ci(p.get('accuracy'))} | {fmt_ci(c.get('accuracy'))} | {fmt_ci(c.get('shortcut_rate'))} | "
-                             f"{fmt_ci(p.get('invalid'))} |")
+                steps, losses = _train_cells(r.get("train", []))
+                lines.append(f"| {r['protocol']} | {r['method']} | {r['n_train']} | {len(r['train_seeds'])} | {steps} | "
+                             f"{losses} | {fmt_ci(p.get('accuracy'))} | {fmt_ci(c.get('accuracy'))} | "
+                             f"{fmt_ci(c.get('shortcut_rate'))} | {fmt_ci(p.get('invalid'))} |")
             lines.append("")
         for path in plots.get(task, []):
             lines += [f"![{Path(path).stem}]({path})", ""]
@@ -257,6 +262,13 @@ def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
         plt.close(fig)
         paths[task] = [str(path)]
     return paths
+
+
+def _train_cells(train: list[dict]) -> tuple[str, str]:
+    """The FT table's steps and final-loss cells: one value per train seed ("–" where unknown)."""
+    steps = ", ".join(str(t["steps"]) if t.get("steps") is not None else "–" for t in train) or "–"
+    losses = ", ".join(f"{t['final_loss']:.3g}" if t.get("final_loss") is not None else "–" for t in train) or "–"
+    return steps, losses
 
 
 def protocol_comparison(summary: dict) -> list[str]:

@@ -382,3 +382,20 @@ def test_smollm2_second_load_uses_cache(smollm2, monkeypatch):
     again = load_model("smollm2-135m-instruct", cache_dir=str(cache), dtype="fp32")
     assert time.perf_counter() - started < 20
     assert again.info["dtype"] == "float32" and again.info["path"] == str(cache / "smollm2-135m-instruct")
+
+
+def test_frozen_model_prefill_does_not_copy_the_output_matrix():
+    """With logits_to_keep=1 the output layer gets a [B, 1, H] view; on a frozen model (every PEFT
+    model) torch's matmul would broadcast the [V, H] weight to [B, H, V] and copy it (seconds per
+    prefill on the 0.5B model). load_model's pre-hook makes that input contiguous."""
+    from torch.profiler import profile
+
+    loaded = load_model(TINY_MODEL_NAME)
+    model = loaded.model.requires_grad_(False)
+    vocab = model.config.vocab_size
+    ids = torch.tensor([list(b"(1+6)+(-3+3)=")] * 4)
+    with torch.inference_mode(), profile(record_shapes=True) as prof:
+        logits = model(input_ids=ids, logits_to_keep=1).logits
+    assert logits.shape == (4, 1, vocab)
+    shapes = [tuple(shape) for event in prof.events() for shape in event.input_shapes if shape]
+    assert (4, model.config.hidden_size, vocab) not in shapes, "the output matrix was copied once per row"

@@ -82,6 +82,11 @@ def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
                    "| answer_lora | lora | 8 |", "| authors | full | 4 |"):
         assert needle in text, needle
     assert (resumed / "plots" / "expression.png").stat().st_size > 1000
+    # each FT row carries its training summary (steps, final loss), the same after the kill
+    for row in b["models"][0]["tasks"]["expression"]["ft"]:
+        (train,) = row["train"]
+        assert train["steps"] > 0 and train["final_loss"] > 0
+        assert f"| {row['n_train']} | 1 | {train['steps']} | {train['final_loss']:.3g} |" in text
     runs = plan_ft(config)
     assert {r.protocol for r in runs} == {"answer_lora", "authors"} and len(runs) == 2 * 2 + 2
     for r in runs:
