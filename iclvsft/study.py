@@ -175,7 +175,7 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
 def _append_timings(path: Path, started_at: str, seconds: dict[str, float]) -> None:
     """Add this run's stage times to timings.json, which keeps every run (oldest first), so that a
     rerun that reuses everything does not erase the wall times of the run that did the work."""
-    runs = (_read_json(path) or {}).get("runs", [])
+    runs = _read_json(path).get("runs", [])
     runs.append({"started_at": started_at, "seconds": seconds, "provenance": provenance()})
     write_json(path, {"runs": runs})
 
