@@ -100,7 +100,6 @@ All files are written atomically.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import string
@@ -116,6 +115,8 @@ from .io import atomic_write_text, provenance, write_json, write_jsonl
 
 if TYPE_CHECKING:  # torch is imported where it is used: config validation imports this module
     import torch
+
+    from .engine import Prefix
 
 log = logging.getLogger(__name__)
 
@@ -264,45 +265,8 @@ class _Hooks:
 
 
 # ================================================================================================
-# Prompts: a shared (cached) prefix plus each run's own tokens
+# Prompts: a shared (cached) prefix (engine.Prefix, engine.build_prefix) plus each run's own tokens
 # ================================================================================================
-
-@dataclass
-class Prefix:
-    """Token ids of a shared prompt prefix and its KV cache (batch size 1; None when empty)."""
-
-    ids: list[int]
-    cache: Any = None
-
-    @property
-    def length(self) -> int:
-        return len(self.ids) if self.cache is not None else 0
-
-    def copy(self, batch: int):
-        cache = copy.deepcopy(self.cache)
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
-        return cache
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def build_prefix(model, tokenizer, text: str) -> Prefix:
-    """Run ``text`` once and keep its cache (``no_grad``, so the cache can be used in a backward pass)."""
-    import torch
-
-    from .engine import encode
-
-    ids = encode(tokenizer, text)
-    if not ids:
-        return Prefix([], None)
-    x = torch.tensor([ids], device=_device(model))
-    with torch.no_grad():
-        out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
-    return Prefix(ids, out.cache)
-
 
 def run_patched(model, anat: Anatomy, prefix: Prefix, rows: Sequence[Sequence[int]], *,
                 patches: Sequence[Mapping[Component, torch.Tensor]] | None = None, capture: bool = False,
@@ -320,12 +284,14 @@ def run_patched(model, anat: Anatomy, prefix: Prefix, rows: Sequence[Sequence[in
     if len(patches) != len(rows) or len({len(r) for r in rows}) != 1:
         raise ValueError("run_patched: one patch mapping per row, and rows of equal length")
     batch, t = len(rows), len(rows[0])
-    device = _device(model)
+    from .engine import device_of
+
+    device = device_of(model)
     x = torch.tensor([list(r) for r in rows], device=device)
     p = prefix.length
     mask = torch.ones((batch, p + t), dtype=torch.long, device=device)
     positions = torch.arange(p, p + t, device=device).expand(batch, -1)
-    cache = prefix.copy(batch) if p else None
+    cache = prefix.expanded(batch) if p else None
     trace = Trace(logits=None)
     with _Hooks(anat, patches, capture, attach_grad, trace):
         out = model(input_ids=x, attention_mask=mask, position_ids=positions, cache=cache,
@@ -550,7 +516,9 @@ def pair_inputs(tokens: PairTokens, prefix: Prefix) -> PairInputs:
             and len(tokens.clean_ids) > p):
         return PairInputs(prefix, tokens.clean_ids[p:], tokens.corrupt_ids[p:], tokens.clean_token,
                           tokens.corrupt_token)
-    return PairInputs(Prefix([], None), tokens.clean_ids, tokens.corrupt_ids, tokens.clean_token,
+    from .engine import empty_prefix
+
+    return PairInputs(empty_prefix(), tokens.clean_ids, tokens.corrupt_ids, tokens.clean_token,
                       tokens.corrupt_token)
 
 
@@ -909,6 +877,7 @@ class _TaskState:
 def _run_condition(loaded, state: _TaskState, cond: str, demos: Sequence, c: dict, show_progress: bool) -> None:
     from tqdm.auto import tqdm
 
+    from .engine import build_prefix
     from .prompts import prefix as prompt_prefix
 
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -52,14 +52,17 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-@torch.inference_mode()
 def build_prefix(model, tokenizer, text: str) -> Prefix:
-    """Run ``text`` through the model once and keep its KV cache."""
+    """Run ``text`` through the model once and keep its KV cache.
+
+    Under ``no_grad`` rather than ``inference_mode``: the circuit analysis runs backward passes on top
+    of this cache, which inference tensors would refuse."""
     ids = encode(tokenizer, text)
     if not ids:
         return Prefix(text, ids, None)
     x = torch.tensor([ids], device=device_of(model))
-    out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
     return Prefix(text, ids, out.cache)
 
 

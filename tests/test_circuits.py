@@ -11,6 +11,7 @@ import torch
 from scipy.stats import spearmanr
 
 from iclvsft import circuits as C
+from iclvsft import engine
 from iclvsft.config import load_config
 from iclvsft.data import load_items
 from iclvsft.errors import ConfigError
@@ -42,7 +43,7 @@ def expression(data_dir, tiny):
 
 
 def inputs_for(lm, task, pair, demos, cached=True):
-    pre = C.build_prefix(lm.model, lm.tokenizer, prefix(task, demos)) if cached else C.Prefix([], None)
+    pre = engine.build_prefix(lm.model, lm.tokenizer, prefix(task, demos)) if cached else engine.empty_prefix()
     tokens = C.tokenize_pair(lm.tokenizer, task, pair, demos)
     assert not isinstance(tokens, str), tokens
     return C.pair_inputs(tokens, pre)
