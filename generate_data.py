@@ -11,19 +11,15 @@ from pathlib import Path
 from iclvsft import cli
 from iclvsft.data import generate, is_up_to_date
 from iclvsft.errors import ConfigError
-from iclvsft.tasks import parse_task_list
 
 
 def main() -> int:
-    p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the config's data.tasks, all six)")
-    p.add_argument("--seed", type=int, default=None, help="the data seed (config key data.seed)")
+    p = cli.parser(__doc__.splitlines()[0], {"--tasks": "data.tasks", "--seed": "data.seed"})
     p.add_argument("--out", "--data", dest="out", default="data", help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite a folder generated with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args()
-    config = cli.resolve(args, {"data.seed": args.seed,
-                                "data.tasks": parse_task_list(args.tasks) if args.tasks else None})
+    config = cli.resolve(args)
     out = Path(args.out)
     if is_up_to_date(config, out):
         print(f"{out}: already holds this data (manifest and sha256 match); nothing to do")

@@ -19,7 +19,7 @@ def main() -> int:
     p.add_argument("--results", default=None, help="the results folder; default results/<config name>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args()
-    config = cli.resolve(args, {})
+    config = cli.resolve(args)
     name = config["name"] or "default"
     report = run_study(config, Path(args.data or f"data/{name}"), Path(args.results or f"results/{name}"),
                        show_progress=not args.quiet)

@@ -1,12 +1,14 @@
-"""What the top-level scripts share: --config, KEY=VALUE overrides, and clean error exits."""
+"""What the top-level scripts share: --config, KEY=VALUE overrides, options derived from the config
+schema, and clean error exits."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .config import load_config
+from .config import DEFAULTS, load_config, schema_field
 from .errors import IclvsftError
 
 OVERRIDES_HELP = ("config overrides as dotted KEY=VALUE pairs, values parsed as YAML, applied after --config "
@@ -14,17 +16,63 @@ OVERRIDES_HELP = ("config overrides as dotted KEY=VALUE pairs, values parsed as 
                   "data.task_params.expression.z_terms=[2,3]")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, config_flags: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """A script's parser with --config, KEY=VALUE overrides and one option per entry of
+    ``config_flags`` (``{"--n-items": "circuits.n_items"}``): type, choices and help come from the
+    schema (:mod:`iclvsft.config`), so no script restates them."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", metavar="YAML", default=None,
                    help="a config file, e.g. configs/cpu.yaml; built-in defaults when omitted")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    for flag, key in (config_flags or {}).items():
+        add_config_flag(p, flag, key)
     return p
 
 
-def resolve(args: argparse.Namespace, named: dict[str, Any]) -> dict:
-    """Config = defaults < --config file < KEY=VALUE overrides < named options that were given."""
-    extra = [{k.split(".")[0]: _nest(k.split(".")[1:], v)} for k, v in named.items() if v is not None]
+def _default(key: str) -> Any:
+    value: Any = DEFAULTS
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _comma_list(flag: str, of_int: bool) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        parts = [x.strip() for x in text.split(",") if x.strip()]
+        if not of_int:
+            return parts
+        try:
+            return [int(x) for x in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, e.g. 0,4,16; got {text!r}") from None
+    return parse
+
+
+def add_config_flag(p: argparse.ArgumentParser, flag: str, key: str) -> None:
+    """``flag`` sets config key ``key``; given on the command line, it wins over --config and overrides."""
+    f, default = schema_field(key), _default(key)
+    # default SUPPRESS: absent from the namespace unless given (so the config decides), and the help
+    # states the schema's default instead of argparse's "None".
+    help_text = f"{f.metadata['help']} (config key {key}; default {default!r})".replace("%", "%%")
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": "config:" + key,
+                              "metavar": key.split(".")[-1].upper(), "help": help_text}
+    if isinstance(default, list):
+        kwargs["type"] = _comma_list(flag, bool(default) and all(isinstance(v, int) for v in default))
+        kwargs["metavar"] = "A,B,..."
+    elif isinstance(default, bool):
+        raise ValueError(f"{key}: boolean keys are set with {key}=true|false, not a flag")
+    elif isinstance(default, (int, float)):
+        kwargs["type"] = type(default)
+    if f.metadata.get("choices"):
+        kwargs["choices"] = list(f.metadata["choices"])
+        kwargs.pop("metavar")
+    p.add_argument(flag, **kwargs)
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Config = defaults < --config file < KEY=VALUE overrides < the config options that were given."""
+    named = {k.removeprefix("config:"): v for k, v in vars(args).items() if k.startswith("config:") and v is not None}
+    extra = [_nest(k.split("."), v) for k, v in named.items()]
     return load_config(args.config, [*args.overrides, *extra])
 
 
@@ -42,3 +90,6 @@ def run(main: Callable[[], int | None]) -> None:
     except IclvsftError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+__all__ = ["OVERRIDES_HELP", "add_config_flag", "parser", "resolve", "run"]

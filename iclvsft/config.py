@@ -1,129 +1,268 @@
-"""Configs: YAML files over built-in defaults, then CLI overrides, every key checked.
+"""Configs: typed sections (the schema, with a help string per key), YAML files over their
+defaults, then CLI overrides; every key and value checked here, at load, before any heavy import.
 
-A config is a nested dict. ``DEFAULTS`` below is the schema: a key that is not in it is an error
-(with the closest valid key suggested), and a value must have the default's type. Mappings listed
-in ``OPEN`` take any keys and are checked by their owner (``data.task_params.<task>`` by the task's
-config dataclass). Overrides use dotted keys: ``data.seed=3`` or ``data.tasks=[expression,code]``;
-values are parsed as YAML.
+A resolved config is a plain nested dict (``load_config``), built from ``DEFAULTS`` = the dataclasses
+below. A key that is not in the schema is an error (with the closest valid key suggested), and a value
+must have the default's type. Mappings listed in ``OPEN`` take any keys and are checked by their
+owner (``data.task_params.<task>`` by the task's config dataclass). Overrides use dotted keys:
+``data.seed=3`` or ``data.tasks=[expression,code]``; values are parsed as YAML.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .tasks import TASKS, corruption_kinds, get_task, parse_task_list
 
-ALL_TASKS = ["expression", "code", "boolean", "relation", "parity", "algebra"]
+ALL_TASKS = list(TASKS)
 
-DEFAULTS: dict[str, Any] = {
-    "name": "",  # the config's name (results/<name>/); defaults to the YAML file's stem
-    "data": {
-        "seed": 0,  # the data seed: every item's RNG derives from it (iclvsft.rng)
-        "tasks": list(ALL_TASKS),
-        "train_pattern": 4096,  # train pool rows per task (FT rows and ICL demonstrations)
-        "train_control": 512,
-        "test_pattern": 200,
-        "test_control": 200,  # ignored by tasks without a control split (parity)
-        "task_params": {},  # per-task generation parameters, e.g. {expression: {z_terms: [2, 3]}}
-    },
-    # The model under study: an offline name (qwen2.5-coder-0.5b-instruct, ...), a hub id or a folder.
-    "model": "qwen2.5-coder-0.5b-instruct",
-    "dtype": "auto",  # auto (bf16 where the hardware runs it natively, else fp32) | bf16 | fp16 | fp32
-    "attn_implementation": "auto",  # auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | eager
-    "eval": {
-        "tasks": [],  # empty: data.tasks
-        "shots": [0, 4, 16],  # k demonstrations per prompt (0 = zero-shot)
-        "demo_seeds": [0, 1, 2],  # one demo set per (k, demo seed); k = 0 runs once
-        "demo_mode": "shared",  # shared: one demo set per cell, KV-cached | per_item: fresh demos per item (authors)
-        "demo_split": "pattern",  # which train split demonstrations come from
-        "splits": ["pattern", "control"],
-        "limit": 0,  # items per split (0 = all)
-        "batch_size": 16,
-        "max_new_tokens": 0,  # 0: longest train answer + a margin, per task
-        "constrained": True,  # also score binary tasks by the label's log-probability
-    },
-    "ft": {
-        "method": "lora",  # lora (peft adapter, base frozen) | full (every parameter, fp32 master weights)
-        "tasks": [],  # tasks trained together, n_train rows each (several = the paper's mixed file); empty: --task
-        "n_train": 256,  # rows per task: the first N pattern rows of <data>/<task>/train.jsonl (same N, same rows)
-        "train_seed": 0,  # seeds the mixed-task shuffle, LoRA init, dropout and the epoch order
-        "loss_on": "completion",  # completion (answer tokens only) | sequence (prompt + answer: the authors')
-        "append_eos": True,  # end each completion with the eos token (teaches stopping); the authors did not
-        "epochs": 2.0,  # passes over the rows; ignored when max_steps > 0
-        "max_steps": 0,  # > 0: exactly this many optimizer steps (the authors: 100), overrides epochs
-        "learning_rate": 2.0e-4,  # peak learning rate (the authors' full FT: 1e-5)
-        "lr_scheduler": "linear",  # linear | cosine | cosine_with_restarts | polynomial | constant | constant_with_warmup | inverse_sqrt
-        "warmup_steps": 0,  # optimizer steps of linear warm-up (the authors: 20)
-        "weight_decay": 0.0,  # AdamW weight decay
-        "max_grad_norm": 1.0,  # gradient clipping norm (0: no clipping)
-        "optimizer": "adamw_torch",  # a transformers optimizer name (TrainingArguments.optim)
-        "batch_size": 16,  # effective rows per optimizer step = per_device_batch_size x devices x accumulation
-        "per_device_batch_size": 4,  # rows per forward pass on one device; accumulation makes up batch_size
-        "max_length": 512,  # max tokens per row; longer rows are cut at the end (a row left with no answer token: error)
-        "batching": "padding_free",  # padding_free (rows concatenated, positions restart per row, no padding) | padded (right-pad to the longest row) | max_length (pad every row to max_length: the authors')
-        "gradient_checkpointing": False,  # recompute activations in the backward pass: less memory, slower
-        "save_steps": 50,  # a resumable checkpoint every N optimizer steps (0: none)
-        "keep_checkpoints": False,  # keep <out>/checkpoints after the run finishes (they hold the optimizer state)
-        "logging_steps": 1,  # a train_log.jsonl line every N optimizer steps
-        "lora": {
-            "r": 16,  # adapter rank
-            "alpha": 32,  # scaling numerator: the update is (alpha / r) * B @ A
-            "dropout": 0.05,  # dropout on the adapter's input
-            "target_modules": "all-linear",  # all-linear (every linear layer but the output head) or a list of module names, e.g. [q_proj, v_proj]
-        },
-    },
-    # reproduce.py: the whole study for this config (iclvsft/study.py).
-    "reproduce": {
-        "models": [],  # models to study, each gets the full sweep; empty: [model]
-        "icl": True,  # the ICL sweep of the eval section (shots x demo seeds) on the base model
-        "ft_tasks": [],  # tasks fine-tuned one at a time; empty: data.tasks
-        "ft_n_train": [16, 64, 256],  # FT rows per task (the first N pattern rows)
-        "ft_train_seeds": [0],  # one fine-tuned model per (protocol, tasks, N, seed)
-        # FT protocols: name -> overrides of the ft section. A protocol that sets `tasks` trains one
-        # model on those tasks mixed (the paper's setting) and evaluates it on each of them.
-        "ft_protocols": {"answer_lora": {}},
-        "ft_protocol_tasks": {},  # protocol name -> tasks it runs on (default: ft_tasks)
-        "ft_protocol_n_train": {},  # protocol name -> its N values (default: ft_n_train)
-        "ft_eval_shots": [0],  # shots when evaluating fine-tuned models (0: zero-shot, the protocol)
-    },
-    # Circuit shift (analyze_circuits.py, iclvsft/circuits.py): which heads and MLPs carry the answer
-    # under base zero-shot, base + k demonstrations, and base + fine-tuned adapter (zero-shot).
-    "circuits": {
-        "enabled": False,  # reproduce.py runs the analysis (and adds its report section) only when true
-        "tasks": ["expression"],  # tasks to analyse; each needs a corruption (expression, boolean, relation, parity)
-        "split": "pattern",  # test split the clean items come from (pattern | control)
-        "n_items": 32,  # clean/corrupted pairs per task: the first test items that have a usable twin
-        "shots": 4,  # k demonstrations in the ICL condition (the first k of evaluate.demo_order)
-        "demo_seed": 0,  # the ICL condition's demo set (one set, the same for every item)
-        "corruption": "answer",  # answer: minimal edit of what the answer is read from (expression: S) | control: expression's Z edited (the control twin)
-        "method": "attribution",  # attribution (gradient x activation difference, fast) | activation (exact patching, one pass per component) | both
-        "activation_items": 0,  # with method attribution: also exact-patch the first N pairs, to check the approximation
-        "batch_size": 32,  # patched copies per forward pass in activation patching
-        "dtype": "fp32",  # the analysis' precision; fp32 because bf16 logits near 20 are 0.125 apart, coarser than many effects; "" = the top-level dtype
-        "adapter": "",  # the FT condition's adapter folder, "{task}" replaced by the task (e.g. runs/ft-{task}-256); empty: no FT condition
-        "bootstrap": 1000,  # bootstrap resamples of the items for the 95% intervals (0: none)
-        "top_k": 20,  # components compared by the top-k overlap
-        "seed": 0,  # seeds the choice of corruption edits and the bootstrap
-    },
-}
+# Choices named by more than one module (each defined once, here).
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+FT_METHODS = ("lora", "full")
+LOSS_ON = ("completion", "sequence")
+BATCHING = ("padding_free", "padded", "max_length")
+# transformers schedulers that need no extra arguments (tests check they exist in transformers).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+DEMO_MODES = ("shared", "per_item")
+CIRCUIT_CONDITIONS = ("base", "icl", "ft")
+CIRCUIT_METHODS = ("attribution", "activation", "both")
+CORRUPTIONS = ("answer", "control")
+
+
+def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
+           below: float | None = None) -> Any:
+    """A config field: its default, a help string (shown by --help), and the checks that need no context."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": minimum, "below": below}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help, "section": cls})
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    seed: int = option(0, "the data seed: every item's RNG derives from it (iclvsft.rng)")
+    tasks: list = option(ALL_TASKS, "tasks to generate")
+    train_pattern: int = option(4096, "train pool pattern rows per task (FT rows and ICL demonstrations)", minimum=0)
+    train_control: int = option(512, "train pool control rows per task", minimum=0)
+    test_pattern: int = option(200, "test pattern items per task", minimum=0)
+    test_control: int = option(200, "test control items per task (ignored by tasks without a control split)",
+                               minimum=0)
+    task_params: dict = option({}, "per-task generation parameters, e.g. {expression: {z_terms: [2, 3]}}")
+
+    def check(self, config: dict) -> None:
+        self.tasks = parse_task_list(self.tasks)
+        for task, params in self.task_params.items():
+            get_task(task, params)  # raises ConfigError for an unknown task, key or bad value
+
+
+@dataclass
+class EvalConfig:
+    tasks: list = option([], "tasks to evaluate; empty: data.tasks")
+    shots: list = option([0, 4, 16], "k demonstrations per prompt (0 = zero-shot)")
+    demo_seeds: list = option([0, 1, 2], "one demo set per (k, demo seed); k = 0 runs once")
+    demo_mode: str = option("shared", "shared: one demo set per cell, KV-cached | per_item: fresh demos per item "
+                            "(the authors')", choices=DEMO_MODES)
+    demo_split: str = option("pattern", "which train split demonstrations come from")
+    splits: list = option(["pattern", "control"], "test splits to evaluate")
+    limit: int = option(0, "items per split (0 = all)")
+    batch_size: int = option(16, "items per forward pass", minimum=1)
+    max_new_tokens: int = option(0, "greedy tokens per answer; 0: longest train answer + a margin, per task")
+    constrained: bool = option(True, "also score binary tasks by the label's log-probability")
+
+    def check(self, config: dict) -> None:
+        if self.tasks:
+            self.tasks = parse_task_list(self.tasks)
+        _need(all(k >= 0 for k in self.shots), "eval.shots must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(16, "adapter rank", minimum=1)
+    alpha: int = option(32, "scaling numerator: the update is (alpha / r) * B @ A")
+    dropout: float = option(0.05, "dropout on the adapter's input", minimum=0, below=1)
+    target_modules: str = option("all-linear", "all-linear (every linear layer but the output head) or a list of "
+                                 "module names, e.g. [q_proj, v_proj]")
+
+    def check(self, config: dict) -> None:
+        _need(self.alpha > 0, f"ft.lora.alpha must be > 0, got {self.alpha}")
+        targets = self.target_modules
+        _need(bool(targets) and (isinstance(targets, str) or all(isinstance(t, str) and t for t in targets)),
+              f"ft.lora.target_modules must be 'all-linear' or a non-empty list of module names, got {targets!r}")
+
+
+@dataclass
+class FtConfig:
+    method: str = option("lora", "lora (peft adapter, base frozen) | full (every parameter, fp32 master weights)",
+                         choices=FT_METHODS)
+    tasks: list = option([], "tasks trained together, n_train rows each (several = the paper's mixed file); "
+                         "empty: --task")
+    n_train: int = option(256, "rows per task: the first N pattern rows of <data>/<task>/train.jsonl", minimum=1)
+    train_seed: int = option(0, "seeds the mixed-task shuffle, LoRA init, dropout and the epoch order")
+    loss_on: str = option("completion", "completion (answer tokens only) | sequence (prompt + answer: the authors')",
+                          choices=LOSS_ON)
+    append_eos: bool = option(True, "end each completion with the eos token (teaches stopping); the authors did not")
+    epochs: float = option(2.0, "passes over the rows; ignored when max_steps > 0")
+    max_steps: int = option(0, "> 0: exactly this many optimizer steps (the authors: 100), overrides epochs",
+                            minimum=0)
+    learning_rate: float = option(2.0e-4, "peak learning rate (the authors' full FT: 1e-5)")
+    lr_scheduler: str = option("linear", "a transformers scheduler that needs no extra arguments",
+                               choices=LR_SCHEDULERS)
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up (the authors: 20)", minimum=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", minimum=0)
+    optimizer: str = option("adamw_torch", "a transformers optimizer name (TrainingArguments.optim)")
+    batch_size: int = option(16, "effective rows per optimizer step = per_device_batch_size x devices x "
+                             "accumulation")
+    per_device_batch_size: int = option(4, "rows per forward pass on one device; accumulation makes up batch_size",
+                                        minimum=1)
+    max_length: int = option(512, "max tokens per row; longer rows are cut at the end (a row left with no answer "
+                             "token: error)", minimum=2)
+    batching: str = option("padding_free", "padding_free (rows concatenated, positions restart per row, no padding) "
+                           "| padded (right-pad to the longest row) | max_length (pad every row to max_length: the "
+                           "authors')", choices=BATCHING)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
+    save_steps: int = option(50, "a resumable checkpoint every N optimizer steps (0: none)", minimum=0)
+    keep_checkpoints: bool = option(False, "keep <out>/checkpoints after the run finishes (they hold the optimizer "
+                                    "state)")
+    logging_steps: int = option(1, "a train_log.jsonl line every N optimizer steps", minimum=1)
+    lora: LoraConfig = section(LoraConfig, "the LoRA adapter (ft.method lora)")
+
+    def check(self, config: dict) -> None:
+        if self.tasks:
+            self.tasks = parse_task_list(self.tasks)
+        _need(self.max_steps > 0 or self.epochs > 0, f"ft.epochs must be > 0 when ft.max_steps is 0, got {self.epochs}")
+        _need(self.learning_rate > 0, f"ft.learning_rate must be > 0, got {self.learning_rate}")
+        _need(self.batch_size >= 1 and self.batch_size % self.per_device_batch_size == 0,
+              f"ft.batch_size ({self.batch_size}, rows per optimizer step) must be a positive multiple of "
+              f"ft.per_device_batch_size ({self.per_device_batch_size})")
+        _need(bool(self.optimizer), "ft.optimizer must name a transformers optimizer, e.g. adamw_torch")
+
+
+@dataclass
+class ReproduceConfig:
+    models: list = option([], "models to study, each gets the full sweep; empty: [model]")
+    icl: bool = option(True, "the ICL sweep of the eval section (shots x demo seeds) on the base model")
+    ft_tasks: list = option([], "tasks fine-tuned one at a time; empty: data.tasks")
+    ft_n_train: list = option([16, 64, 256], "FT rows per task (the first N pattern rows)")
+    ft_train_seeds: list = option([0], "one fine-tuned model per (protocol, tasks, N, seed)")
+    ft_protocols: dict = option({"answer_lora": {}}, "FT protocols: name -> overrides of the ft section. A protocol "
+                                "that sets `tasks` trains one model on those tasks mixed (the paper's setting) and "
+                                "evaluates it on each of them")
+    ft_protocol_tasks: dict = option({}, "protocol name -> tasks it runs on (default: ft_tasks)")
+    ft_protocol_n_train: dict = option({}, "protocol name -> its N values (default: ft_n_train)")
+    ft_eval_shots: list = option([0], "shots when evaluating fine-tuned models (0: zero-shot, the protocol)")
+
+    def check(self, config: dict) -> None:
+        for name in self.ft_protocols:
+            protocol_ft(config, name, self.ft_protocols)
+
+
+@dataclass
+class CircuitsConfig:
+    enabled: bool = option(False, "reproduce.py runs the analysis (and adds its report section) only when true")
+    tasks: list = option(["expression"], "tasks to analyse; each needs a corruption (its task file's `corrupt`)")
+    split: str = option("pattern", "test split the clean items come from", choices=("pattern", "control"))
+    n_items: int = option(32, "clean/corrupted pairs per task: the first test items that have a usable twin",
+                          minimum=1)
+    shots: int = option(4, "k demonstrations in the ICL condition (the first k of evaluate.demo_order)", minimum=1)
+    demo_seed: int = option(0, "the ICL condition's demo set (one set, the same for every item)")
+    corruption: str = option("answer", "answer: minimal edit of what the answer is read from (expression: S) | "
+                             "control: expression's Z edited (the control twin)", choices=CORRUPTIONS)
+    method: str = option("attribution", "attribution (gradient x activation difference, fast) | activation (exact "
+                         "patching, one pass per component) | both", choices=CIRCUIT_METHODS)
+    activation_items: int = option(0, "with method attribution: also exact-patch the first N pairs, to check the "
+                                   "approximation", minimum=0)
+    batch_size: int = option(32, "patched copies per forward pass in activation patching", minimum=1)
+    dtype: str = option("fp32", "the analysis' precision; fp32 because bf16 logits near 20 are 0.125 apart, "
+                        "coarser than many effects; \"\" = the top-level dtype")
+    adapter: str = option("", "the FT condition's adapter folder, \"{task}\" replaced by the task (e.g. "
+                          "runs/ft-{task}-256); empty: no FT condition")
+    bootstrap: int = option(1000, "bootstrap resamples of the items for the 95% intervals (0: none)", minimum=0)
+    top_k: int = option(20, "components compared by the top-k overlap", minimum=1)
+    seed: int = option(0, "seeds the choice of corruption edits and the bootstrap")
+
+    def check(self, config: dict) -> None:
+        self.tasks = parse_task_list(self.tasks)
+        kinds = corruption_kinds()
+        for name in self.tasks:
+            _need(name in kinds, f"circuits.tasks: no corruption is defined for {name!r}; supported: "
+                  f"{', '.join(kinds)}")
+            _need(self.corruption in kinds[name], f"circuits.corruption {self.corruption!r} is not defined for "
+                  f"{name!r} (it has {', '.join(kinds[name])})")
+
+
+@dataclass
+class Config:
+    name: str = option("", "the config's name (results/<name>/); defaults to the YAML file's stem")
+    data: DataConfig = section(DataConfig, "data generation (generate_data.py)")
+    model: str = option("qwen2.5-coder-0.5b-instruct", "the model under study: an offline name "
+                        "(qwen2.5-coder-0.5b-instruct, ...), a hub id or a folder")
+    dtype: str = option("auto", "auto (bf16 where the hardware runs it natively, else fp32) | bf16 | fp16 | fp32",
+                        choices=DTYPES)
+    attn_implementation: str = option("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | "
+                                      "eager", choices=ATTN_IMPLEMENTATIONS)
+    eval: EvalConfig = section(EvalConfig, "evaluation (test.py)")
+    ft: FtConfig = section(FtConfig, "fine-tuning (finetune.py)")
+    reproduce: ReproduceConfig = section(ReproduceConfig, "reproduce.py: the whole study for this config")
+    circuits: CircuitsConfig = section(CircuitsConfig, "circuit shift (analyze_circuits.py): which heads and MLPs "
+                                       "carry the answer under base zero-shot, base + k demonstrations and base + "
+                                       "fine-tuned adapter")
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: (_as_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else copy.deepcopy(v))
+            for f in dataclasses.fields(obj)}
+
+
+DEFAULTS: dict[str, Any] = _as_dict(Config())
 
 OPEN = {("data", "task_params"), ("reproduce", "ft_protocols"), ("reproduce", "ft_protocol_tasks"),
         ("reproduce", "ft_protocol_n_train")}
+
+# Keys whose value may be a string or a list of strings (LoRA target modules: "all-linear" or
+# [q_proj, v_proj]); _check_type accepts exactly those two shapes for them, nothing else.
+STR_OR_LIST = {"ft.lora.target_modules"}
+
+
+def schema_field(dotted: str) -> dataclasses.Field:
+    """The schema field of a dotted key (``circuits.n_items``): its type, default, help and checks."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for n, part in enumerate(parts):
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        if found is None:
+            raise KeyError(dotted)
+        if n == len(parts) - 1:
+            return found
+        cls = found.metadata.get("section")
+        if cls is None:
+            raise KeyError(dotted)
+    raise KeyError(dotted)
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# Keys whose value may be a string or a list of strings (LoRA target modules: "all-linear" or
-# [q_proj, v_proj]); _check_type accepts exactly those two shapes for them, nothing else.
-STR_OR_LIST = {"ft.lora.target_modules"}
 
 
 def _check_type(dotted: str, value: Any, default: Any) -> None:
@@ -204,22 +343,48 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str | dict] 
     return config
 
 
+def check_section(name: str, values: dict, config: dict) -> dict:
+    """One section (``values``: merged and type-checked) against its schema: each key's choices and
+    range, then the section's own cross-key ``check``. Returns it with normalised values (task lists
+    parsed), in schema order."""
+    return _as_dict(_build(schema_field(name).metadata["section"], values, name, config))
+
+
+def protocol_ft(config: dict, protocol: str, protocols: dict | None = None) -> dict:
+    """The ft section FT protocol ``protocol`` trains with: ``config['ft']`` and the protocol's
+    overrides (``reproduce.ft_protocols``), merged and checked like any ft section."""
+    overrides = (protocols if protocols is not None else config["reproduce"]["ft_protocols"])[protocol] or {}
+    ft = merge(DEFAULTS["ft"], config["ft"], "config", ("ft",))
+    return check_section("ft", merge(ft, overrides, f"reproduce.ft_protocols.{protocol}", ("ft",)), config)
+
+
+def _check_value(f: dataclasses.Field, value: Any, dotted: str) -> None:
+    choices, lo, below = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("below")
+    _need(choices is None or value in choices, f"{dotted} must be one of {', '.join(choices or ())}, got {value!r}")
+    _need(lo is None or value >= lo, f"{dotted} must be >= {lo}, got {value!r}")
+    _need(below is None or value < below, f"{dotted} must be in [{lo}, {below}), got {value!r}")
+
+
+def _build(cls: type, values: dict, where: str, config: dict) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("section")
+        if sub is not None:
+            kwargs[f.name] = _build(sub, values[f.name], f"{where}.{f.name}", config)
+        else:
+            _check_value(f, values[f.name], f"{where}.{f.name}")
+            kwargs[f.name] = values[f.name]
+    obj = cls(**kwargs)
+    obj.check(config)
+    return obj
+
+
 def validate(config: dict) -> None:
-    """Checks that span keys; task parameters are checked by each task's config class."""
-    from .tasks import get_task, parse_task_list
-
-    data = config["data"]
-    data["tasks"] = parse_task_list(data["tasks"])
-    for key in ("train_pattern", "train_control", "test_pattern", "test_control"):
-        if data[key] < 0:
-            raise ConfigError(f"data.{key} must be >= 0, got {data[key]}")
-    for task, params in data["task_params"].items():
-        get_task(task, params)  # raises ConfigError for an unknown task, key or bad value
-
-    from .train import validate_ft_config
-
-    validate_ft_config(config)  # the ft section's own checks (iclvsft/train.py)
-
-    from .circuits import validate_circuits_config
-
-    validate_circuits_config(config)  # the circuits section's own checks (iclvsft/circuits.py)
+    """Every key of ``config`` checked against the schema; normalised values written back."""
+    for f in dataclasses.fields(Config):
+        if f.name not in config:  # a partial config built by hand (tests)
+            continue
+        if f.metadata.get("section") is None:
+            _check_value(f, config[f.name], f.name)
+        else:
+            config[f.name] = check_section(f.name, config[f.name], config)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import DataError
-from .io import git_commit, atomic_write_text, dumps_json, read_jsonl, sha256_file, write_jsonl
+from .io import atomic_write_text, dumps_json, git_commit, read_jsonl, sha256_file, write_jsonl
 from .tasks import POOLS, Item, Task, get_task
 
 GENERATE_HINT = "generate the data with `python generate_data.py --out <folder>` (or fix --data)"

@@ -19,8 +19,8 @@ path, so caching can never change what the model sees.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -70,15 +70,17 @@ def empty_prefix() -> Prefix:
     return Prefix("", [], None)
 
 
+def continuation(head: Sequence[int], full: Sequence[int]) -> list[int] | None:
+    """The tokens of ``full`` after ``head`` when ``full`` starts with exactly ``head`` and goes on;
+    None when the joint tokenization crosses the boundary (or adds nothing)."""
+    n = len(head)
+    return list(full[n:]) if list(full[:n]) == list(head) and len(full) > n else None
+
+
 def split_suffixes(tokenizer, prefix: Prefix, texts: Sequence[str]) -> list[list[int] | None]:
     """Token ids of each ``prefix.text + text`` after the cached prefix, or None where the joint
     tokenization does not start with the prefix's tokens (that row must go the uncached way)."""
-    out: list[list[int] | None] = []
-    for text in texts:
-        full = encode(tokenizer, prefix.text + text)
-        n = prefix.length
-        out.append(full[n:] if full[:n] == prefix.ids[:n] and len(full) > n else None)
-    return out
+    return [continuation(prefix.ids, encode(tokenizer, prefix.text + text)) for text in texts]
 
 
 def _batch_inputs(rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int, device) -> tuple:
@@ -99,13 +101,8 @@ def _finished(text: str, token: int, eos_ids: set[int]) -> bool:
     return token in eos_ids or "\n" in text.lstrip()
 
 
-def greedy(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prefix + row`` for each row, cut at the end of the first line."""
-    return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy_ids(model, tokenizer, prefix, rows, max_new_tokens)]
-
-
 def greedy_ids(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """The generated token ids behind :func:`greedy`."""
+    """Greedy token ids continuing ``prefix + row`` for each row, cut at the end of the first line."""
     return decode(model, tokenizer, prefix, rows, max_new_tokens)[0]
 
 

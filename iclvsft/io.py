@@ -1,19 +1,21 @@
 """File IO shared by every script: atomic writes, JSONL, hashes and run provenance."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import DataError
 
-TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "numpy", "gguf")
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "gguf")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -26,13 +28,37 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        make_readable(tmp)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc without changing it (``os.umask`` can only be read by setting
+    it, which races with threads creating files); elsewhere read by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_readable(path: str | Path) -> None:
+    """Give ``path`` the permissions the umask allows: ``0666 & ~umask`` for a file; for a folder
+    ``0777 & ~umask`` and the files directly inside it ``0666 & ~umask`` (mkstemp and the safetensors
+    writer create files as 0600)."""
+    path = Path(path)
+    umask = current_umask()
+    if not path.is_dir():
+        path.chmod(0o666 & ~umask)
+        return
+    path.chmod(0o777 & ~umask)
+    for child in path.iterdir():
+        if child.is_file():
+            child.chmod(0o666 & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -99,14 +125,17 @@ def git_commit(repo: str | Path | None = None) -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of the distribution ``name``, or None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    """The Python version and each package's installed version (None when absent)."""
+    return {"python": platform.python_version(), **{name: package_version(name) for name in names}}
 
 
 def provenance() -> dict[str, Any]:

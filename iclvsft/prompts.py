@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .errors import ConfigError
+from .rng import item_rng
 from .tasks import Item, Task
 
 
@@ -46,3 +48,21 @@ def build_prompt(task: Task, question: str, demos: Sequence[Item] = ()) -> str:
 def ft_row(task: Task, item: Item) -> dict[str, str]:
     """A fine-tuning row: the zero-shot prompt and its completion (loss goes on the completion)."""
     return {"prompt": build_prompt(task, item.question), "completion": completion_text(task, item.answer)}
+
+
+# --- demonstrations: which train items an ICL prompt shows ------------------------------------------
+
+def demo_order(pool: Sequence[Item], demo_seed: int, task: str, max_k: int) -> list[Item]:
+    """The first ``max_k`` rows of a seeded permutation of ``pool``: k-shot takes the first k, so demo
+    sets are nested across k (4-shot is a prefix of 16-shot) and shot curves compare like with like."""
+    if max_k > len(pool):
+        raise ConfigError(f"{task}: {max_k} demonstrations asked for, the train pool has {len(pool)}")
+    order = list(range(len(pool)))
+    item_rng(demo_seed, "demos", task).shuffle(order)
+    return [pool[i] for i in order[:max_k]]
+
+
+def per_item_demos(pool: Sequence[Item], demo_seed: int, task: str, k: int, item: Item) -> list[Item]:
+    """Fresh demonstrations for one item (the authors' protocol: ``eval.demo_mode: per_item``)."""
+    rng = item_rng(demo_seed, "demos", task, item.id)
+    return [pool[i] for i in rng.sample(range(len(pool)), k)]

@@ -270,12 +270,7 @@ def _run_child(sources: list[str], timeout_s: float, deadline: float, memory_mb:
     return done, failure
 
 
-def run_program(source: str, timeout_s: float = 1.0) -> SandboxResult:
-    """Convenience wrapper: run one program (prefer :func:`run_programs` for many)."""
-    return run_programs([source], timeout_s=timeout_s, total_timeout_s=timeout_s + 30.0)
-
-
-__all__ = ["SandboxResult", "run_programs", "run_program"]
+__all__ = ["SandboxResult", "run_programs"]
 
 
 if __name__ == "__main__":  # quick manual check: python -m iclvsft.sandbox

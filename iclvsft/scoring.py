@@ -17,8 +17,8 @@ case-insensitively to their canonical spelling (``true`` -> ``True``), pairs to 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .tasks import Item
 
@@ -72,10 +72,6 @@ FORMATS: dict[str, AnswerFormat] = {
         lambda m: f"a = {int(m.group(1))}, b = {int(m.group(2))}", flags=re.IGNORECASE,
     ),
 }
-
-
-def get_format(name: str) -> AnswerFormat:
-    return FORMATS[name]
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULTS, merge
+from .config import protocol_ft
 from .data import generate, is_up_to_date
 from .errors import ConfigError
+from .evaluate import EvalPlan, evaluate
 from .io import provenance, slug, write_json
+from .report import FTResult, build_summary, write_report
+from .train import finetune, is_finished
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,8 @@ def plan_ft(config: dict) -> list[FTRun]:
     default_tasks = rep["ft_tasks"] or config["data"]["tasks"]
     runs = []
     for model in models_of(config):
-        for protocol, overrides in rep["ft_protocols"].items():
-            ft = merge(DEFAULTS["ft"], config["ft"], "config ft")
-            ft = merge(ft, overrides or {}, f"reproduce.ft_protocols.{protocol}")
+        for protocol in rep["ft_protocols"]:
+            ft = protocol_ft(config, protocol)
             tasks = rep["ft_protocol_tasks"].get(protocol) or default_tasks
             unknown = [t for t in tasks if t not in config["data"]["tasks"]]
             if unknown:
@@ -99,10 +101,6 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     ``finetune_fn`` / ``evaluate_fn`` default to :func:`iclvsft.train.finetune` and
     :func:`iclvsft.evaluate.evaluate` (tests pass wrappers that interrupt them).
     """
-    from .evaluate import EvalPlan, evaluate
-    from .report import FTResult, build_summary, write_report
-    from .train import finetune, is_finished
-
     finetune_fn = finetune_fn or finetune
     evaluate_fn = evaluate_fn or evaluate
     timings: dict[str, float] = {}

@@ -26,11 +26,21 @@ def tiny():
     return load_model("tiny-random-qwen2")
 
 
-def small_data(tmp_path_factory, overrides):
-    """A data folder generated with ``overrides`` of the default config (seconds)."""
+@pytest.fixture(scope="session")
+def root() -> Path:
+    """The repository's root folder (configs/, the scripts)."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def make_data(tmp_path_factory):
+    """``make_data(overrides)``: a data folder generated with ``overrides`` of the default config (seconds)."""
     from iclvsft.config import load_config
     from iclvsft.data import generate
 
-    out = tmp_path_factory.mktemp("data")
-    generate(load_config(None, overrides), out, show_progress=False)
-    return out
+    def make(overrides):
+        out = tmp_path_factory.mktemp("data")
+        generate(load_config(None, overrides), out, show_progress=False)
+        return out
+
+    return make

@@ -1,4 +1,4 @@
-"""Circuit analysis (iclvsft/circuits.py) on the tiny random Qwen2: 2 layers, 4 query heads sharing 2
+"""Circuit analysis (iclvsft/circuits/) on the tiny random Qwen2: 2 layers, 4 query heads sharing 2
 key/value heads (grouped-query attention), byte-level tokenizer, fp32."""
 import json
 import re
@@ -10,8 +10,28 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from iclvsft import circuits as C
 from iclvsft import engine
+from iclvsft.circuits import (
+    activation_patching,
+    adapter_for,
+    agreement,
+    analyze,
+    anatomy,
+    attribution_patching,
+    bootstrap_shift,
+    capture,
+    component_activation,
+    corruption_candidates,
+    cosine_distance,
+    l1_distance,
+    make_pairs,
+    pair_inputs,
+    patch_pair,
+    run_patched,
+    shift,
+    tokenize_pair,
+    topk_overlap,
+)
 from iclvsft.config import load_config
 from iclvsft.data import load_items
 from iclvsft.errors import ConfigError
@@ -20,15 +40,13 @@ from iclvsft.models import load_model
 from iclvsft.prompts import ft_row, prefix
 from iclvsft.tasks import get_task
 
-from conftest import ROOT, small_data
-
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=16", "data.test_control=8",
          "data.tasks=[expression,relation,parity]"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return small_data(tmp_path_factory, SMALL)
+def data_dir(make_data):
+    return make_data(SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +55,16 @@ def expression(data_dir, tiny):
     task = get_task("expression")
     demos = demo_order(load_items(data_dir, "expression", "train", split="pattern"), 0, "expression", 3)
     items = load_items(data_dir, "expression", "test", split="pattern")
-    pairs, _ = C.make_pairs(task, items, tiny.tokenizer, [[], demos], 6, "answer", 0)
+    pairs, _ = make_pairs(task, items, tiny.tokenizer, [[], demos], 6, "answer", 0)
     assert len(pairs) == 6
     return task, demos, pairs
 
 
 def inputs_for(lm, task, pair, demos, cached=True):
     pre = engine.build_prefix(lm.model, lm.tokenizer, prefix(task, demos)) if cached else engine.empty_prefix()
-    tokens = C.tokenize_pair(lm.tokenizer, task, pair, demos)
+    tokens = tokenize_pair(lm.tokenizer, task, pair, demos)
     assert not isinstance(tokens, str), tokens
-    return C.pair_inputs(tokens, pre)
+    return pair_inputs(tokens, pre)
 
 
 def expression_value(question: str) -> int:
@@ -64,11 +82,11 @@ def test_pairs_are_aligned_minimal_edits(data_dir, tiny, expression):
         assert int(pair.corrupt_answer) == expression_value(pair.corrupt_question)
         assert pair.corrupt_question.split(")+(")[1:] == pair.clean_question.split(")+(")[1:]  # only S edited
         for d in ([], demos):
-            t = C.tokenize_pair(tiny.tokenizer, task, pair, d)
+            t = tokenize_pair(tiny.tokenizer, task, pair, d)
             assert len(t.clean_ids) == len(t.corrupt_ids) and t.clean_token != t.corrupt_token
     # control: a pattern item's Z is edited, so it becomes its control twin (answer S + Z*C != S)
     items = load_items(data_dir, "expression", "test", split="pattern")
-    twins, _ = C.make_pairs(task, items, tiny.tokenizer, [[]], 4, "control", 0)
+    twins, _ = make_pairs(task, items, tiny.tokenizer, [[]], 4, "control", 0)
     assert twins
     for pair in twins:
         assert pair.edit.startswith("Z[") and int(pair.corrupt_answer) == expression_value(pair.corrupt_question)
@@ -78,7 +96,7 @@ def test_pairs_are_aligned_minimal_edits(data_dir, tiny, expression):
 
     for name, split in (("relation", "pattern"), ("relation", "control"), ("parity", "pattern")):
         task = get_task(name)
-        pairs, _ = C.make_pairs(task, load_items(data_dir, name, "test", split=split), tiny.tokenizer, [[]], 4,
+        pairs, _ = make_pairs(task, load_items(data_dir, name, "test", split=split), tiny.tokenizer, [[]], 4,
                                 "answer", 0)
         assert len(pairs) == 4 and all(p.corrupt_answer != p.clean_answer for p in pairs)
         for p in pairs:
@@ -90,19 +108,35 @@ def test_pairs_are_aligned_minimal_edits(data_dir, tiny, expression):
                 numbers = [int(n) for n in re.findall(r"\d+", p.corrupt_question)]
                 assert p.corrupt_answer == ("odd" if sum(numbers) % 2 else "even")
     # the same seed gives the same pairs
-    again, _ = C.make_pairs(get_task("expression"), items, tiny.tokenizer, [[], demos], 6, "answer", 0)
+    again, _ = make_pairs(get_task("expression"), items, tiny.tokenizer, [[], demos], 6, "answer", 0)
     assert again == expression[2]
+
+
+def test_corruptions_belong_to_the_tasks(data_dir):
+    """Each task lists the corruption kinds its ``corrupt`` makes (seeded order); the others refuse."""
+    assert get_task("expression").corruptions == ("answer", "control")
+    assert get_task("code").corruptions == () and get_task("algebra").corruptions == ()
+    item = load_items(data_dir, "expression", "test", split="pattern")[0]
+    with pytest.raises(ConfigError, match="no 'answer' corruption"):
+        list(get_task("code").corrupt(item, "answer", None))
+    with pytest.raises(ConfigError, match="no 'control' corruption"):
+        list(corruption_candidates(get_task("relation"), item, "control", 0))
+    task = get_task("expression")
+    edits = list(corruption_candidates(task, item, "answer", 0))
+    assert edits == list(corruption_candidates(task, item, "answer", 0))
+    assert edits != list(corruption_candidates(task, item, "answer", 1))
+    assert all(int(answer) == expression_value(question) for question, answer, _ in edits)
 
 
 # --- patching -----------------------------------------------------------------------------------
 
 def test_grid_shapes_and_finiteness(tiny, expression):
     task, demos, pairs = expression
-    anat = C.anatomy(tiny.model)
+    anat = anatomy(tiny.model)
     assert anat.shape == (2, 5) and anat.n_heads == 4 and anat.head_dim == 16  # query heads, not kv heads
     assert anat.labels()[1] == ["L1.H0", "L1.H1", "L1.H2", "L1.H3", "L1.MLP"]
     for d in ([], demos):
-        r = C.patch_pair(tiny.model, anat, inputs_for(tiny, task, pairs[0], d), "both")
+        r = patch_pair(tiny.model, anat, inputs_for(tiny, task, pairs[0], d), "both")
         for m in (r.attribution, r.activation):
             assert m.shape == anat.shape and np.isfinite(m).all() and np.abs(m).sum() > 0
         assert np.isfinite([r.m_clean, r.m_corrupt]).all() and r.m_clean != r.m_corrupt
@@ -110,27 +144,27 @@ def test_grid_shapes_and_finiteness(tiny, expression):
 
 def test_patching_with_own_activation_changes_nothing(tiny, expression):
     task, demos, pairs = expression
-    anat = C.anatomy(tiny.model)
+    anat = anatomy(tiny.model)
     inputs = inputs_for(tiny, task, pairs[1], demos)
     for ids in (inputs.clean_ids, inputs.corrupt_ids):
-        own = C.capture(tiny.model, anat, inputs.prefix, ids)
+        own = capture(tiny.model, anat, inputs.prefix, ids)
         reference = inputs.metric(own.logits)[0]
         comps = anat.components()
-        patches = [{c: C.component_activation(own, c)} for c in comps]
-        patches.append({c: C.component_activation(own, c) for c in comps})  # all at once
+        patches = [{c: component_activation(own, c)} for c in comps]
+        patches.append({c: component_activation(own, c) for c in comps})  # all at once
         with torch.no_grad():
-            patched = C.run_patched(tiny.model, anat, inputs.prefix, [ids] * len(patches), patches=patches)
+            patched = run_patched(tiny.model, anat, inputs.prefix, [ids] * len(patches), patches=patches)
         torch.testing.assert_close(inputs.metric(patched.logits), reference.expand(len(patches)), atol=1e-5, rtol=0)
     # ... while patching in the *other* run's activation does change the metric
-    exact = C.activation_patching(tiny.model, anat, inputs)
+    exact = activation_patching(tiny.model, anat, inputs)
     assert np.abs(exact.activation).max() > 1e-3
 
 
 def test_cache_and_batch_size_do_not_change_the_maps(tiny, expression):
     task, demos, pairs = expression
-    anat = C.anatomy(tiny.model)
-    cached = C.patch_pair(tiny.model, anat, inputs_for(tiny, task, pairs[2], demos), "both", batch_size=3)
-    plain = C.patch_pair(tiny.model, anat, inputs_for(tiny, task, pairs[2], demos, cached=False), "both", batch_size=10)
+    anat = anatomy(tiny.model)
+    cached = patch_pair(tiny.model, anat, inputs_for(tiny, task, pairs[2], demos), "both", batch_size=3)
+    plain = patch_pair(tiny.model, anat, inputs_for(tiny, task, pairs[2], demos, cached=False), "both", batch_size=10)
     assert inputs_for(tiny, task, pairs[2], demos).prefix.length > 0
     np.testing.assert_allclose(cached.attribution, plain.attribution, atol=1e-5)
     np.testing.assert_allclose(cached.activation, plain.activation, atol=1e-5)
@@ -144,16 +178,16 @@ def test_attribution_agrees_with_activation_patching(tiny, expression):
     Not all: on this random model the logit gaps are small and the layer-0 MLP, which acts through
     every later layer, is where the linearisation is weakest (a known limit of attribution patching)."""
     task, demos, pairs = expression
-    anat = C.anatomy(tiny.model)
+    anat = anatomy(tiny.model)
     for d in ([], demos):
-        results = [C.patch_pair(tiny.model, anat, inputs_for(tiny, task, p, d), "both") for p in pairs]
+        results = [patch_pair(tiny.model, anat, inputs_for(tiny, task, p, d), "both") for p in pairs]
         att = np.stack([r.attribution for r in results])
         act = np.stack([r.activation for r in results])
         assert spearmanr(att.ravel(), act.ravel()).statistic > 0.8
         assert np.median([spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(att, act)]) > 0.8
         big = np.abs(act) >= 0.1 * np.abs(act).max()
         assert big.sum() >= 10 and (np.sign(att[big]) == np.sign(act[big])).mean() >= 0.9
-        agree = C.agreement(att, act)
+        agree = agreement(att, act)
         assert agree["spearman_pooled"] > 0.8 and agree["sign_agreement"] >= 0.9 and agree["n_pairs"] == len(pairs)
 
 
@@ -162,27 +196,27 @@ def test_attribution_agrees_with_activation_patching(tiny, expression):
 def test_shift_metrics():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(3, 5))
-    s = C.shift(a, a, top_k=4)
+    s = shift(a, a, top_k=4)
     assert s["cosine_distance"] == pytest.approx(0, abs=1e-12) and s["l1_distance"] == pytest.approx(0, abs=1e-12)
     assert s["topk_overlap"] == 1.0
     assert np.allclose(s["per_layer"]["cosine_distance"], 0) and s["per_layer"]["l1_distance"].shape == (3,)
-    assert C.shift(a, 3 * a, 4)["cosine_distance"] == pytest.approx(0, abs=1e-12)  # scale does not matter
-    assert C.shift(a, 3 * a, 4)["l1_distance"] == pytest.approx(0, abs=1e-12)
-    assert C.cosine_distance(a.ravel(), -a.ravel()) == pytest.approx(2)
-    assert C.l1_distance(a.ravel(), -a.ravel()) == pytest.approx(1)
-    assert C.l1_distance(np.array([1.0, 0, 0]), np.array([0, 0, 2.0])) == pytest.approx(1)  # disjoint
-    assert C.topk_overlap(np.array([5.0, 4, 0, 0]), np.array([0, 4, 5, 0.1]), 2) == 0.5
+    assert shift(a, 3 * a, 4)["cosine_distance"] == pytest.approx(0, abs=1e-12)  # scale does not matter
+    assert shift(a, 3 * a, 4)["l1_distance"] == pytest.approx(0, abs=1e-12)
+    assert cosine_distance(a.ravel(), -a.ravel()) == pytest.approx(2)
+    assert l1_distance(a.ravel(), -a.ravel()) == pytest.approx(1)
+    assert l1_distance(np.array([1.0, 0, 0]), np.array([0, 0, 2.0])) == pytest.approx(1)  # disjoint
+    assert topk_overlap(np.array([5.0, 4, 0, 0]), np.array([0, 4, 5, 0.1]), 2) == 0.5
     b = a + rng.normal(scale=0.3, size=a.shape)
-    assert 0 < C.shift(a, b, 4)["cosine_distance"] < C.shift(a, rng.normal(size=a.shape), 4)["cosine_distance"]
-    assert np.isnan(C.cosine_distance(np.zeros(3), np.ones(3)))
+    assert 0 < shift(a, b, 4)["cosine_distance"] < shift(a, rng.normal(size=a.shape), 4)["cosine_distance"]
+    assert np.isnan(cosine_distance(np.zeros(3), np.ones(3)))
 
 
 def test_bootstrap_shift_intervals_and_difference():
     rng = np.random.default_rng(1)
     base = rng.normal(size=(20, 3, 5)) + rng.normal(size=(1, 3, 5)) * 3
     maps = {"base": base, "icl": rng.normal(size=(20, 3, 5)), "ft": 1.5 * base}  # FT: same map, rescaled
-    s = C.bootstrap_shift(maps, top_k=5, n_boot=200, seed=0)
-    assert s == C.bootstrap_shift(maps, top_k=5, n_boot=200, seed=0)  # seeded, no global RNG
+    s = bootstrap_shift(maps, top_k=5, n_boot=200, seed=0)
+    assert s == bootstrap_shift(maps, top_k=5, n_boot=200, seed=0)  # seeded, no global RNG
     ft, icl = s["conditions"]["ft"], s["conditions"]["icl"]
     assert ft["cosine_distance"]["value"] == pytest.approx(0, abs=1e-9)
     assert ft["cosine_distance"]["ci95"][1] == pytest.approx(0, abs=1e-9) and ft["topk_overlap"]["value"] == 1
@@ -227,20 +261,21 @@ def test_analysis_end_to_end_with_adapter(data_dir, tmp_path, expression):
                                 "circuits.shots=3", "circuits.method=attribution", "circuits.activation_items=2",
                                 "circuits.bootstrap=50", "circuits.top_k=4", f"circuits.adapter={adapter}"])
     out = tmp_path / "out"
-    result = C.analyze(config, data_dir, out, show_progress=False)
+    result = analyze(config, data_dir, out, show_progress=False)
     t = result["tasks"]["expression"]
     assert set(t["conditions"]) == {"base", "icl", "ft"} and t["n_pairs"] == 6
     assert result["models"]["ft/expression"]["adapter_merged"] is True
     maps = {c: np.array(e["map"]) for c, e in t["conditions"].items()}
     assert all(m.shape == (2, 5) and np.isfinite(m).all() for m in maps.values())
     # the adapter changes the maps (a few LoRA steps), and so do the demonstrations
-    assert np.abs(maps["ft"] - maps["base"]).max() > 1e-3 and t["shift"]["conditions"]["ft"]["cosine_distance"]["value"] > 0
+    assert np.abs(maps["ft"] - maps["base"]).max() > 1e-3
+    assert t["shift"]["conditions"]["ft"]["cosine_distance"]["value"] > 0
     assert np.abs(maps["icl"] - maps["base"]).max() > 1e-3
     assert t["conditions"]["base"]["agreement"]["n_pairs"] == 2
     # the base condition is the plain tiny model: same map as computing it here directly
     task, demos, pairs = expression
     lm = load_model("tiny-random-qwen2")
-    direct = np.mean([C.attribution_patching(lm.model, C.anatomy(lm.model), inputs_for(lm, task, p, [])).attribution
+    direct = np.mean([attribution_patching(lm.model, anatomy(lm.model), inputs_for(lm, task, p, [])).attribution
                       for p in pairs], axis=0)
     np.testing.assert_allclose(maps["base"], direct, rtol=1e-4, atol=1e-6)
     # files
@@ -254,7 +289,7 @@ def test_analysis_end_to_end_with_adapter(data_dir, tmp_path, expression):
     assert "ICL - FT" in (out / "circuits.md").read_text()
 
 
-def test_config_and_cli_errors(data_dir):
+def test_config_and_cli_errors(data_dir, root):
     with pytest.raises(ConfigError, match="no corruption"):
         load_config(None, ["circuits.tasks=[code]"])
     with pytest.raises(ConfigError, match="control"):
@@ -265,11 +300,11 @@ def test_config_and_cli_errors(data_dir):
         load_config(None, ["circuits.n_items=0"])
     cfg = load_config(None, ["circuits.adapter=/nonexistent/{task}"])
     with pytest.raises(ConfigError, match="adapter_config.json"):
-        C.adapter_for(cfg, "expression")
-    help_text = subprocess.run([sys.executable, str(ROOT / "analyze_circuits.py"), "--help"], capture_output=True,
-                               text=True, cwd=ROOT, timeout=60).stdout
+        adapter_for(cfg, "expression")
+    help_text = subprocess.run([sys.executable, str(root / "analyze_circuits.py"), "--help"], capture_output=True,
+                               text=True, cwd=root, timeout=60).stdout
     for option in ("--adapter", "--shots", "--n-items", "--method", "--corruption", "--bootstrap", "--top-k", "--out"):
         assert option in help_text
-    bad = subprocess.run([sys.executable, str(ROOT / "analyze_circuits.py"), "--data", str(data_dir),
-                          "circuits.tasks=[algebra]"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    bad = subprocess.run([sys.executable, str(root / "analyze_circuits.py"), "--data", str(data_dir),
+                          "circuits.tasks=[algebra]"], capture_output=True, text=True, cwd=root, timeout=60)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,8 +9,7 @@ import pytest
 from iclvsft.errors import ConfigError
 from iclvsft.sandbox import SandboxResult, run_programs
 from iclvsft.tasks.base import Item
-from iclvsft.tasks.code import (CONTROL_SHAPES, FUNCTION1_SHAPES, OPS, CodeConfig, CodeTask, apply_op,
-                                verify_items)
+from iclvsft.tasks.code import CONTROL_SHAPES, FUNCTION1_SHAPES, OPS, CodeConfig, CodeTask, apply_op, verify_items
 
 N_PER_SPLIT = 1200
 

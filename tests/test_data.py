@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,7 @@ from iclvsft.data import generate, load_items, normalise_question
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.io import sha256_file
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = ["data.train_pattern=300", "data.train_control=60", "data.test_pattern=50", "data.test_control=50"]
 

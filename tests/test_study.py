@@ -3,16 +3,18 @@ fine-tuning and during evaluation) resume to the same report as an uninterrupted
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
-from iclvsft import evaluate as ev
 from iclvsft.config import load_config
+from iclvsft.evaluate import run as eval_run
+from iclvsft.io import jsonl_line
 from iclvsft.study import plan_ft, run_study
 from iclvsft.train import finetune
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["model=tiny-random-qwen2", "data.tasks=[expression,boolean,relation]", "data.train_pattern=64",
         "data.train_control=8", "data.test_pattern=6", "data.test_control=6", "eval.shots=[0,2]",
@@ -55,20 +57,20 @@ def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         run_study(config, data, resumed, show_progress=False, finetune_fn=flaky_finetune)
 
-    real_append, appends = ev.append_rows, {"n": 0}
+    real_append, appends = eval_run.append_rows, {"n": 0}
 
     def flaky_append(path, rows):
         appends["n"] += 1
         if appends["n"] == 3:  # and evaluation dies writing a chunk
             with open(path, "a") as f:
-                f.write(ev.jsonl_line(rows[0])[:20])
+                f.write(jsonl_line(rows[0])[:20])
             raise Killed("kill during evaluation")
         real_append(path, rows)
 
-    monkeypatch.setattr(ev, "append_rows", flaky_append)
+    monkeypatch.setattr(eval_run, "append_rows", flaky_append)  # where evaluate() calls it
     with pytest.raises(Killed):
         run_study(config, data, resumed, show_progress=False)
-    monkeypatch.setattr(ev, "append_rows", real_append)
+    monkeypatch.setattr(eval_run, "append_rows", real_append)
     report = run_study(config, data, resumed, show_progress=False)
 
     # Identical but for the results folder's own path (the circuit section names the adapter it used).

@@ -1,4 +1,4 @@
-"""Fine-tuning (iclvsft/train.py, finetune.py) on the tiny random Qwen2, CPU only.
+"""Fine-tuning (iclvsft/train/, finetune.py) on the tiny random Qwen2, CPU only.
 
 What must hold (issue 4): prompt tokens carry label -100 and every row keeps a label token after
 truncation; the three batchings give the same loss on the same rows (padding-free packing is exact);
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iclvsft.config import load_config
+from iclvsft import train
+from iclvsft.config import BATCHING, LR_SCHEDULERS, load_config
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.models import build_tiny_model, load_model
-from iclvsft import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-random-qwen2"
@@ -115,7 +115,7 @@ def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
     feats, _ = train.tokenize_rows(rows, tok, loss_on="completion", max_length=128)
     assert len({len(f["input_ids"]) for f in feats}) > 1  # rows of different lengths
     losses, grads = {}, {}
-    for batching in train.BATCHING:
+    for batching in BATCHING:
         batch = train.make_collator(batching, tok.pad_token_id, 128, "sdpa")(feats)
         if batching == "padding_free":
             assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
@@ -145,7 +145,7 @@ def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
 def test_ft_config_checks():
     from transformers.trainer_utils import SchedulerType
 
-    assert set(train.LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
     config = load_config(None, ["ft.lora.target_modules=[q_proj,v_proj]"])
     assert config["ft"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
     for bad, match in [("ft.lora.target_modules=[1]", "string or a list"), ("ft.method=qlora", "ft.method"),
@@ -295,14 +295,16 @@ def test_accelerate_two_processes_complete_and_save_once(data_dir, tmp_path):
     assert summary["world_size"] == 2 and summary["gradient_accumulation_steps"] == 2
     assert [e["step"] for e in log_lines(out)] == [1, 2, 3]  # one writer: no duplicated lines
     assert sorted(p.name for p in out.glob("adapter_model*")) == ["adapter_model.safetensors"]
-    assert proc.stderr.count("INFO iclvsft.train: finished: 3 steps") == 1  # the main process reports once
+    assert proc.stderr.count("INFO iclvsft.train.run: finished: 3 steps") == 1  # the main process reports once
     assert proc.stderr.count("tokens/s -> ") == 1
     assert not list(out.glob(".*.tmp"))
 
 
 def test_script_help_and_clean_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True,
-                                    timeout=120)
+    def run(*a):
+        return subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
     helped = run("--help")
     assert helped.returncode == 0
     for option in ("--config", "--model", "--task", "--n-train", "--method", "--out", "--data", "--overwrite",

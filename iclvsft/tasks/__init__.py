@@ -27,6 +27,11 @@ def get_task(name: str, config: TaskConfig | dict | None = None) -> Task:
     return TASKS[name](config)
 
 
+def corruption_kinds() -> dict[str, tuple[str, ...]]:
+    """Task -> the corruption kinds it defines (``Task.corruptions``), for the tasks that define any."""
+    return {name: cls.corruptions for name, cls in TASKS.items() if cls.corruptions}
+
+
 def parse_task_list(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """``"expression,code"`` or a list -> validated task names, in the given order, without repeats."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
@@ -39,4 +44,4 @@ def parse_task_list(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-__all__ = ["TASKS", "POOLS", "SPLITS", "Draw", "Item", "Task", "TaskConfig", "get_task", "parse_task_list"]
+__all__ = ["TASKS", "POOLS", "SPLITS", "Draw", "Item", "Task", "TaskConfig", "corruption_kinds", "get_task", "parse_task_list"]

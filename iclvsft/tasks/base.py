@@ -7,6 +7,7 @@ A task (reasoning-gym style) is one file with a config dataclass (with ``validat
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,14 +40,16 @@ class Item:
         return {k: getattr(self, k) for k in self.FIELDS}
 
     @classmethod
-    def from_dict(cls, row: Any, where: str = "row") -> "Item":
+    def from_dict(cls, row: Any, where: str = "row") -> Item:
         """Build an item from a decoded JSON row, with a clear error for a corrupt one."""
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; regenerate the data with generate_data.py")
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; "
+                            "regenerate the data with generate_data.py")
         missing = [k for k in cls.FIELDS if k not in row]
         extra = [k for k in row if k not in cls.FIELDS]
         if missing or extra:
-            raise DataError(f"{where}: missing fields {missing} / unknown fields {extra}; regenerate the data with generate_data.py")
+            raise DataError(f"{where}: missing fields {missing} / unknown fields {extra}; "
+                            "regenerate the data with generate_data.py")
         for k in ("id", "task", "split", "question", "answer"):
             if not isinstance(row[k], str) or not row[k]:
                 raise DataError(f"{where}: field {k!r} must be a non-empty string; regenerate the data with generate_data.py")
@@ -82,7 +85,7 @@ class TaskConfig:
             self._check(hi <= hi_max, f"{name} must end at {hi_max} or below, got {value!r}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None, where: str = "config") -> "TaskConfig":
+    def from_dict(cls, values: dict[str, Any] | None, where: str = "config") -> TaskConfig:
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -121,6 +124,9 @@ class Task:
       multiline      questions span several lines, so demonstrations are separated by a blank line.
       answer_format  name of the scoring format in ``iclvsft.scoring.FORMATS``.
       splits         the splits this task emits.
+      corruptions    the kinds of minimal edit ``corrupt`` makes (circuit analysis: the corrupted twin
+                     of a clean item); empty = none. ``answer``: edit what the answer is read from;
+                     ``control``: edit what turns a pattern item into its control twin.
     """
 
     name: ClassVar[str]
@@ -130,6 +136,7 @@ class Task:
     multiline: ClassVar[bool] = False
     answer_format: ClassVar[str]
     splits: ClassVar[tuple[str, ...]] = SPLITS
+    corruptions: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: TaskConfig | dict | None = None):
         if config is None:
@@ -146,6 +153,18 @@ class Task:
         """Ids of items whose answer an independent route disagrees with (the code task runs its
         programs in a sandbox); tasks whose generator already is the only cheap route return []."""
         return []
+
+    def check_corruption(self, kind: str) -> None:
+        if kind not in self.corruptions:
+            raise ConfigError(f"task {self.name!r} has no {kind!r} corruption; it has: "
+                              f"{', '.join(self.corruptions) or 'none'}")
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """Minimal edits of ``item``'s question, each ``(question, answer, description)`` with the answer
+        recomputed from the edited question, in an order drawn from ``rng`` (a ``random.Random``).
+        ``kind``: one of :attr:`corruptions`. Tasks without corruptions raise ConfigError."""
+        self.check_corruption(kind)
+        raise NotImplementedError(f"{type(self).__name__} lists corruptions but does not implement corrupt()")
 
     def make_item(self, seed: int, pool: str, split: str, index: int) -> Item:
         if split not in self.splits:

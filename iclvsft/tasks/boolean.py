@@ -17,9 +17,11 @@ computed by the small parser below, never by ``eval``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .base import Draw, Task, TaskConfig
+from ..errors import DataError
+from .base import Draw, Item, Task, TaskConfig
 
 _TOKEN = re.compile(r"\s*(\(|\)|True|False|and|or)")
 
@@ -94,6 +96,7 @@ class BooleanTask(Task):
     config_cls = BooleanConfig
     header = "Evaluate each Boolean expression."
     answer_format = "bool"
+    corruptions = ("answer",)
 
     def _groups(self, rng) -> str:
         c = self.config
@@ -111,7 +114,7 @@ class BooleanTask(Task):
     def generate(self, rng, split: str) -> Draw:
         clause = rng.choice(PATTERN_CLAUSES if split == "pattern" else CONTROL_CLAUSES)
         constant = clause.split()[1]
-        for redraw in range(self.config.max_redraws):
+        for redraw in range(self.config.max_redraws):  # noqa: B007 (the count is recorded below)
             inner = self._groups(rng)
             # On control the value before the clause must differ from the clause's constant.
             if split == "pattern" or str(evaluate(inner)) != constant:
@@ -122,3 +125,18 @@ class BooleanTask(Task):
         answer = str(evaluate(question))
         return Draw(question=question, answer=answer, shortcut_answer=constant,
                     meta={"clause": clause, "inner_value": evaluate(inner), "redraws": redraw})
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """answer: the final clause's constant, its operator, or both flipped (in that order; no draws)."""
+        self.check_corruption(kind)
+        clause = item.meta["clause"]
+        suffix = f" {clause} ="
+        if not item.question.endswith(suffix):
+            raise DataError(f"{item.id}: the question does not end with its clause {clause!r}")
+        inner = item.question[: -len(suffix)]
+        op, const = clause.split()
+        flip_c = {"True": "False", "False": "True"}[const]
+        flip_op = {"and": "or", "or": "and"}[op]
+        for new_clause in (f"{op} {flip_c}", f"{flip_op} {const}", f"{flip_op} {flip_c}"):
+            question = f"{inner} {new_clause} ="
+            yield question, str(evaluate(question)), f"clause {clause!r} -> {new_clause!r}"

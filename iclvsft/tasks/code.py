@@ -91,7 +91,7 @@ _LOOP_TERMS: dict[str, tuple[str, Callable[[int, int, int], int]]] = {
 }
 
 
-def _draw_loop(rng: random.Random, cfg: "CodeConfig") -> dict[str, Any]:
+def _draw_loop(rng: random.Random, cfg: CodeConfig) -> dict[str, Any]:
     return {"start": rng.randint(-9, 9), "n": rng.randint(2, 6), "acc": rng.choice(["+=", "-="]),
             "term": rng.choice(sorted(_LOOP_TERMS)), "a": rng.randint(1, 9)}
 
@@ -110,7 +110,7 @@ def _value_loop(p: dict[str, Any], x: int) -> int:
     return total
 
 
-def _draw_power(rng: random.Random, cfg: "CodeConfig") -> dict[str, Any]:
+def _draw_power(rng: random.Random, cfg: CodeConfig) -> dict[str, Any]:
     return {"p": rng.randint(2, 3), "s1": rng.choice("+-"), "a": rng.randint(1, 9), "s2": rng.choice("+-"),
             "b": rng.randint(1, 20)}
 
@@ -125,7 +125,7 @@ def _value_power(p: dict[str, Any], x: int) -> int:
     return _signed(p["s2"], y, p["b"])
 
 
-def _draw_while(rng: random.Random, cfg: "CodeConfig") -> dict[str, Any]:
+def _draw_while(rng: random.Random, cfg: CodeConfig) -> dict[str, Any]:
     return {"a": rng.randint(5, 30), "b": rng.randint(0, 5), "update": rng.choice(["half", "minus"]),
             "d": rng.randint(2, 5), "c": rng.randint(1, 9), "ret": rng.choice(["+", "-", "*"])}
 
@@ -144,7 +144,7 @@ def _value_while(p: dict[str, Any], x: int) -> int:
     return apply_op(p["ret"], steps, x)
 
 
-def _draw_conditional(rng: random.Random, cfg: "CodeConfig") -> dict[str, Any]:
+def _draw_conditional(rng: random.Random, cfg: CodeConfig) -> dict[str, Any]:
     m = rng.randint(2, 4)
     return {"cond": rng.choice(["mod", "gt"]), "m": m, "r": rng.randint(0, m - 1),
             "t": rng.randint(*cfg.input_range), "a": rng.randint(2, 9), "s1": rng.choice("+-"),
@@ -171,7 +171,7 @@ _LIST_RETURNS: dict[str, tuple[str, Callable[[list[int], int], int]]] = {
 }
 
 
-def _draw_list(rng: random.Random, cfg: "CodeConfig") -> dict[str, Any]:
+def _draw_list(rng: random.Random, cfg: CodeConfig) -> dict[str, Any]:
     return {"n": rng.randint(3, 6), "s": rng.choice("+-"), "a": rng.randint(1, 9),
             "ret": rng.choice(sorted(_LIST_RETURNS)), "m": rng.randint(3, 11)}
 
@@ -188,7 +188,7 @@ def _value_list(p: dict[str, Any], x: int) -> int:
 
 @dataclass(frozen=True)
 class _Shape:
-    draw: Callable[[random.Random, "CodeConfig"], dict[str, Any]]
+    draw: Callable[[random.Random, CodeConfig], dict[str, Any]]
     lines: Callable[[dict[str, Any]], list[str]]
     value: Callable[[dict[str, Any], int], int]
 

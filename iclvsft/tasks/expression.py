@@ -10,9 +10,11 @@ target (so it may leave the range). Authors' examples: ``(1+6)+(-3+3)*(-1-3+9-5)
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .base import Draw, Task, TaskConfig
+from ..errors import DataError
+from .base import Draw, Item, Task, TaskConfig
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ExpressionTask(Task):
     header = "Compute the value of each expression."
     answer_sep = ""  # the authors' format: "...=7"
     answer_format = "int"
+    corruptions = ("answer", "control")
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config
@@ -72,3 +75,24 @@ class ExpressionTask(Task):
         question = f"{format_group(s)}+{format_group(z)}*{format_group(cc)}="
         return Draw(question=question, answer=str(answer), shortcut_answer=str(s_target),
                     meta={"S": s, "Z": z, "C": cc})
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """answer: one term of S +-1..9 (sum(S), the answer, changes); control: one term of Z +-1..3, so a
+        pattern item becomes its control twin (Z no longer sums to 0) and a control item its pattern twin.
+        The group's last term first, the deltas in random order."""
+        self.check_corruption(kind)
+        groups = {g: list(item.meta[g]) for g in ("S", "Z", "C")}
+        rebuilt = f"{format_group(groups['S'])}+{format_group(groups['Z'])}*{format_group(groups['C'])}="
+        if rebuilt != item.question:
+            raise DataError(f"{item.id}: the question cannot be rebuilt from meta S/Z/C (generator changed?)")
+        target = "S" if kind == "answer" else "Z"
+        deltas = [d for d in range(-9, 10) if d] if target == "S" else [d for d in range(-3, 4) if d]
+        edits = [(j, d) for j in range(len(groups[target])) for d in deltas]
+        rng.shuffle(edits)
+        edits.sort(key=lambda e: -e[0])  # the group's last term first (stable: random delta order within)
+        for j, d in edits:
+            new = {g: list(v) for g, v in groups.items()}
+            new[target][j] += d
+            answer = sum(new["S"]) + sum(new["Z"]) * sum(new["C"])
+            question = f"{format_group(new['S'])}+{format_group(new['Z'])}*{format_group(new['C'])}="
+            yield question, str(answer), f"{target}[{j}] {groups[target][j]} -> {new[target][j]}"

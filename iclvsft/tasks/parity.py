@@ -6,9 +6,11 @@ so a control split is not meaningful: this task emits ``pattern`` only.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .base import Draw, Task, TaskConfig
+from ..errors import DataError
+from .base import Draw, Item, Task, TaskConfig
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ParityTask(Task):
     header = "Say whether the sum of each list of numbers is even or odd."
     answer_format = "parity"
     splits = ("pattern",)
+    corruptions = ("answer",)
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config
@@ -39,3 +42,17 @@ class ParityTask(Task):
         question = "The sum of " + ", ".join(map(str, numbers)) + " is"
         return Draw(question=question, answer=answer, shortcut_answer=answer,
                     meta={"numbers": numbers, "n_odd": n_odd})
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """answer: the last digit of one number +-1 (staying within 0..9, so the length is kept)."""
+        self.check_corruption(kind)
+        numbers = list(item.meta["numbers"])
+        if "The sum of " + ", ".join(map(str, numbers)) + " is" != item.question:
+            raise DataError(f"{item.id}: the question cannot be rebuilt from meta numbers (generator changed?)")
+        edits = [(j, d) for j in range(len(numbers)) for d in (-1, 1) if 0 <= numbers[j] % 10 + d <= 9]
+        rng.shuffle(edits)
+        for j, d in edits:
+            new = list(numbers)
+            new[j] += d
+            answer = "odd" if sum(n % 2 for n in new) % 2 else "even"
+            yield "The sum of " + ", ".join(map(str, new)) + " is", answer, f"number[{j}] {numbers[j]} -> {new[j]}"

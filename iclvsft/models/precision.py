@@ -1,0 +1,114 @@
+"""Device, parameter dtype and attention kernel: the explicit names checked, ``auto`` resolved for this machine."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .offline import OFFLINE_MODELS
+from .tiny import is_tiny_model
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (x86 AVX512-BF16 or AMX, ARM BF16), where bf16 matmuls beat fp32."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return True
+    capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()).upper()
+    return "AMX" in capability or "BF16" in capability
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` are checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use device=auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} requested but MPS is not available here; use device=auto or cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu", *, name: str = "",
+                  tiny: bool = False) -> torch.dtype:
+    """The parameter dtype: explicit names (bf16/bfloat16, fp16/float16/half, fp32/float32/float) or ``auto``.
+
+    ``auto``: fp32 for ``tiny-random-qwen2`` and for saved copies of it or of models fully fine-tuned
+    from it (a folder ``name`` whose config carries the tiny flag, or ``tiny=True``; tests compare
+    exactly); on CUDA bf16 when supported, else fp16; on CPU bf16 when the CPU has native bf16
+    (:func:`cpu_has_native_bf16`), else fp32; fp32 on MPS.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use auto, bf16, fp16 or fp32")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key in _DTYPES:
+        return _DTYPES[key]
+    if key != "auto":
+        raise ConfigError(f"dtype {dtype!r} is not one of auto, bf16, bfloat16, fp16, float16, fp32, float32")
+    device = torch.device(device)
+    # An offline name always means the offline model (load_model resolves it before any folder).
+    if tiny or (name not in OFFLINE_MODELS and is_tiny_model(name)):
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On a CPU with native bf16, bf16 runs 1.6-2x faster than fp32.
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising anything at import
+        return False
+    return True
+
+
+def resolve_attn_implementation(attn_implementation: str = "auto", device: torch.device | str = "cpu",
+                                dtype: torch.dtype = torch.float32) -> str | None:
+    """The ``attn_implementation`` passed to transformers.
+
+    ``auto``: ``flash_attention_2`` on CUDA in bf16/fp16 when ``flash_attn`` is importable; otherwise
+    ``None``, which lets transformers pick SDPA (or eager for a model without SDPA support). The
+    implementation actually used is read back from the model and recorded in ``LoadedModel.info``.
+    """
+    if attn_implementation in (None, "auto"):
+        device = torch.device(device)
+        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flash_attn_available():
+            return "flash_attention_2"
+        return None
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation {attn_implementation!r} is not one of "
+                          f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn_implementation == "flash_attention_2":
+        if torch.device(device).type != "cuda":
+            raise ConfigError("attn_implementation flash_attention_2 needs a CUDA device; use sdpa or auto")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError("attn_implementation flash_attention_2 needs dtype bf16 or fp16")
+        if not flash_attn_available():
+            raise ConfigError("attn_implementation flash_attention_2 needs the flash_attn package "
+                              "(pip install flash-attn --no-build-isolation); or use sdpa / auto")
+    return attn_implementation

@@ -1,0 +1,189 @@
+"""Fine-tuning set-up: precision, the model to train (LoRA or full), the Trainer's arguments and the
+callback that keeps train_log.jsonl."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback, TrainingArguments, set_seed
+
+from ..errors import ConfigError
+from ..io import atomic_write_text, jsonl_line
+from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
+
+CHECKPOINT_DIR = "checkpoints"
+# Attention implementations that honour position-id packing (block-diagonal mask / varlen kernels).
+PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def gradient_accumulation(config: dict, world_size: int) -> int:
+    """Accumulation steps so that per-device batch x devices x steps == ``ft.batch_size``."""
+    ft = config["ft"]
+    per_step = ft["per_device_batch_size"] * world_size
+    if ft["batch_size"] % per_step:
+        raise ConfigError(f"ft.batch_size {ft['batch_size']} is not a multiple of ft.per_device_batch_size "
+                          f"{ft['per_device_batch_size']} x {world_size} processes; change one of them")
+    return ft["batch_size"] // per_step
+
+
+@dataclass
+class Precision:
+    """How a run uses its dtype: the parameters' load dtype and the autocast flag for the Trainer."""
+
+    dtype: str  # the resolved training precision: float32 | bfloat16 | float16
+    load_dtype: str  # what the weights are loaded in (full FT: fp32 master weights under autocast)
+    bf16: bool
+    fp16: bool
+
+
+def plan_precision(config: dict, device) -> Precision:
+    """Resolve ``config['dtype']`` for ``device`` (see :func:`iclvsft.models.resolve_dtype`) and ``ft.method``."""
+    dtype = resolve_dtype(config["dtype"], device, name=config["model"])
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32:
+        return Precision(name, "float32", bf16=False, fp16=False)
+    if dtype == torch.float16 and torch.device(device).type != "cuda":
+        raise ConfigError("dtype fp16 trains only on CUDA (it needs a gradient scaler); use bf16 or fp32 here")
+    # LoRA: the frozen base may live in half precision (the adapter is fp32, peft's default).
+    # Full: fp32 master weights; the half-precision math comes from autocast.
+    load = name if config["ft"]["method"] == "lora" else "float32"
+    return Precision(name, load, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+
+
+def build_model(config: dict, precision: Precision, device, sharded: bool = False):
+    """Load the model for training: LoRA-wrapped (peft) or all parameters trainable.
+
+    ``device``: where training runs. Sharded runs (FSDP, DeepSpeed ZeRO-3) load on CPU and let the
+    Trainer place the shards. FlashAttention-2 is switched on after loading when the weights are
+    loaded on CPU (models.load_model accepts it only for a CUDA device).
+    """
+    ft = config["ft"]
+    device = torch.device(device)
+    load_dtype = getattr(torch, precision.load_dtype)
+    attn = resolve_attn_implementation(config["attn_implementation"], device,
+                                       getattr(torch, precision.dtype))
+    load_device = "cpu" if sharded or device.type != "cuda" else str(device)
+    switch_later = attn == "flash_attention_2" and load_device == "cpu"
+    loaded = load_model(config["model"], dtype=precision.load_dtype, device=load_device,
+                        attn_implementation="auto" if switch_later or attn is None else attn)
+    model = loaded.model
+    if switch_later:
+        model.set_attn_implementation("flash_attention_2")
+    if model.dtype != load_dtype:
+        model = model.to(load_dtype)
+    model.config.use_cache = False
+    attn_used = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if ft["batching"] == "padding_free" and attn_used not in PACKING_SAFE_ATTENTION:
+        raise ConfigError(f"ft.batching=padding_free needs an attention kernel that honours position-id packing "
+                          f"({', '.join(PACKING_SAFE_ATTENTION)}); the model uses {attn_used!r}: set ft.batching=padded")
+    set_seed(ft["train_seed"])  # LoRA initialisation
+    if ft["method"] == "lora":
+        lora = ft["lora"]
+        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                 target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as error:  # e.g. a target module name the model does not have
+            raise ConfigError(f"ft.lora: {error}") from error
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    model.train()
+    info = dict(loaded.info, attn_implementation=attn_used, load_dtype=precision.load_dtype,
+                trainable_params=count_parameters(model, trainable_only=True), total_params=count_parameters(model))
+    return model, loaded.tokenizer, info
+
+
+def training_device():
+    """The device a run trains on: what the Trainer will pick (CUDA unless absent or ``--cpu``)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.device("cpu") if use_cpu else resolve_device("auto")
+
+
+def training_arguments(config: dict, out: Path, precision: Precision, world_size: int, device=None,
+                       show_progress: bool = True):
+    """``transformers.TrainingArguments`` for the ``ft`` section (checkpoints under ``out/checkpoints``).
+
+    ``use_cpu`` is set whenever training runs on CPU: only then does accelerate treat several
+    processes started by ``accelerate launch`` (torchrun) as one gloo job (MULTI_CPU) instead of
+    independent single-process runs.
+    """
+    ft = config["ft"]
+    device = device if device is not None else training_device()
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out / CHECKPOINT_DIR),
+        use_cpu=device.type == "cpu",
+        per_device_train_batch_size=ft["per_device_batch_size"],
+        gradient_accumulation_steps=gradient_accumulation(config, world_size),
+        learning_rate=ft["learning_rate"],
+        lr_scheduler_type=ft["lr_scheduler"],
+        warmup_steps=ft["warmup_steps"],
+        weight_decay=ft["weight_decay"],
+        max_grad_norm=ft["max_grad_norm"],
+        optim=ft["optimizer"],
+        num_train_epochs=ft["epochs"] if ft["max_steps"] == 0 else 1.0,
+        max_steps=ft["max_steps"] if ft["max_steps"] > 0 else -1,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        activation_checkpointing=ft["gradient_checkpointing"],  # transformers 5's name for gradient checkpointing
+        # non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA)
+        activation_checkpointing_kwargs={"use_reentrant": False} if ft["gradient_checkpointing"] else None,
+        logging_strategy="steps",
+        logging_steps=ft["logging_steps"],
+        save_strategy="steps" if ft["save_steps"] > 0 else "no",
+        save_steps=ft["save_steps"] if ft["save_steps"] > 0 else 500,
+        save_total_limit=1,  # resuming needs only the newest checkpoint
+        seed=ft["train_seed"],
+        data_seed=ft["train_seed"],
+        # padding-free batches carry no padding: count every input token; padded ones: the attention mask
+        include_num_input_tokens_seen="all" if ft["batching"] == "padding_free" else "non_padding",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        disable_tqdm=not show_progress,
+        ddp_find_unused_parameters=False,
+    )
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as error:  # e.g. an unknown optimizer name, bf16 on hardware without it
+        raise ConfigError(f"ft: {error}") from error
+
+
+class TrainLogCallback(TrainerCallback):
+    """Adds seconds and tokens/s to each logged step and keeps ``path`` (``train_log.jsonl``) equal
+    to the log history.
+
+    The file is rewritten (atomically) from ``state.log_history`` at every log, so after a resume it
+    holds exactly the steps up to the checkpoint plus the new ones: no stale or duplicated lines.
+    Only the world's main process writes. Tokens are real (non-padding) input tokens, summed over
+    devices.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._clock = time.perf_counter()
+        self._tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._clock, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+        self._write(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = state.log_history[-1] if state.log_history else None
+        if entry is not None and "loss" in entry:
+            now = time.perf_counter()
+            seconds, tokens = now - self._clock, state.num_input_tokens_seen - self._tokens
+            entry["seconds"] = round(seconds, 4)
+            entry["tokens"] = tokens
+            entry["tokens_per_second"] = round(tokens / seconds, 2) if seconds > 0 else None
+            self._clock, self._tokens = now, state.num_input_tokens_seen
+        self._write(state)
+
+    def _write(self, state) -> None:
+        if state.is_world_process_zero:
+            atomic_write_text(self.path, "".join(jsonl_line(e) for e in state.log_history if "loss" in e))
