@@ -9,6 +9,10 @@ sys.path.insert(0, str(ROOT))
 # OpenMP hand-offs cost far more than the work (seen here: 5 s vs 0.06 s for the same evaluation
 # when another process shares the 2 cores). One thread, here and in every subprocess a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite is the CPU contract (CI has no GPU): several tests build reference tensors and models on
+# the CPU and compare them with what the code loads on the default device, which on a GPU machine is
+# CUDA. Hide CUDA so every test runs where it is meant to; benchmarks/gpu_check.sh covers the GPU path.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
