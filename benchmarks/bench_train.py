@@ -5,8 +5,11 @@ Setups (all through :func:`iclvsft.train.finetune`, same model, rows, row order,
 
 * ``authors``:   full FT, every row padded to 512 tokens, loss over the whole sequence, no eos
                  (their finetune.py: a plain Trainer with DataCollatorForLanguageModeling);
-* ``ours_full``: full FT, padding-free batches, loss on the completion: the batching alone;
-* ``ours_lora``: LoRA (r 16, all linear layers), padding-free, completion loss: our default.
+* ``ours_full``: full FT, padding-free batches, loss on the completion, fused AdamW, output layer only
+                 at labelled positions (``ft.logits_on: labels``);
+* ``ours_lora``: LoRA (r 16, all linear layers), the same: our default;
+* ``*_v1``:      the same with the earlier per-tensor AdamW and full logits (``ft.optimizer=adamw_torch
+                 ft.logits_on=all``), to measure those two changes side by side.
 
 For each, ``--warmup`` optimizer steps are run and dropped, then ``--steps`` are timed (real tokens
 per step from ``train_log.jsonl``; wall and process CPU seconds per step from a callback, step end to
@@ -41,10 +44,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# "_v1": the setup before the fused optimizer and the labelled-logits output layer (same rows, same
+# seed), so each speed-up and the loss curve are compared side by side in one run.
+V1 = ["ft.optimizer=adamw_torch", "ft.logits_on=all"]
 SETUPS = {
     "authors": ["ft.method=full", "ft.learning_rate=1.0e-5", "ft.loss_on=sequence", "ft.batching=max_length",
-                "ft.max_length=512", "ft.append_eos=false"],
+                "ft.max_length=512", "ft.append_eos=false", *V1],
+    "ours_full_v1": ["ft.method=full", "ft.learning_rate=1.0e-5", "ft.loss_on=completion", "ft.batching=padding_free",
+                     *V1],
     "ours_full": ["ft.method=full", "ft.learning_rate=1.0e-5", "ft.loss_on=completion", "ft.batching=padding_free"],
+    "ours_lora_v1": ["ft.method=lora", "ft.learning_rate=2.0e-4", "ft.loss_on=completion", "ft.batching=padding_free",
+                     *V1],
     "ours_lora": ["ft.method=lora", "ft.learning_rate=2.0e-4", "ft.loss_on=completion", "ft.batching=padding_free"],
 }
 
@@ -136,9 +146,62 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
     if ft["batching"] == "max_length":
         executed = flops_per_token(model_config, n_params, ft["method"], ft["max_length"]) * ft["max_length"] * rows
         out["executed_flops_per_second"] = executed / seconds
+    if ft["logits_on"] == "labels":  # the output layer runs only at labelled positions: less work executed
+        stats = summary["tokens_per_epoch"]
+        unlabelled = 1 - stats["label_tokens"] / stats["tokens"]
+        head = (6 if ft["method"] == "full" else 4) * model_config.vocab_size * model_config.hidden_size
+        out["executed_flops_per_second"] = (per_token - head * unlabelled) * tokens / seconds
     del result
     gc.collect()
     return out
+
+
+def run_trl(base: list[str], data_dir: Path, workdir: Path, warmup: int, steps: int, clock: str) -> dict:
+    """``trl_lora``: TRL's SFTTrainer on the same rows, model, LoRA, batch and precision as ``ours_lora``,
+    with TRL's own completion-only loss and padding-free batching (TRL tokenizes prompt + completion
+    itself). Timed like the other setups."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from iclvsft.config import load_config
+    from iclvsft.models import count_parameters, load_model
+    from iclvsft.train import plan_precision, select_rows, tokenize_rows, training_device
+
+    config = load_config(None, [*base, *SETUPS["ours_lora"], f"ft.max_steps={warmup + steps}"])
+    ft = config["ft"]
+    rows, _ = select_rows(data_dir, ft["tasks"], ft["n_train"])
+    precision = plan_precision(config, training_device())
+    loaded = load_model(config["model"], dtype=precision.load_dtype, device="cpu")
+    _, stats = tokenize_rows(rows, loaded.tokenizer, loss_on="completion", max_length=ft["max_length"])
+    lora = ft["lora"]
+    args = SFTConfig(output_dir=str(workdir / "trl_lora"), use_cpu=True, per_device_train_batch_size=ft["per_device_batch_size"],
+                     gradient_accumulation_steps=ft["batch_size"] // ft["per_device_batch_size"],
+                     learning_rate=ft["learning_rate"], lr_scheduler_type="constant", max_steps=warmup + steps,
+                     optim=ft["optimizer"], bf16=precision.bf16, logging_steps=1, save_strategy="no",
+                     report_to="none", seed=ft["train_seed"], completion_only_loss=True, padding_free=True,
+                     max_length=ft["max_length"], disable_tqdm=True)
+    timer = step_clock()
+    started = time.perf_counter()
+    trainer = SFTTrainer(model=loaded.model, args=args, processing_class=loaded.tokenizer, callbacks=[timer],
+                         train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                                          for r in rows]),
+                         peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    trainer.train()
+    wall, cpu = sum(timer.wall[warmup:]), sum(timer.cpu[warmup:])
+    seconds = cpu if clock == "cpu" else wall
+    n_rows = steps * ft["batch_size"]
+    tokens = n_rows * stats["mean_row_tokens"]  # the same rows as ours; TRL's joint tokenization may differ slightly
+    n_params = count_parameters(trainer.model)
+    per_token = flops_per_token(loaded.model.config, n_params, "lora", stats["mean_row_tokens"])
+    return {"setup": "trl_lora", "overrides": ["trl.SFTTrainer", "completion_only_loss", "padding_free"],
+            "method": "lora", "batching": "padding_free", "precision": precision.dtype, "timed_steps": steps,
+            "rows": n_rows, "clock": clock, "seconds": round(seconds, 3), "step_wall_seconds": timer.wall,
+            "rows_per_second": n_rows / seconds, "tokens_per_second": tokens / seconds,
+            "mean_row_tokens": stats["mean_row_tokens"], "useful_flops_per_second": per_token * tokens / seconds,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
 
 
 def main() -> int:
@@ -151,7 +214,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step (ft.batch_size)")
     p.add_argument("--per-device", type=int, default=2, help="rows per forward pass (ft.per_device_batch_size)")
     p.add_argument("--epoch-rows", type=int, default=256, help="rows per epoch for the seconds-per-epoch column")
-    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated: " + ", ".join(SETUPS))
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated: " + ", ".join([*SETUPS, "trl_lora"])
+                   + " (trl_lora: TRL's SFTTrainer, needs trl from requirements-dev.txt)")
     p.add_argument("--dtype", default="auto", help="config key dtype (auto: bf16 where the CPU has it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -177,7 +241,8 @@ def main() -> int:
         generate(load_config(None, [f"data.tasks=[{args.task}]", f"data.train_pattern={rows_needed}",
                                     "data.train_control=0", "data.test_pattern=1", "data.test_control=1"]),
                  data_dir, show_progress=False)
-        runs = [run_setup(name, base, data_dir, Path(tmp), args.warmup, args.steps, args.clock)
+        runs = [run_trl(base, data_dir, Path(tmp), args.warmup, args.steps, args.clock) if name == "trl_lora" else
+                run_setup(name, base, data_dir, Path(tmp), args.warmup, args.steps, args.clock)
                 for name in args.setups.split(",")]
     precision = runs[0]["precision"]
     rates = {"float32": matmul_rate(torch.float32, clock=args.clock)}
@@ -203,7 +268,8 @@ def main() -> int:
               f"{r['useful_flops_per_second'] / 1e9:14.1f} {100 * r['useful_fraction_of_matmul']:7.1f}%")
         if "executed_flops_per_second" in r:
             r["executed_fraction_of_matmul"] = r["executed_flops_per_second"] / peak
-            print(f"{'':<10} (executed, pads included: {r['executed_flops_per_second'] / 1e9:.1f} GFLOP/s, "
+            what = "pads included" if r["batching"] == "max_length" else "output layer at labelled positions only"
+            print(f"{'':<10} (executed, {what}: {r['executed_flops_per_second'] / 1e9:.1f} GFLOP/s, "
                   f"{100 * r['executed_fraction_of_matmul']:.1f}% of matmul)")
     print(f"(s/epoch: {args.epoch_rows} rows; tokens/s counts real tokens only, so 'x authors' is also the "
           f"rows/s ratio up to row-length differences)")

@@ -31,6 +31,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 FT_METHODS = ("lora", "full")
 LOSS_ON = ("completion", "sequence")
 BATCHING = ("padding_free", "padded", "max_length")
+LOGITS_ON = ("labels", "all")
 # transformers schedulers that need no extra arguments (tests check they exist in transformers).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
@@ -130,7 +131,9 @@ class FtConfig:
     warmup_steps: int = option(0, "optimizer steps of linear warm-up (the authors: 20)", minimum=0)
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", minimum=0)
-    optimizer: str = option("adamw_torch", "a transformers optimizer name (TrainingArguments.optim)")
+    optimizer: str = option("adamw_torch_fused", "a transformers optimizer name (TrainingArguments.optim); "
+                            "adamw_torch_fused: torch's fused AdamW kernel (CPU and CUDA), ~8x faster than the "
+                            "per-tensor loop of adamw_torch on the 0.5B model's full FT here")
     batch_size: int = option(16, "effective rows per optimizer step = per_device_batch_size x devices x "
                              "accumulation")
     per_device_batch_size: int = option(4, "rows per forward pass on one device; accumulation makes up batch_size",
@@ -140,6 +143,9 @@ class FtConfig:
     batching: str = option("padding_free", "padding_free (rows concatenated, positions restart per row, no padding) "
                            "| padded (right-pad to the longest row) | max_length (pad every row to max_length: the "
                            "authors')", choices=BATCHING)
+    logits_on: str = option("labels", "labels: the output layer runs only at positions whose next token has a "
+                            "label (same loss and gradients; with the answer-only loss most of the output layer's "
+                            "work is skipped) | all: at every position (transformers' default)", choices=LOGITS_ON)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
     save_steps: int = option(50, "a resumable checkpoint every N optimizer steps (0: none)", minimum=0)
     keep_checkpoints: bool = option(False, "keep <out>/checkpoints after the run finishes (they hold the optimizer "

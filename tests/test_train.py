@@ -129,6 +129,25 @@ def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
     assert losses["padding_free"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert losses["max_length"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert torch.allclose(grads["padding_free"], grads["padded"], atol=1e-5)
+    # the output layer only where a label is (ft.logits_on=labels): the same loss and gradients
+    for loss_on in ("completion", "sequence"):
+        feats_l, _ = train.tokenize_rows(rows, tok, loss_on=loss_on, max_length=128)
+        for batching in ("padding_free", "padded"):
+            results = {}
+            for logits_on in ("all", "labels"):
+                batch = train.make_collator(batching, tok.pad_token_id, 128, "sdpa", logits_on)(feats_l)
+                n_items = (train.next_token_targets(batch["labels"]) != -100).sum()
+                model.zero_grad()
+                if logits_on == "labels":
+                    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+                    assert out.logits.shape[0] == n_items  # one row of logits per labelled position
+                    loss = train.labelled_logits_loss(out, batch["labels"], num_items_in_batch=n_items)
+                else:
+                    loss = model(**batch, num_items_in_batch=n_items).loss
+                loss.backward()
+                results[logits_on] = (loss.item(), model.model.layers[1].mlp.down_proj.weight.grad.clone())
+            assert results["labels"][0] == pytest.approx(results["all"][0], rel=1e-5), (loss_on, batching)
+            assert torch.allclose(results["labels"][1], results["all"][1], atol=1e-6), (loss_on, batching)
     # negative control: the same flat sequence with positions running on lets rows see each other
     flat = train.make_collator("padding_free", tok.pad_token_id, 128)(feats)
     leaky = model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss.item()

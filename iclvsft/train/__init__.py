@@ -6,36 +6,45 @@ log callback) -> ``run`` (the output folder, resume, training, summary). How and
 """
 from __future__ import annotations
 
-from .rows import PaddedCollator, PaddingFreeCollator, make_collator, select_rows, tokenize_rows
+from .rows import (
+                   LabelledLogitsCollator,
+                   PaddedCollator,
+                   PaddingFreeCollator,
+                   labelled_logits_loss,
+                   make_collator,
+                   next_token_targets,
+                   select_rows,
+                   tokenize_rows,
+)
 from .run import (
-                  LOG_FILE,
-                  RUN_CONFIG_FILE,
-                  SUMMARY_FILE,
-                  FinetuneResult,
-                  default_out_dir,
-                  finetune,
-                  inspect_output,
-                  is_finished,
-                  loss_curve,
-                  run_identity,
-                  throughput,
+                   LOG_FILE,
+                   RUN_CONFIG_FILE,
+                   SUMMARY_FILE,
+                   FinetuneResult,
+                   default_out_dir,
+                   finetune,
+                   inspect_output,
+                   is_finished,
+                   loss_curve,
+                   run_identity,
+                   throughput,
 )
 from .setup import (
-                  CHECKPOINT_DIR,
-                  PACKING_SAFE_ATTENTION,
-                  Precision,
-                  TrainLogCallback,
-                  build_model,
-                  gradient_accumulation,
-                  plan_precision,
-                  training_arguments,
-                  training_device,
+                   CHECKPOINT_DIR,
+                   PACKING_SAFE_ATTENTION,
+                   Precision,
+                   TrainLogCallback,
+                   build_model,
+                   gradient_accumulation,
+                   plan_precision,
+                   training_arguments,
+                   training_device,
 )
 
 __all__ = [
     "CHECKPOINT_DIR", "LOG_FILE", "PACKING_SAFE_ATTENTION", "RUN_CONFIG_FILE", "SUMMARY_FILE", "FinetuneResult",
-    "PaddedCollator", "PaddingFreeCollator", "Precision", "TrainLogCallback", "build_model", "default_out_dir",
-    "finetune", "gradient_accumulation", "inspect_output", "is_finished", "loss_curve", "make_collator",
-    "plan_precision", "run_identity", "select_rows", "throughput", "tokenize_rows", "training_arguments",
-    "training_device",
+    "LabelledLogitsCollator", "PaddedCollator", "PaddingFreeCollator", "Precision", "TrainLogCallback", "build_model",
+    "default_out_dir", "finetune", "gradient_accumulation", "inspect_output", "is_finished", "labelled_logits_loss",
+    "loss_curve", "make_collator", "next_token_targets", "plan_precision", "run_identity", "select_rows", "throughput",
+    "tokenize_rows", "training_arguments", "training_device",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import DataCollatorWithFlattening
+from transformers.loss.loss_utils import fixed_cross_entropy
 
 from ..config import BATCHING, LOSS_ON
 from ..data import load_items, load_manifest
@@ -132,13 +133,53 @@ class PaddingFreeCollator(DataCollatorWithFlattening):
         return {**super().__call__(features, return_tensors, separator_id), "use_cache": False}
 
 
-def make_collator(batching: str, pad_token_id: int, max_length: int, attn_implementation: str | None = None):
-    """The collator for ``ft.batching`` (see the module docstring)."""
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: ``labels`` shifted left by one, -100 after the last token
+    (how transformers' causal-LM loss pairs logits with labels)."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
+
+
+@dataclass
+class LabelledLogitsCollator:
+    """Wraps a collator: each batch also carries ``logits_to_keep``, the mask of positions whose next
+    token has a label, so the model runs its output layer (151,936 words for Qwen) only there.
+
+    With the loss on the answer alone, most positions are prompt: skipping them leaves the loss and
+    its gradients unchanged (their logits never reach the loss) and saves most of the output layer's
+    matmuls and the log-softmax. transformers accepts such a mask (``slice_logits_to_keep``) but its
+    loss then misaligns the full-length labels, so :func:`labelled_logits_loss` pairs the kept logits
+    with their targets (hand-written because no library loss takes pre-selected positions).
+    """
+
+    inner: Any
+
+    def __call__(self, features, *args, **kwargs) -> dict[str, Any]:
+        batch = self.inner(features, *args, **kwargs)
+        batch["logits_to_keep"] = next_token_targets(batch["labels"]) != -100
+        return batch
+
+
+def labelled_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss for logits kept by :class:`LabelledLogitsCollator` (the Trainer's
+    ``compute_loss_func``): cross-entropy summed over the labelled positions and divided by
+    ``num_items_in_batch`` (the label tokens of the whole accumulated batch), exactly as transformers'
+    ``ForCausalLMLoss`` does over every position."""
+    targets = next_token_targets(labels)
+    targets = targets[targets != -100].to(outputs.logits.device)
+    return fixed_cross_entropy(outputs.logits.float(), targets, num_items_in_batch)
+
+
+def make_collator(batching: str, pad_token_id: int, max_length: int, attn_implementation: str | None = None,
+                  logits_on: str = "all"):
+    """The collator for ``ft.batching`` (README "Fine-tuning"); ``logits_on="labels"`` wraps it in
+    :class:`LabelledLogitsCollator` (train with :func:`labelled_logits_loss` then)."""
     if batching == "padding_free":
         flash = bool(attn_implementation and attn_implementation.startswith("flash_attention"))
-        return PaddingFreeCollator(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=flash)
-    if batching == "padded":
-        return PaddedCollator(pad_token_id)
-    if batching == "max_length":
-        return PaddedCollator(pad_token_id, pad_to=max_length)
-    raise ConfigError(f"ft.batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+        collator = PaddingFreeCollator(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=flash)
+    elif batching == "padded":
+        collator = PaddedCollator(pad_token_id)
+    elif batching == "max_length":
+        collator = PaddedCollator(pad_token_id, pad_to=max_length)
+    else:
+        raise ConfigError(f"ft.batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    return LabelledLogitsCollator(collator) if logits_on == "labels" else collator

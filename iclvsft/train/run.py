@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import time
 import warnings
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -18,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import ConfigError
 from ..io import provenance, write_json
 from ..runs import compare_identity, summarise_differences
-from .rows import make_collator, select_rows, tokenize_rows
+from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
     CHECKPOINT_DIR,
     Precision,
@@ -149,6 +151,14 @@ def throughput(history: list[dict]) -> float | None:
     return round(sum(e["tokens"] for e in timed) / seconds, 2) if seconds else None
 
 
+def peak_memory_gib(device) -> float:
+    """Peak memory of this process so far: CUDA's allocator peak on a GPU, else the peak resident set
+    (which includes the loaded model, the optimizer state and everything before the run)."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+
+
 def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path = "data", *, overwrite: bool = False,
              callbacks: Iterable[Any] = (), show_progress: bool = True) -> FinetuneResult:
     """Fine-tune ``config['model']`` on ``config['ft']`` and write the output folder ``out``.
@@ -226,13 +236,15 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
     """Run the Trainer (resuming from ``resume``) and save the weights; returns (trainer, output, seconds)."""
     ft = config["ft"]
     collator = make_collator(ft["batching"], tokenizer.pad_token_id, ft["max_length"],
-                             model_info["attn_implementation"])
+                             model_info["attn_implementation"], ft["logits_on"])
+    loss_func = labelled_logits_loss if ft["logits_on"] == "labels" else None
     with warnings.catch_warnings():
         # peft looks the base model up on the hub to see whether the vocabulary was resized; offline
         # names are not hub ids, so the lookup fails and warns at every checkpoint. Harmless: we never resize.
         warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)")
         trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
-                          processing_class=tokenizer, callbacks=[TrainLogCallback(out / LOG_FILE), *callbacks])
+                          processing_class=tokenizer, compute_loss_func=loss_func,
+                          callbacks=[TrainLogCallback(out / LOG_FILE), *callbacks])
         if not show_progress:  # without a progress bar the Trainer prints every log dict; train_log.jsonl has them
             trainer.remove_callback(PrinterCallback)
         logger.info("fine-tuning %s (%s, %s) on %d rows of %s: %s tokens, batch %d = %d x %d devices x %d steps",
@@ -278,6 +290,7 @@ def _summary(config, trainer, output, precision, model_info, data_record, token_
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(wall_seconds, 2),
         "tokens_per_second": throughput(state.log_history),
+        "peak_memory_gib": peak_memory_gib(args.device),
         "resumed_from": resume,
         "provenance": provenance(),
     }
