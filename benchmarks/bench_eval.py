@@ -9,6 +9,13 @@ completions:
 * no-cache  - the same batched greedy loop, every row carrying its whole prompt;
 * authors'  - one item at a time, full prompt, ``model.generate`` (greedy, fixed max_new_tokens).
 
+With ``--lm-eval``, instead: lm-evaluation-harness (HF backend) against ``test.py``, each run end to
+end as a user runs it (a fresh process: start-up, model loading, evaluation, writing results), on the
+same items with the same demonstrations: the task is written as an lm-eval task config (YAML + JSONL:
+the header as ``description``, the demonstrations in our order with the ``first_n`` sampler, the
+same separators, greedy until end of line), so both build byte-identical prompts. Needs
+``pip install -r requirements-bench.txt``.
+
 Prints seconds, items/s, the speed-up of ours over each, and whether every prediction agrees (the
 first line of each completion and its strict parse). Run from the repo root:
 
@@ -54,6 +61,66 @@ def authors_loop(model, tokenizer, prompts, max_new_tokens):
     return out
 
 
+def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
+    """test.py and lm_eval, each timed from process start to exit; completions compared item by item."""
+    import subprocess
+
+    import yaml
+
+    from iclvsft.models import ensure_offline_model, offline_model_names
+
+    model_path = str(ensure_offline_model(args.model)) if args.model in offline_model_names() else args.model
+    tok = load_model(args.model, dtype="fp32", device="cpu").tokenizer
+    max_new = max_new_tokens_for(tok, task, [i.answer for i in load_items(data, args.task, "train")])  # as test.py
+    work = Path(tempfile.mkdtemp(prefix="bench-lmeval-"))
+    (work / "test.jsonl").write_text("".join(json.dumps({"id": i.id, "question": i.question, "answer": i.answer}) + "\n"
+                                             for i in items))
+    (work / "demos.jsonl").write_text("".join(json.dumps({"id": d.id, "question": d.question, "answer": d.answer})
+                                              + "\n" for d in demos))
+    sep = "\n\n" if task.multiline else "\n"
+    (work / "iclvsft_bench.yaml").write_text(yaml.safe_dump({
+        "task": "iclvsft_bench", "dataset_path": "json", "output_type": "generate_until",
+        "dataset_kwargs": {"data_files": {"test": str(work / "test.jsonl"), "train": str(work / "demos.jsonl")}},
+        "test_split": "test", "fewshot_split": "train", "num_fewshot": args.shots,
+        "fewshot_config": {"sampler": "first_n"}, "description": task.header + "\n",
+        "doc_to_text": "{{question}}", "doc_to_target": task.answer_sep + "{{answer}}", "target_delimiter": "",
+        "fewshot_delimiter": sep, "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_new, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}]}, sort_keys=False))
+    dtype = {"auto": "bfloat16", "bf16": "bfloat16", "fp32": "float32"}[args.dtype]
+    n_split = {"pattern": sum(i.split == "pattern" for i in items), "control": sum(i.split != "pattern" for i in items)}
+    runs = {
+        "test.py": [sys.executable, "test.py", "--model", args.model, "--data", str(data), "--tasks", args.task,
+                    "--shots", str(args.shots), "--demo-seeds", "0", "--limit", str(max(n_split.values())),
+                    "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--out", str(work / "ours"),
+                    "--quiet"],
+        "lm-eval": [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={model_path},dtype={dtype}", "--device", "cpu", "--batch_size", str(args.batch_size),
+                    "--include_path", str(work), "--tasks", "iclvsft_bench", "--log_samples",
+                    "--output_path", str(work / "lmeval")],
+    }
+    seconds = {}
+    for name, cmd in runs.items():
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+        seconds[name] = time.perf_counter() - t0
+        if proc.returncode:
+            print(proc.stderr[-3000:])
+            raise SystemExit(f"{name} failed")
+        print(f"{name:<8} {seconds[name]:7.1f} s end to end ({len(items) / seconds[name]:.2f} items/s)")
+    ours = {r["item_id"]: r["completion"] for r in map(json.loads, (work / "ours" / "samples.jsonl").open())}
+    theirs = {}
+    for path in (work / "lmeval").rglob("samples_iclvsft_bench_*.jsonl"):
+        for r in map(json.loads, path.open()):
+            theirs[r["doc"]["id"]] = r["resps"][0][0]
+    same = sum(first_line(ours.get(i.id, "")) == first_line(theirs.get(i.id, "\0")) for i in items)
+    print(f"test.py is {seconds['lm-eval'] / seconds['test.py']:.1f}x faster end to end; identical first lines "
+          f"{same}/{len(items)} ({len(ours)} test.py rows, {len(theirs)} lm-eval rows)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "identical": same,
+                                               "items": len(items), "provenance": provenance()}, indent=2))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model name (iclvsft.models)")
@@ -65,6 +132,8 @@ def main() -> int:
     p.add_argument("--data", default=None, help="a data folder; default: generate a small one in a temp dir")
     p.add_argument("--skip", default="", help="comma-separated runs to skip: authors,nocache")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="compare test.py with lm-evaluation-harness end to end instead (requirements-bench.txt)")
     args = p.parse_args()
 
     data = args.data
@@ -78,6 +147,8 @@ def main() -> int:
     items = [i for i in test if i.split == "pattern"][:args.items - half] + [i for i in test if i.split != "pattern"][:half]
     train = load_items(data, args.task, "train", split="pattern")
     demos = demo_order(train, 0, args.task, args.shots)
+    if args.lm_eval:
+        return lm_eval_end_to_end(args, Path(data), task, items, demos, train)
     loaded = load_model(args.model, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     model.eval()

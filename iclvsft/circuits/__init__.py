@@ -7,6 +7,7 @@ and activation patching), ``shift`` (distances, bootstrap, agreement; numpy), ``
 ``report`` (the markdown section) and ``analysis`` (:func:`analyze`: config -> results folder).
 The ``circuits`` config section and its checks live in :mod:`iclvsft.config`.
 """
+
 from .analysis import TaskState, adapter_for, analyze, run_condition, summarise_task
 from .hooks import Anatomy, Component, ComponentHooks, Trace, anatomy, run_patched, weights_frozen
 from .pairs import Pair, PairInputs, PairTokens, corruption_candidates, make_pairs, pair_inputs, tokenize_pair
@@ -16,11 +17,40 @@ from .report import report_section
 from .shift import agreement, bootstrap_shift, cosine_distance, interval95, jsonable, l1_distance, shift, topk_overlap
 
 __all__ = [
-    "Anatomy", "Component", "ComponentHooks", "Pair", "PairInputs",
-    "PairTokens", "PatchResult", "TaskState", "Trace", "activation_patching", "adapter_for", "agreement",
-    "analyze", "anatomy", "attribution_patching", "bootstrap_shift", "capture", "component_activation",
-    "corruption_candidates", "cosine_distance", "interval95", "jsonable", "l1_distance",
-    "make_pairs", "pair_inputs", "patch_pair", "plot_map", "plot_task", "report_section", "run_condition",
-    "run_patched", "shift", "summarise_task", "tokenize_pair", "topk_overlap",
+    "Anatomy",
+    "Component",
+    "ComponentHooks",
+    "Pair",
+    "PairInputs",
+    "PairTokens",
+    "PatchResult",
+    "TaskState",
+    "Trace",
+    "activation_patching",
+    "adapter_for",
+    "agreement",
+    "analyze",
+    "anatomy",
+    "attribution_patching",
+    "bootstrap_shift",
+    "capture",
+    "component_activation",
+    "corruption_candidates",
+    "cosine_distance",
+    "interval95",
+    "jsonable",
+    "l1_distance",
+    "make_pairs",
+    "pair_inputs",
+    "patch_pair",
+    "plot_map",
+    "plot_task",
+    "report_section",
+    "run_condition",
+    "run_patched",
+    "shift",
+    "summarise_task",
+    "tokenize_pair",
+    "topk_overlap",
     "weights_frozen",
 ]

@@ -4,6 +4,7 @@
 resume, sharding) -> ``samples`` / ``tables`` (samples.jsonl, metrics.json, table.md). How and why:
 README.md, "How evaluation works".
 """
+
 from __future__ import annotations
 
 from ..prompts import demo_order, per_item_demos
@@ -14,8 +15,27 @@ from .samples import append_rows, read_samples
 from .tables import METRIC_NAMES, cell_metrics, render_table, summarise, write_metrics
 
 __all__ = [
-    "METRIC_NAMES", "RUN_FILE", "SAMPLES_FILE", "Cell", "EvalPlan", "Evaluator", "TaskInputs", "append_rows",
-    "cell_metrics", "demo_order", "evaluate", "items_to_evaluate", "max_new_tokens_for", "per_item_demos",
-    "plan_cells", "prompt_sha", "read_samples", "render_table", "requested_identity", "select_items", "summarise",
-    "task_inputs", "write_metrics",
+    "METRIC_NAMES",
+    "RUN_FILE",
+    "SAMPLES_FILE",
+    "Cell",
+    "EvalPlan",
+    "Evaluator",
+    "TaskInputs",
+    "append_rows",
+    "cell_metrics",
+    "demo_order",
+    "evaluate",
+    "items_to_evaluate",
+    "max_new_tokens_for",
+    "per_item_demos",
+    "plan_cells",
+    "prompt_sha",
+    "read_samples",
+    "render_table",
+    "requested_identity",
+    "select_items",
+    "summarise",
+    "task_inputs",
+    "write_metrics",
 ]
