@@ -1,5 +1,6 @@
 """generate_data.py and the data layer: pools, disjointness, manifest, determinism, errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.train_pattern=300", "data.train_control=60", "data.test_pattern=50", "data.test_control=50"]
 
 
-def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "generate_data.py", *map(str, args)], cwd=cwd,
+def run_script(*args, cwd=ROOT, script="generate_data.py"):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -104,6 +105,40 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
     assert load_config(None, ["ft.learning_rate=1e-5"])["ft"]["learning_rate"] == 1e-5  # YAML 1.1 reads a string
+
+
+def test_schema_checks_every_section_at_load():
+    """Choices and ranges come from the schema's fields; cross-key rules from each section's check."""
+    for bad, match in [("dtype=fp8", "dtype must be one of auto, bf16"), ("eval.demo_mode=bogus", "eval.demo_mode"),
+                       ("eval.batch_size=0", "eval.batch_size must be >= 1"), ("circuits.n_items=0", "circuits.n_items"),
+                       ("circuits.method=exact", "circuits.method"), ("ft.logits_on=some", "ft.logits_on"),
+                       ("circuits.tasks=[code]", "no corruption is defined for 'code'"),
+                       ("reproduce.ft_protocols={x: {method: qlora}}", "ft.method must be one of"),
+                       ("reproduce.ft_protocols={x: {lr: 1}}", "did you mean")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
+    # a protocol merges into the ft section like any override (a list of LoRA targets included)
+    from iclvsft.config import protocol_ft
+
+    config = load_config(None, ["ft.lora.target_modules=[q_proj,v_proj]"])
+    assert protocol_ft(config, "answer_lora")["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    # every key documents itself, and the scripts' options take their help and type from it
+    from dataclasses import fields
+
+    from iclvsft.config import Config
+
+    def walk(cls, prefix=""):
+        for f in fields(cls):
+            assert f.metadata.get("help"), f"{prefix}{f.name} has no help"
+            if f.metadata.get("section"):
+                walk(f.metadata["section"], f"{prefix}{f.name}.")
+
+    walk(Config)
+    helped = run_script("--help", script="test.py")
+    assert helped.returncode == 0 and "{shared,per_item}" in helped.stdout
+    assert re.search(r"config\s+key\s+eval\.shots;\s+default\s+\[0,\s+4,\s+16\]", helped.stdout)
+    bad = run_script("--shots", "0,x", script="test.py")
+    assert bad.returncode == 2 and "--shots takes comma-separated integers" in bad.stderr
 
 
 @pytest.mark.parametrize("preset", ["cpu", "quick", "paper"])
