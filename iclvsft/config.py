@@ -177,10 +177,20 @@ class ReproduceConfig:
     ft_protocol_tasks: dict = option({}, "protocol name -> tasks it runs on (default: ft_tasks)")
     ft_protocol_n_train: dict = option({}, "protocol name -> its N values (default: ft_n_train)")
     ft_eval_shots: list = option([0], "shots when evaluating fine-tuned models (0: zero-shot, the protocol)")
+    # The verdict compares one ICL cell with one FT cell on the same pattern items, chosen here, before
+    # any test item is scored (a maximum over cells would be optimistic).
+    compare_shots: int = option(-1, "the ICL cell of the verdict: k demonstrations (-1: the largest k in "
+                                "eval.shots)", minimum=-1)
+    compare_n_train: int = option(0, "the FT cell of the verdict: N rows (0: the largest N of compare_protocol)",
+                                  minimum=0)
+    compare_protocol: str = option("", "the FT protocol of the verdict (empty: the first of ft_protocols)")
 
     def check(self, config: dict) -> None:
         for name in self.ft_protocols:
             protocol_ft(config, name, self.ft_protocols)
+        _need(not self.compare_protocol or self.compare_protocol in self.ft_protocols,
+              f"reproduce.compare_protocol {self.compare_protocol!r} is not one of reproduce.ft_protocols "
+              f"({', '.join(self.ft_protocols)})")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from .data import generate, is_up_to_date
 from .errors import ConfigError
 from .evaluate import EvalPlan, evaluate
 from .io import provenance, slug, write_json
-from .report import FTResult, build_summary, write_report
+from .report import Comparison, FTResult, build_summary, write_report
 from .train import finetune, is_finished
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,10 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
                                results / "ft_eval" / r.rel / "metrics.json",
                                _read_json(results / "ft" / r.rel / "summary.json"))
                       for r in ft_runs if r.model == model]
+        rep = config["reproduce"]
+        compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"])
         summaries.append(build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
-                                       config["name"] or "default"))
+                                       config["name"] or "default", compare))
     report = write_report(results, summaries, extra)
     timings["total"] = time.perf_counter() - started
     _append_timings(results / "timings.json", started_at, timings)

@@ -7,33 +7,37 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_text, provenance, write_json
-from ..metrics import fmt_ci, over_seeds, rate
+from ..metrics import fmt_ci, rate, seed_item_interval
 from .cells import Cell
 from .samples import read_samples
+
+# metric name -> the per-row field it averages (None rows are not scored for that metric)
+METRIC_FIELDS = {"accuracy": "correct", "lenient_accuracy": "lenient_correct", "invalid": "invalid",
+                 "shortcut_rate": "shortcut", "constrained_accuracy": "constrained_correct",
+                 "constrained_shortcut_rate": "constrained_shortcut"}
+METRIC_NAMES = tuple(METRIC_FIELDS)
 
 
 def cell_metrics(rows: Sequence[dict]) -> dict:
     """Accuracy (strict), lenient accuracy, invalid and shortcut rates, constrained accuracy."""
-    shortcut_rows = [r["shortcut"] for r in rows if r["shortcut"] is not None]
-    constrained = [r["constrained_correct"] for r in rows if r["constrained_correct"] is not None]
-    constrained_sc = [r["constrained_shortcut"] for r in rows if r.get("constrained_shortcut") is not None]
-    return {
-        "n": len(rows),
-        "accuracy": rate([r["correct"] for r in rows]),
-        "lenient_accuracy": rate([r["lenient_correct"] for r in rows]),
-        "invalid": rate([r["invalid"] for r in rows]),
-        "shortcut_rate": rate(shortcut_rows) if shortcut_rows else None,
-        "constrained_accuracy": rate(constrained) if constrained else None,
-        "constrained_shortcut_rate": rate(constrained_sc) if constrained_sc else None,
-    }
+    out: dict[str, Any] = {"n": len(rows)}
+    for name, field in METRIC_FIELDS.items():
+        flags = [r.get(field) for r in rows if r.get(field) is not None]
+        out[name] = rate(flags) if flags or name in ("accuracy", "lenient_accuracy", "invalid") else None
+    return out
 
 
-METRIC_NAMES = ("accuracy", "lenient_accuracy", "invalid", "shortcut_rate", "constrained_accuracy",
-                "constrained_shortcut_rate")
+def seed_matrix(cells: Sequence[Sequence[dict]], field: str) -> list[list[float]]:
+    """(seeds x items) of ``field`` for cells scored on the same items, aligned by item id (items some
+    cell lacks, or where the field is None, are left out)."""
+    by_cell = [{r["item_id"]: r.get(field) for r in rows} for rows in cells]
+    ids = [i for i in by_cell[0] if all(c.get(i) is not None for c in by_cell)]
+    return [[float(c[i]) for i in ids] for c in by_cell]
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """Per cell and split, then per (task, k, split) over demo seeds."""
+    """Per cell and split, then per (task, k, split) over demo seeds: the mean and a 95% interval that
+    combines item and seed variance (:func:`iclvsft.metrics.seed_item_interval`)."""
     cells: dict[str, dict] = {}
     for r in rows:
         c = cells.setdefault(r["cell"], {"task": r["task"], "k": r["k"], "demo_seed": r["demo_seed"], "rows": {}})
@@ -41,21 +45,16 @@ def summarise(rows: Sequence[dict]) -> dict:
     per_cell = {key: {"task": c["task"], "k": c["k"], "demo_seed": c["demo_seed"],
                       "splits": {s: cell_metrics(rs) for s, rs in sorted(c["rows"].items())}}
                 for key, c in cells.items()}
-    grouped: dict[tuple, list[dict]] = {}
-    for c in per_cell.values():
-        for split, m in c["splits"].items():
-            grouped.setdefault((c["task"], c["k"], split), []).append(m)
+    grouped: dict[tuple, list[list[dict]]] = {}
+    for c in cells.values():
+        for split, rs in c["rows"].items():
+            grouped.setdefault((c["task"], c["k"], split), []).append(rs)
     per_k = []
-    for (task, k, split), ms in sorted(grouped.items()):
-        entry: dict[str, Any] = {"task": task, "k": k, "split": split, "n_items": ms[0]["n"]}
-        for name in METRIC_NAMES:
-            vals = [m[name]["mean"] for m in ms if m[name] is not None]
-            if not vals:
-                entry[name] = None
-            elif len(ms) == 1:
-                entry[name] = {**ms[0][name], "n_seeds": 1}
-            else:
-                entry[name] = over_seeds(vals, n_items=ms[0][name]["n"])
+    for (task, k, split), seeds in sorted(grouped.items()):
+        entry: dict[str, Any] = {"task": task, "k": k, "split": split, "n_items": len(seeds[0])}
+        for name, field in METRIC_FIELDS.items():
+            matrix = seed_matrix(seeds, field)
+            entry[name] = seed_item_interval(matrix) if matrix and matrix[0] else None
         per_k.append(entry)
     return {"cells": per_cell, "by_condition": per_k}
 
@@ -83,8 +82,8 @@ def render_table(metrics: dict) -> str:
         f"demo mode {ident['demo_mode']}, commit {prov.get('git_commit')}, "
         + ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if k in ("torch", "transformers", "peft")),
         "",
-        "Accuracy in % (strict parse). Brackets: 95% interval (Wilson over items for one cell; t interval of",
-        "the mean over demo seeds when several). Shortcut: share of control predictions equal to the shortcut",
+        "Accuracy in % (strict parse). Brackets: 95% interval (Wilson over items for one cell; a bootstrap over",
+        "demo seeds, then items, when several). Shortcut: share of control predictions equal to the shortcut",
         "answer. Constrained: the label preferred by log-probability (binary tasks).",
         "",
         "| task | k | seeds | pattern | control | shortcut (control) | invalid (pattern / control) "

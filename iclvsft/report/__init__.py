@@ -1,0 +1,31 @@
+"""The study's report: ICL vs FT per task, from the folders test.py writes.
+
+``summary`` (the numbers: conditions with intervals over seeds and items, baselines, the paired
+comparison at the declared cells, rows-to-match) -> ``render`` (report.md) and ``plots`` (PNGs);
+:func:`write_report` writes report.md, summary.json and plots/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import atomic_write_text, slug, write_json
+from .plots import plot
+from .render import protocol_comparison, render
+from .summary import Comparison, FTResult, build_summary, condition, task_summary
+
+
+def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str] = ()) -> Path:
+    """report.md (one part per model), summary.json and plots/ under ``out_dir``."""
+    parts = []
+    for summary in summaries:
+        sub = "plots" if len(summaries) == 1 else f"plots/{slug(summary['model'])}"
+        plots = plot(summary, out_dir / sub)
+        parts.append(render(summary, {t: [str(Path(sub) / Path(p).name) for p in ps] for t, ps in plots.items()},
+                            protocol_comparison(summary)))
+    write_json(out_dir / "summary.json", {"models": summaries})
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(parts) + "".join(f"{s}\n" for s in extra_sections))
+    return report
+
+
+__all__ = ["Comparison", "FTResult", "build_summary", "condition", "plot", "render", "task_summary", "write_report"]

@@ -1,0 +1,85 @@
+"""The report's plots: accuracy vs shots and accuracy vs FT rows (log x), with intervals and the
+constant-answer baseline, one PNG per task."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mean(stat: dict | None) -> float:
+    return stat["mean"] if stat and stat.get("mean") == stat.get("mean") else float("nan")
+
+
+def _yerr(stats: list[dict]) -> list[list[float]]:
+    """Error bar lengths (below, above) in % from each stat's 95% interval (0 where it has none)."""
+    lo, hi = [], []
+    for s in stats:
+        a, b = s.get("ci95", [float("nan")] * 2)
+        lo.append(max(0.0, 100 * (_mean(s) - a)) if a == a else 0.0)
+        hi.append(max(0.0, 100 * (b - _mean(s))) if b == b else 0.0)
+    return [lo, hi]
+
+
+def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
+    """Accuracy vs shots and accuracy vs FT rows (log x), pattern and control, per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, list[str]] = {}
+    for task, t in summary["tasks"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        ax = axes[0]
+        for split, style in (("pattern", "-o"), ("control", "--s")):
+            pts = [(r["k"], r[split]["accuracy"]) for r in t["icl"] if r.get(split)]
+            if pts:
+                xs = [k for k, _ in pts]
+                ys = [100 * _mean(s) for _, s in pts]
+                ax.errorbar(xs, ys, yerr=_yerr([s for _, s in pts]), fmt=style, capsize=3, label=f"ICL {split}")
+            sc = [(r["k"], r[split].get("shortcut_rate")) for r in t["icl"] if r.get(split) and split == "control"
+                  and r[split].get("shortcut_rate")]
+            if sc:
+                ax.plot([k for k, _ in sc], [100 * _mean(s) for _, s in sc], ":^", label="ICL shortcut rate (control)")
+        ax.set_xscale("symlog", linthresh=1)
+        shots = sorted({r["k"] for r in t["icl"]})
+        if shots:
+            ax.set_xticks(shots, [str(k) for k in shots])
+            ax.minorticks_off()
+        ax.set_xlabel("demonstrations k")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{task}: ICL")
+        ax.set_ylim(-3, 103)
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        for protocol in sorted({r["protocol"] for r in t["ft"]}):
+            rows = sorted((r for r in t["ft"] if r["protocol"] == protocol), key=lambda r: r["n_train"])
+            for split, style in (("pattern", "-o"), ("control", "--s")):
+                pts = [(r["n_train"], r[split]["accuracy"]) for r in rows if r.get(split) and r[split].get("accuracy")]
+                if pts:
+                    ax.errorbar([n for n, _ in pts], [100 * _mean(s) for _, s in pts], yerr=_yerr([s for _, s in pts]),
+                                fmt=style, capsize=3, label=f"FT {protocol} {split}")
+        if t.get("icl_level") is not None:
+            ax.axhline(100 * t["icl_level"], color="grey", lw=1, ls=":",
+                       label=f"ICL pattern (k={t['comparison']['shots']})")
+        base = (t.get("baselines") or {}).get("pattern")
+        if base:
+            for a in axes:
+                a.axhline(100 * base["majority_accuracy"], color="black", lw=0.8, ls="-.", alpha=0.5,
+                          label=f"constant `{base['majority_answer']}` (pattern)" if a is axes[1] else None)
+        ax.set_xscale("log")
+        ns = sorted({r["n_train"] for r in t["ft"]})
+        if ns:
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
+        ax.set_xlabel("fine-tuning rows N")
+        ax.set_title(f"{task}: FT (zero-shot)")
+        ax.set_ylabel("accuracy (%)")
+        ax.yaxis.set_tick_params(labelleft=True)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths[task] = [str(path)]
+    return paths

@@ -1,0 +1,152 @@
+"""report.md from the study's summary: the headline verdicts, then per task the ICL and FT tables
+beside what constant answers score."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..metrics import fmt_ci, fmt_pct
+
+VERDICT_TEXT = {
+    "supports": "supports the paper's claim: ICL beats FT on pattern items (paired 95% interval above 0)",
+    "contradicts": "contradicts the paper's claim: FT beats ICL on pattern items (paired 95% interval below 0)",
+    "no clear difference": "shows no clear difference between ICL and FT on pattern items (the paired 95% "
+                           "interval contains 0)",
+    "incomplete": "cannot be judged (the declared ICL or FT cell is missing)",
+}
+
+INTRO = (
+    "Accuracy in % (strict parse: the completion must start with the answer), with 95% intervals: Wilson over "
+    "items for one seed; with several seeds (demo sets for ICL, train seeds for FT) a bootstrap that resamples "
+    "seeds, then items, so the interval carries both. *Shortcut (control)*: share of control predictions equal "
+    "to the shortcut answer. *Shortcut, balanced*: on control items, the mean over the shortcut's labels of "
+    "P(prediction = that label | the shortcut says it): a constant answer scores 50 whatever the label balance, "
+    "following the shortcut 100, computing the answer 0; \"–\" where the control items' shortcut has one label "
+    "(relation: Z is always mentioned), so label bias and shortcut use cannot be told apart there: read the "
+    "plain shortcut rate against the constant-answer baselines under each task.")
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "–"
+    lo, hi = d["ci95"]
+    extra = f", McNemar p = {d['mcnemar_p']:.3g}" if "mcnemar_p" in d else ""
+    return f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{extra}"
+
+
+def _balanced(c: dict | None) -> str:
+    sb = (c or {}).get("shortcut_balanced")
+    return fmt_pct(sb["mean"]) if sb else "–"
+
+
+def _cell(r: dict | None) -> dict:
+    return r or {}
+
+
+def headline(summary: dict) -> list[str]:
+    lines = ["## Headline", "",
+             "ICL and FT compared on the same pattern items at cells fixed by the config before scoring "
+             "(rule under each task); *best* cells are not used, since a maximum over cells is optimistic.", "",
+             "| task | ICL (k) pattern | FT (protocol, N) pattern | ICL − FT, paired [95%] | verdict "
+             "| shortcut, balanced: ICL / FT | FT rows to reach ICL |",
+             "|---|---|---|---|---|---|---|"]
+    for task, t in summary["tasks"].items():
+        comp = t["comparison"]
+        icl = next((r for r in t["icl"] if r["k"] == comp["shots"]), None)
+        ft = next((r for r in t["ft"] if r["protocol"] == comp["protocol"] and r["n_train"] == comp["n_train"]), None)
+        icl_s = f"{fmt_ci(_cell(_cell(icl).get('pattern')).get('accuracy'))} (k={comp['shots']})" if icl else "–"
+        ft_s = (f"{fmt_ci(_cell(_cell(ft).get('pattern')).get('accuracy'))} ({comp['protocol']}, N={comp['n_train']})"
+                if ft else "–")
+        match = ", ".join(f"{p}: {n if n is not None else 'not reached'}"
+                          for p, n in t["ft_rows_to_match_icl"].items()) or "–"
+        lines.append(f"| {task} | {icl_s} | {ft_s} | {_diff(comp['icl_minus_ft'])} | {t['verdict']} | "
+                     f"{_balanced(icl)} / {_balanced(ft)} | {match} |")
+    return lines + [""]
+
+
+def baseline_lines(t: dict) -> list[str]:
+    b = t.get("baselines") or {}
+    if not b:
+        return []
+    parts = []
+    for split in ("pattern", "control"):
+        s = b.get(split)
+        if s:
+            text = f"{split}: answering `{s['majority_answer']}` always scores {fmt_pct(s['majority_accuracy'])}"
+            if s.get("majority_shortcut_rate") is not None and split == "control":
+                text += f" (shortcut rate {fmt_pct(s['majority_shortcut_rate'])})"
+            if s.get("shortcut_accuracy") is not None:
+                text += f"; answering the shortcut always scores {fmt_pct(s['shortcut_accuracy'])}"
+            parts.append(text)
+    return ["Constant-answer baselines (" + "; ".join(parts) + ").", ""]
+
+
+def condition_table(rows: list[dict], ft: bool) -> list[str]:
+    head = ("| protocol | method | N | seeds | steps | final loss " if ft else "| k | seeds ")
+    lines = [head + "| pattern | control | shortcut (control) | shortcut, balanced | invalid (pattern / control) "
+             "| lenient (pattern) | constrained (pattern) |",
+             "|---" * (6 if ft else 2) + "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, c = _cell(r.get("pattern")), _cell(r.get("control"))
+        lead = (f"| {r['protocol']} | {r['method']} | {r['n_train']} | {len(r['train_seeds'])} | "
+                f"{_train_cells(r.get('train', []))} " if ft else f"| {r['k']} | {r.get('n_seeds', 1)} ")
+        lines.append(lead + f"| {fmt_ci(p.get('accuracy'))} | {fmt_ci(c.get('accuracy'))} | "
+                     f"{fmt_ci(c.get('shortcut_rate'))} | {_balanced(r)} | "
+                     f"{fmt_pct((p.get('invalid') or {}).get('mean'))} / {fmt_pct((c.get('invalid') or {}).get('mean'))} | "
+                     f"{fmt_ci(p.get('lenient_accuracy'))} | {fmt_ci(p.get('constrained_accuracy'))} |")
+    return lines + [""]
+
+
+def _train_cells(train: list[dict]) -> str:
+    """The FT table's steps and final-loss cells: one value per train seed ("–" where unknown)."""
+    steps = ", ".join(str(t["steps"]) if t.get("steps") is not None else "–" for t in train) or "–"
+    losses = ", ".join(f"{t['final_loss']:.3g}" if t.get("final_loss") is not None else "–" for t in train) or "–"
+    return f"{steps} | {losses}"
+
+
+def protocol_comparison(summary: dict) -> list[str]:
+    """Protocols side by side on the same rows (task, N): the claim may hinge on the FT protocol."""
+    protocols = sorted({r["protocol"] for t in summary["tasks"].values() for r in t["ft"]})
+    if len(protocols) < 2:
+        return []
+    lines = ["## FT protocols compared on the same rows", "",
+             "Pattern accuracy / control accuracy / shortcut rate on control, zero-shot after fine-tuning.", "",
+             "| task | N | " + " | ".join(protocols) + " |", "|---|---|" + "---|" * len(protocols)]
+    for task, t in summary["tasks"].items():
+        by_n: dict[int, dict[str, dict]] = {}
+        for r in t["ft"]:
+            by_n.setdefault(r["n_train"], {})[r["protocol"]] = r
+        for n, rows in sorted(by_n.items()):
+            if len(rows) < 2:
+                continue
+            cells = []
+            for p in protocols:
+                r = rows.get(p)
+                if not r:
+                    cells.append("–")
+                    continue
+                pa, ca = _cell(r.get("pattern")), _cell(r.get("control"))
+                cells.append(" / ".join(fmt_pct((s or {}).get("mean")) for s in
+                                        (pa.get("accuracy"), ca.get("accuracy"), ca.get("shortcut_rate"))))
+            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str] = ()) -> str:
+    lines = [f"# ICL vs FT on implicit patterns: {summary['model']} (config `{summary['config']}`)", "", INTRO, ""]
+    lines += headline(summary)
+    lines += list(extra_sections)
+    for task, t in summary["tasks"].items():
+        comp = t["comparison"]
+        lines += [f"## {task}", "", f"This run {VERDICT_TEXT[t['verdict']]}. Compared cells: ICL k={comp['shots']} "
+                  f"vs FT {comp['protocol']} N={comp['n_train']}, chosen by {comp['rule']}.", ""]
+        lines += baseline_lines(t)
+        if t["icl"]:
+            lines += ["ICL (base model, k demonstrations from the train pattern rows; k = 0 is zero-shot):", ""]
+            lines += condition_table(t["icl"], ft=False)
+        if t["ft"]:
+            lines += ["FT (zero-shot after fine-tuning on the first N train pattern rows; *steps* and *final loss* "
+                      "per train seed, the loss over the tokens the protocol trains on):", ""]
+            lines += condition_table(t["ft"], ft=True)
+        for path in plots.get(task, []):
+            lines += [f"![{Path(path).stem}]({path})", ""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,141 @@
+"""The study's numbers per task, from test.py's folders: ICL and FT conditions with intervals over
+seeds and items, the constant-answer baselines, the paired ICL-vs-FT comparison at the declared k
+and N, and the FT rows needed to reach the ICL level."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..evaluate.samples import read_samples
+from ..evaluate.tables import METRIC_FIELDS, seed_matrix
+from ..metrics import baselines, paired_difference, rows_to_match, seed_item_interval, shortcut_balanced, verdict
+
+SPLITS = ("pattern", "control")
+
+
+@dataclass
+class FTResult:
+    """One fine-tuned model's zero-shot evaluation folder, for the tasks it was trained on."""
+
+    protocol: str
+    method: str
+    tasks: tuple[str, ...]  # the tasks it was fine-tuned on (one, or a mixed set)
+    n_train: int
+    train_seed: int
+    metrics_path: Path  # test.py's metrics.json; samples.jsonl beside it
+    train_summary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The declared rule that picks the compared cells, fixed before any test item is scored:
+    ICL at ``shots`` demonstrations vs FT protocol ``protocol`` at ``n_train`` rows (-1 / 0: the
+    largest k of the ICL sweep / the largest N the protocol trains; empty protocol: the first)."""
+
+    shots: int = -1
+    n_train: int = 0
+    protocol: str = ""
+
+
+def _rows(path: Path, task: str, k: int | None = None) -> dict[tuple[int, Any], list[dict]]:
+    """``(k, demo seed) -> rows`` of ``task`` in the samples.jsonl beside a metrics.json."""
+    out: dict[tuple[int, Any], list[dict]] = {}
+    for r in read_samples(Path(path).parent / "samples.jsonl"):
+        if r["task"] == task and (k is None or r["k"] == k):
+            out.setdefault((r["k"], r["demo_seed"]), []).append(r)
+    return out
+
+
+def condition(seeds: list[list[dict]]) -> dict[str, Any]:
+    """Every metric of one condition (a list of seeds' rows on the same items): per split, the mean
+    and the seeds-then-items interval; on control items, the label-bias-corrected shortcut measure."""
+    out: dict[str, Any] = {"n_seeds": len(seeds)}
+    for split in SPLITS:
+        per_seed = [[r for r in rows if r["split"] == split] for rows in seeds]
+        if not per_seed[0]:
+            out[split] = None
+            continue
+        out[split] = {}
+        for name, fld in METRIC_FIELDS.items():
+            matrix = seed_matrix(per_seed, fld)
+            out[split][name] = seed_item_interval(matrix) if matrix[0] else None
+    control = [r for rows in seeds for r in rows if r["split"] == "control"]
+    out["shortcut_balanced"] = shortcut_balanced([r["strict"] for r in control], [r["shortcut_answer"] for r in control])
+    return out
+
+
+def _pattern_matrix(seeds: list[list[dict]]) -> tuple[list[str], list[list[float]]]:
+    rows = [{r["item_id"]: float(r["correct"]) for r in rs if r["split"] == "pattern"} for rs in seeds]
+    ids = [i for i in rows[0] if all(i in r for r in rows)]
+    return ids, [[r[i] for i in ids] for r in rows]
+
+
+def _columns(ids: list[str], matrix: list[list[float]], keep: list[str]) -> list[list[float]]:
+    """The columns of ``matrix`` (one per id in ``ids``) for the ids in ``keep``, in that order."""
+    where = {i: n for n, i in enumerate(ids)}
+    return [[row[where[i]] for i in keep] for row in matrix]
+
+
+def task_summary(task: str, icl_metrics: Path | None, ft_results: list[FTResult], compare: Comparison) -> dict:
+    t: dict[str, Any] = {"icl": [], "ft": [], "baselines": {}}
+    icl_seeds: dict[int, list[list[dict]]] = {}
+    if icl_metrics and Path(icl_metrics).is_file():
+        for (k, _seed), rows in sorted(_rows(icl_metrics, task).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            icl_seeds.setdefault(k, []).append(rows)
+    for k, seeds in sorted(icl_seeds.items()):
+        t["icl"].append({"k": k, **condition(seeds)})
+    items = next(iter(icl_seeds.values()), [[]])[0]
+    for split in SPLITS:
+        part = [r for r in items if r["split"] == split]
+        if part:
+            t["baselines"][split] = baselines([r["answer"] for r in part], [r["shortcut_answer"] for r in part])
+
+    ft_seeds: dict[tuple[str, str, int], list[tuple[FTResult, list[dict]]]] = {}
+    for r in ft_results:
+        if task in r.tasks and r.metrics_path.is_file():
+            rows = _rows(r.metrics_path, task, k=0).get((0, None), [])
+            if rows:
+                ft_seeds.setdefault((r.protocol, r.method, r.n_train), []).append((r, rows))
+    for (protocol, method, n), runs in sorted(ft_seeds.items()):
+        runs.sort(key=lambda x: x[0].train_seed)
+        t["ft"].append({"protocol": protocol, "method": method, "n_train": n,
+                        "train_seeds": [r.train_seed for r, _ in runs],
+                        "train": [{"seed": r.train_seed, "steps": r.train_summary.get("steps"),
+                                   "final_loss": r.train_summary.get("final_loss")} for r, _ in runs],
+                        **condition([rows for _, rows in runs])})
+
+    # The declared comparison: paired over the same pattern items.
+    shots = compare.shots if compare.shots >= 0 else max(icl_seeds, default=0)
+    protocol = compare.protocol or next((r["protocol"] for r in t["ft"]), "")
+    ns = sorted(r["n_train"] for r in t["ft"] if r["protocol"] == protocol)
+    n_train = compare.n_train or (ns[-1] if ns else 0)
+    key = next(((p, m, n) for (p, m, n) in ft_seeds if p == protocol and n == n_train), None)
+    t["comparison"] = {"shots": shots, "protocol": protocol, "n_train": n_train, "rule": (
+        "declared in the config (reproduce.compare_*)" if compare.shots >= 0 and compare.n_train else
+        "the largest k of the ICL sweep and the largest N of the protocol (fixed by the config)")}
+    diff = None
+    if shots in icl_seeds and key is not None:
+        icl_ids, icl_m = _pattern_matrix(icl_seeds[shots])
+        ft_ids, ft_m = _pattern_matrix([rows for _, rows in ft_seeds[key]])
+        common = [i for i in icl_ids if i in set(ft_ids)]
+        if common:
+            diff = paired_difference(_columns(icl_ids, icl_m, common), _columns(ft_ids, ft_m, common))
+    t["comparison"]["icl_minus_ft"] = diff
+    t["verdict"] = verdict(diff)
+
+    # FT rows to reach the ICL level (the declared k's pattern accuracy), per protocol.
+    icl_at_k = next((r for r in t["icl"] if r["k"] == shots), None)
+    level = icl_at_k["pattern"]["accuracy"]["mean"] if icl_at_k and icl_at_k.get("pattern") else None
+    t["ft_rows_to_match_icl"] = {
+        p: rows_to_match([(r["n_train"], (r.get("pattern") or {}).get("accuracy")) for r in t["ft"]
+                          if r["protocol"] == p], level) if level is not None else None
+        for p in sorted({r["protocol"] for r in t["ft"]})}
+    t["icl_level"] = level
+    return t
+
+
+def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
+                  config_name: str, compare: Comparison = Comparison()) -> dict:
+    return {"model": model, "config": config_name,
+            "tasks": {task: task_summary(task, icl_metrics, ft_results, compare) for task in tasks}}

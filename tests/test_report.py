@@ -1,0 +1,68 @@
+"""The report's verdict, rows-to-match and baselines on hand-made result folders."""
+import json
+from pathlib import Path
+
+from iclvsft.metrics import wilson
+from iclvsft.report import Comparison, FTResult, build_summary, write_report
+
+N = 20  # pattern items (and as many control items)
+
+
+def sample(cell, k, seed, split, i, correct, pred, answer="Yes", shortcut="Yes"):
+    return {"cell": cell, "task": "relation", "k": k, "demo_seed": seed, "item_id": f"relation-test-{split}-{i:05d}",
+            "split": split, "answer": answer, "shortcut_answer": shortcut, "strict": pred, "correct": correct,
+            "lenient_correct": correct, "invalid": pred is None, "shortcut": pred == shortcut,
+            "constrained_correct": None, "constrained_shortcut": None}
+
+
+def folder(path: Path, cells: dict[tuple, callable]) -> Path:
+    """samples.jsonl (+ an empty metrics.json marker) with, per (cell, k, seed), each item's prediction."""
+    path.mkdir(parents=True)
+    rows = []
+    for (cell, k, seed), predict in cells.items():
+        for i in range(N):  # pattern: answer Yes, shortcut Yes
+            pred = predict("pattern", i)
+            rows.append(sample(cell, k, seed, "pattern", i, pred == "Yes", pred))
+        for i in range(N):  # control: answer No, shortcut Yes
+            pred = predict("control", i)
+            rows.append(sample(cell, k, seed, "control", i, pred == "No", pred, answer="No"))
+    (path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "metrics.json").write_text("{}")
+    return path / "metrics.json"
+
+
+def test_verdict_rows_to_match_and_baselines(tmp_path):
+    always_yes = lambda split, i: "Yes"  # noqa: E731 - the shortcut on every item
+    always_no = lambda split, i: "No"  # noqa: E731
+    half = lambda split, i: "Yes" if i % 2 else "No"  # noqa: E731
+    icl = folder(tmp_path / "icl", {("relation/k=0", 0, None): always_no,
+                                    ("relation/k=4/seed=0", 4, 0): half, ("relation/k=4/seed=1", 4, 1): half})
+    ft = [FTResult("answer_lora", "lora", ("relation",), n, 0, folder(tmp_path / f"ft{n}", {("relation/k=0", 0, None): f}))
+          for n, f in ((16, always_no), (64, always_yes), (256, always_yes))]
+    summary = build_summary(["relation"], icl, ft, "m", "test", Comparison())
+    t = summary["tasks"]["relation"]
+    # declared rule with zeros: the largest k (4) and the largest N (256) of the first protocol
+    assert (t["comparison"]["shots"], t["comparison"]["n_train"], t["comparison"]["protocol"]) == (4, 256, "answer_lora")
+    diff = t["comparison"]["icl_minus_ft"]
+    assert diff["a"] == 0.5 and diff["b"] == 1.0 and diff["diff"] == -0.5 and diff["ci95"][1] < 0
+    assert t["verdict"] == "contradicts"
+    # ICL level 0.5: N=16 scores 0/20 (Wilson upper 0.161 < 0.5), N=64 and 256 score 20/20
+    ft16 = next(r for r in t["ft"] if r["n_train"] == 16)
+    assert ft16["pattern"]["accuracy"]["ci95"] == list(wilson(0, N))
+    assert t["ft_rows_to_match_icl"] == {"answer_lora": 64}
+    # the constant "Yes" (the shortcut) scores 100% on pattern, 0% on control; its balanced shortcut measure is 0.5
+    assert t["baselines"]["pattern"]["majority_accuracy"] == 1.0
+    assert t["baselines"]["control"]["majority_answer"] == "No"
+    ft256 = next(r for r in t["ft"] if r["n_train"] == 256)
+    assert ft256["control"]["shortcut_rate"]["mean"] == 1.0
+    assert ft256["shortcut_balanced"] is None  # the shortcut says "Yes" on every item: one label, not measurable
+
+    # the same FT cell compared with itself is "no clear difference"
+    same = build_summary(["relation"], icl, ft, "m", "test", Comparison(shots=0, n_train=16))
+    assert same["tasks"]["relation"]["comparison"]["icl_minus_ft"]["ci95"] == [0.0, 0.0]
+    assert same["tasks"]["relation"]["verdict"] == "no clear difference"
+
+    report = write_report(tmp_path / "out", [summary]).read_text()
+    assert "| relation | 50.0 [" in report and "contradicts" in report and "-50.0 [" in report
+    assert "answering `Yes` always scores 100.0" in report and "answer_lora: 64" in report
+    assert (tmp_path / "out" / "plots" / "relation.png").stat().st_size > 1000
