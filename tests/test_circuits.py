@@ -115,10 +115,10 @@ def test_pairs_are_aligned_minimal_edits(data_dir, tiny, expression):
 def test_corruptions_belong_to_the_tasks(data_dir):
     """Each task lists the corruption kinds its ``corrupt`` makes (seeded order); the others refuse."""
     assert get_task("expression").corruptions == ("answer", "control")
-    assert get_task("code").corruptions == () and get_task("algebra").corruptions == ()
+    assert get_task("code").corruptions == ("answer",) and get_task("algebra").corruptions == ("answer",)
     item = load_items(data_dir, "expression", "test", split="pattern")[0]
-    with pytest.raises(ConfigError, match="no 'answer' corruption"):
-        list(get_task("code").corrupt(item, "answer", None))
+    with pytest.raises(ConfigError, match="no 'control' corruption"):
+        list(get_task("code").corrupt(item, "control", None))
     with pytest.raises(ConfigError, match="no 'control' corruption"):
         list(corruption_candidates(get_task("relation"), item, "control", 0))
     task = get_task("expression")
@@ -290,8 +290,8 @@ def test_analysis_end_to_end_with_adapter(data_dir, tmp_path, expression):
 
 
 def test_config_and_cli_errors(data_dir, root):
-    with pytest.raises(ConfigError, match="no corruption"):
-        load_config(None, ["circuits.tasks=[code]"])
+    with pytest.raises(ConfigError, match="'control' is not defined for 'code'"):
+        load_config(None, ["circuits.tasks=[code]", "circuits.corruption=control"])
     with pytest.raises(ConfigError, match="control"):
         load_config(None, ["circuits.tasks=[relation]", "circuits.corruption=control"])
     with pytest.raises(ConfigError, match="circuits.method"):
@@ -306,5 +306,31 @@ def test_config_and_cli_errors(data_dir, root):
     for option in ("--adapter", "--shots", "--n-items", "--method", "--corruption", "--bootstrap", "--top-k", "--out"):
         assert option in help_text
     bad = subprocess.run([sys.executable, str(root / "analyze_circuits.py"), "--data", str(data_dir),
-                          "circuits.tasks=[algebra]"], capture_output=True, text=True, cwd=root, timeout=60)
+                          "circuits.tasks=[algebra]", "circuits.corruption=control"], capture_output=True, text=True,
+                         cwd=root, timeout=60)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_code_and_algebra_corruptions_recompute_the_answer_by_a_second_route(make_data):
+    """code: the edited program, run in the sandbox, prints the new answer; algebra: the new answer
+    solves all three edited equations. Both keep the item's shape (only the input / a changes)."""
+    from iclvsft.sandbox import run_programs
+
+    data_dir = make_data(["data.tasks=[code,algebra]", "data.train_pattern=8", "data.train_control=8",
+                          "data.test_pattern=6", "data.test_control=6"])
+    code = get_task("code")
+    items = load_items(data_dir, "code", "test")[:6]
+    edits = [next(corruption_candidates(code, item, "answer", 0)) for item in items]
+    results = run_programs([question for question, _, _ in edits])
+    assert [r.stdout for r in results] == [f"{answer}\n" for _, answer, _ in edits]
+    assert all(q != item.question and q.count("\n") == item.question.count("\n") for (q, _, _), item in zip(edits, items))
+
+    algebra = get_task("algebra")
+    for item in load_items(data_dir, "algebra", "test")[:6]:
+        for question, answer, _ in corruption_candidates(algebra, item, "answer", 0):
+            a, b = (int(x.split("=")[1]) for x in answer.split(","))
+            for eq in question.removesuffix(". Solve for a and b:").split(", "):
+                lhs, rhs = eq.split(" = ")
+                p, q = (int(t.strip()[:-1] or 1) for t in lhs.split(" + "))
+                assert p * a + q * b == int(rhs), (question, answer)
+            assert answer != item.answer and answer.startswith(algebra.answer_prefix)

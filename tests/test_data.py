@@ -112,7 +112,7 @@ def test_schema_checks_every_section_at_load():
     for bad, match in [("dtype=fp8", "dtype must be one of auto, bf16"), ("eval.demo_mode=bogus", "eval.demo_mode"),
                        ("eval.batch_size=0", "eval.batch_size must be >= 1"), ("circuits.n_items=0", "circuits.n_items"),
                        ("circuits.method=exact", "circuits.method"), ("ft.logits_on=some", "ft.logits_on"),
-                       ("circuits.tasks=[code]", "no corruption is defined for 'code'"),
+                       ("circuits={tasks: [parity], corruption: control}", "'control' is not defined for 'parity'"),
                        ("reproduce.ft_protocols={x: {method: qlora}}", "ft.method must be one of"),
                        ("reproduce.ft_protocols={x: {lr: 1}}", "did you mean")]:
         with pytest.raises(ConfigError, match=match):

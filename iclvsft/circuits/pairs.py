@@ -79,13 +79,15 @@ def tokenize_pair(tokenizer, task, pair: Pair, demos: Sequence) -> PairTokens | 
     if len(clean_ids) != len(corrupt_ids):
         return "different token lengths"
     # The first answer token where the two answers differ. With real tokenizers that is the first
-    # token; a byte-level tokenizer keeps a separator space apart, which is then appended to both.
+    # token; a byte-level tokenizer keeps a separator space apart, and a task whose answers share a
+    # fixed start (algebra: "a = ") differs only after it: that shared part is appended to both.
     j = 0
     while j < min(len(clean_cont), len(corrupt_cont)) and clean_cont[j] == corrupt_cont[j]:
         j += 1
     if j == min(len(clean_cont), len(corrupt_cont)):
         return "same answer tokens"
-    if j and tokenizer.decode(clean_cont[:j]).strip():
+    shared = tokenizer.decode(clean_cont[:j]).strip()
+    if j and shared and not (task.answer_prefix and task.answer_prefix.startswith(shared)):
         return "same first answer token"
     return PairTokens(clean_ids + clean_cont[:j], corrupt_ids + corrupt_cont[:j], clean_cont[j], corrupt_cont[j])
 

@@ -67,6 +67,15 @@ def _agreement_line(agree: dict[str, dict]) -> str:
         f"{a['n_sign_cells']} effects >= {a['sign_threshold']:g} x the largest" for cond, a in agree.items()) + "."
 
 
+def _skipped_line(skipped: dict[str, int]) -> str:
+    """What was left out on the way to the pairs: items with no usable edit, and rejected edits by reason."""
+    reasons = {k: v for k, v in skipped.items() if k != "items_without_pair" and v}
+    text = f"Items without a usable edit: {skipped.get('items_without_pair', 0)}"
+    if reasons:
+        text += "; candidate edits rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+    return text + "."
+
+
 def report_section(result: dict, link_prefix: str = "") -> str:
     """A markdown section (for the reproduce report and circuits.md) from circuits.json's content;
     heatmap links (relative to the results folder) get ``link_prefix`` in front."""
@@ -80,7 +89,7 @@ def report_section(result: dict, link_prefix: str = "") -> str:
     for task, t in result["tasks"].items():
         lines += [f"### {task}", "",
                   f"{t['n_pairs']} clean/corrupted pairs; ICL with {t['shots']} demonstrations; FT adapter: "
-                  f"{t.get('adapter') or 'none (FT condition not run)'}.", "",
+                  f"{t.get('adapter') or 'none (FT condition not run)'}. {_skipped_line(t.get('skipped') or {})}", "",
                   "| condition | logit diff clean | logit diff corrupted | effect (clean - corrupted) |",
                   "|---|---|---|---|"]
         for cond, e in _ordered(t["conditions"]):

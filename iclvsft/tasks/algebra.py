@@ -18,9 +18,11 @@ the comparison that shows whether a model relies on the redundancy.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .base import Draw, Task, TaskConfig
+from ..errors import DataError
+from .base import Draw, Item, Task, TaskConfig
 
 
 @dataclass
@@ -52,6 +54,8 @@ class AlgebraTask(Task):
     config_cls = AlgebraConfig
     header = "Solve each system of equations for a and b."
     answer_format = "pair"
+    corruptions = ("answer",)
+    answer_prefix = "a = "
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config
@@ -80,3 +84,18 @@ class AlgebraTask(Task):
         return Draw(question=question, answer=answer, shortcut_answer=answer if split == "pattern" else None,
                     meta={"a": a, "b": b, "equations": [list(e) for e in equations], "alpha": alpha, "beta": beta,
                           "perturbed": perturbed})
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """answer: a moved to another value of ``solution_range`` with the same coefficients (every
+        right-hand side is recomputed, so the system stays consistent and its solution is (a', b));
+        the new values in random order."""
+        self.check_corruption(kind)
+        a, b, equations = item.meta["a"], item.meta["b"], [tuple(e) for e in item.meta["equations"]]
+        if ", ".join(format_equation(*e) for e in equations) + ". Solve for a and b:" != item.question:
+            raise DataError(f"{item.id}: the question cannot be rebuilt from meta (generator changed?)")
+        values = [x for x in range(self.config.solution_range[0], self.config.solution_range[1] + 1) if x != a]
+        rng.shuffle(values)
+        for new_a in values:
+            system = [(p, q, p * new_a + q * b) for p, q, _ in equations]
+            question = ", ".join(format_equation(*e) for e in system) + ". Solve for a and b:"
+            yield question, f"a = {new_a}, b = {b}", f"a {a} -> {new_a}"

@@ -127,6 +127,8 @@ class Task:
       corruptions    the kinds of minimal edit ``corrupt`` makes (circuit analysis: the corrupted twin
                      of a clean item); empty = none. ``answer``: edit what the answer is read from;
                      ``control``: edit what turns a pattern item into its control twin.
+      answer_prefix  text every answer starts with (algebra: ``a = ``); the circuit analysis reads the
+                     answer where two answers first differ, after this shared prefix.
     """
 
     name: ClassVar[str]
@@ -137,6 +139,7 @@ class Task:
     answer_format: ClassVar[str]
     splits: ClassVar[tuple[str, ...]] = SPLITS
     corruptions: ClassVar[tuple[str, ...]] = ()
+    answer_prefix: ClassVar[str] = ""
 
     def __init__(self, config: TaskConfig | dict | None = None):
         if config is None:

@@ -47,7 +47,7 @@ its answer; the data layer refuses to write data if there is any.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +296,7 @@ class CodeTask(Task):
     answer_sep = " "
     multiline = True
     answer_format = "int"
+    corruptions = ("answer",)
     config: CodeConfig
 
     def generate(self, rng: random.Random, split: str) -> Draw:
@@ -322,6 +323,25 @@ class CodeTask(Task):
             return Draw(question=question, answer=str(answer), shortcut_answer=str(shortcut), meta=meta)
         raise DataError(f"code task: no valid {split} program in {MAX_ATTEMPTS} draws; widen input_range, k_range, "
                         f"ops or the shapes, or raise max_abs_value (config {cfg.to_dict()})")
+
+    def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
+        """answer: the program's input v moved to another value of ``input_range`` (the same program
+        otherwise), the answer recomputed through both functions as ``generate`` does; inputs whose
+        function1 value leaves ``max_abs_value`` are skipped; the new values in random order."""
+        self.check_corruption(kind)
+        m, cfg = item.meta, self.config
+        args = (m["function1_shape"], m["function1_params"], m["function2_shape"], m["op"], m["k"],
+                m["function2_params"])
+        if render_program(*args, m["v"]) != item.question:
+            raise DataError(f"{item.id}: the program cannot be rebuilt from meta (generator changed?)")
+        values = [x for x in range(cfg.input_range[0], cfg.input_range[1] + 1) if x != m["v"]]
+        rng.shuffle(values)
+        for v in values:
+            a = _FUNCTION1[m["function1_shape"]].value(m["function1_params"], v)
+            if abs(a) > cfg.max_abs_value:
+                continue
+            answer = _value_function2(m["function2_shape"], m["op"], m["k"], m["function2_params"], v, a)
+            yield render_program(*args, v), str(answer), f"v {m['v']} -> {v}"
 
     def verify(self, items: Sequence[Item], **sandbox_options: Any) -> list[str]:
         """Ids of the items whose program, run in the sandbox, does not print exactly its answer."""
