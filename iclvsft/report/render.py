@@ -138,7 +138,7 @@ def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str]
     for task, t in summary["tasks"].items():
         comp = t["comparison"]
         lines += [f"## {task}", "", f"This run {VERDICT_TEXT[t['verdict']]}. Compared cells: ICL k={comp['shots']} "
-                  f"vs FT {comp['protocol']} N={comp['n_train']}, chosen by {comp['rule']}.", ""]
+                  f"vs FT {comp['protocol']} N={comp['n_train']} ({comp['rule']}).", ""]
         lines += baseline_lines(t)
         if t["icl"]:
             lines += ["ICL (base model, k demonstrations from the train pattern rows; k = 0 is zero-shot):", ""]
