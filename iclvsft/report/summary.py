@@ -112,7 +112,7 @@ def task_summary(task: str, icl_metrics: Path | None, ft_results: list[FTResult]
     n_train = compare.n_train or (ns[-1] if ns else 0)
     key = next(((p, m, n) for (p, m, n) in ft_seeds if p == protocol and n == n_train), None)
     t["comparison"] = {"shots": shots, "protocol": protocol, "n_train": n_train, "rule": (
-        "declared in the config (reproduce.compare_*) before scoring" if compare.shots >= 0 and compare.n_train else
+        "declared in the config as reproduce.compare_*, before scoring" if compare.shots >= 0 and compare.n_train else
         "the largest k of the ICL sweep and the largest N of the protocol, fixed by the config before scoring")}
     diff = None
     if shots in icl_seeds and key is not None:
