@@ -3,6 +3,7 @@ seeds and items, the constant-answer baselines, the paired ICL-vs-FT comparison 
 and N, and the FT rows needed to reach the ICL level."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,12 @@ class Comparison:
 
 
 def _rows(path: Path, task: str, k: int | None = None) -> dict[tuple[int, Any], list[dict]]:
-    """``(k, demo seed) -> rows`` of ``task`` in the samples.jsonl beside a metrics.json."""
+    """``(k, demo seed) -> rows`` of ``task`` in the samples.jsonl beside a metrics.json, for the cells
+    that metrics.json counts (rows of cells an earlier run of the folder planned stay out)."""
+    planned = json.loads(Path(path).read_text()).get("cells")
     out: dict[tuple[int, Any], list[dict]] = {}
     for r in read_samples(Path(path).parent / "samples.jsonl"):
-        if r["task"] == task and (k is None or r["k"] == k):
+        if r["task"] == task and (k is None or r["k"] == k) and (planned is None or r["cell"] in planned):
             out.setdefault((r["k"], r["demo_seed"]), []).append(r)
     return out
 
