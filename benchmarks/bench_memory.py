@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from iclvsft.io import provenance, write_json  # noqa: E402
-from iclvsft.models import count_parameters  # noqa: E402
+from iclvsft.models import count_parameters, peak_memory_bytes  # noqa: E402
 
 # Qwen2.5-Instruct architectures (the models' config.json); "tiny" is for trying the script on a CPU.
 SHAPES = {
@@ -39,12 +38,6 @@ SHAPES = {
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
-
-
-def peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def one(size: str, method: str, device: torch.device, dtype: torch.dtype, batch: int, tokens: int, steps: int,
@@ -85,9 +78,9 @@ def one(size: str, method: str, device: torch.device, dtype: torch.dtype, batch:
     out = {"size": size, "method": method, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
            "batch": batch, "tokens": tokens, "gradient_checkpointing": checkpointing,
            "params": count_parameters(model), "trainable_params": count_parameters(model, trainable_only=True),
-           "peak_gib": round(peak_bytes(device) / 2**30, 3),
+           "peak_gib": round(peak_memory_bytes(device) / 2**30, 3),
            "step_seconds": round(sum(times[1:]) / max(len(times) - 1, 1), 4), "loss": round(loss.item(), 4)}
-    out["peak_bytes_per_param"] = round(peak_bytes(device) / out["params"], 2)
+    out["peak_bytes_per_param"] = round(peak_memory_bytes(device) / out["params"], 2)
     del model, optimizer, params
     return out
 

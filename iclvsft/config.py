@@ -187,7 +187,7 @@ class ReproduceConfig:
 
     def check(self, config: dict) -> None:
         for name in self.ft_protocols:
-            protocol_ft(config, name, self.ft_protocols)
+            protocol_ft(config, name)
         _need(not self.compare_protocol or self.compare_protocol in self.ft_protocols,
               f"reproduce.compare_protocol {self.compare_protocol!r} is not one of reproduce.ft_protocols "
               f"({', '.join(self.ft_protocols)})")
@@ -366,10 +366,10 @@ def check_section(name: str, values: dict, config: dict) -> dict:
     return _as_dict(_build(schema_field(name).metadata["section"], values, name, config))
 
 
-def protocol_ft(config: dict, protocol: str, protocols: dict | None = None) -> dict:
+def protocol_ft(config: dict, protocol: str) -> dict:
     """The ft section FT protocol ``protocol`` trains with: ``config['ft']`` and the protocol's
     overrides (``reproduce.ft_protocols``), merged and checked like any ft section."""
-    overrides = (protocols if protocols is not None else config["reproduce"]["ft_protocols"])[protocol] or {}
+    overrides = config["reproduce"]["ft_protocols"][protocol] or {}
     ft = merge(DEFAULTS["ft"], config["ft"], "config", ("ft",))
     return check_section("ft", merge(ft, overrides, f"reproduce.ft_protocols.{protocol}", ("ft",)), config)
 

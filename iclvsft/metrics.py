@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -158,6 +157,6 @@ def fmt_ci(stat: dict | None) -> str:
     if not stat or stat.get("mean") != stat.get("mean"):
         return "–"
     lo, hi = stat.get("ci95", [float("nan")] * 2)
-    if lo != lo or (isinstance(lo, float) and math.isnan(hi)):
+    if lo != lo or hi != hi:  # no interval (NaN bounds): the mean alone
         return fmt_pct(stat["mean"])
     return f"{fmt_pct(stat['mean'])} [{fmt_pct(lo)}, {fmt_pct(hi)}]"

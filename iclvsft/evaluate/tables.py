@@ -27,12 +27,23 @@ def cell_metrics(rows: Sequence[dict]) -> dict:
     return out
 
 
-def seed_matrix(cells: Sequence[Sequence[dict]], field: str) -> list[list[float]]:
-    """(seeds x items) of ``field`` for cells scored on the same items, aligned by item id (items some
-    cell lacks, or where the field is None, are left out)."""
+def aligned(cells: Sequence[Sequence[dict]], field: str) -> tuple[list[str], list[list[float]]]:
+    """The item ids and the (cells x items) matrix of ``field`` for cells scored on the same items,
+    aligned by item id in the first cell's order (items some cell lacks, or where the field is None,
+    are left out)."""
     by_cell = [{r["item_id"]: r.get(field) for r in rows} for rows in cells]
     ids = [i for i in by_cell[0] if all(c.get(i) is not None for c in by_cell)]
-    return [[float(c[i]) for i in ids] for c in by_cell]
+    return ids, [[float(c[i]) for i in ids] for c in by_cell]
+
+
+def split_metrics(seeds: Sequence[Sequence[dict]]) -> dict[str, dict | None]:
+    """Every metric of one split over seeds scored on the same items (one list of rows per seed): the
+    mean and a 95% interval combining item and seed variance, None where no row has the field."""
+    out: dict[str, dict | None] = {}
+    for name, field in METRIC_FIELDS.items():
+        ids, matrix = aligned(seeds, field)
+        out[name] = seed_item_interval(matrix) if ids else None
+    return out
 
 
 def summarise(rows: Sequence[dict]) -> dict:
@@ -51,11 +62,7 @@ def summarise(rows: Sequence[dict]) -> dict:
             grouped.setdefault((c["task"], c["k"], split), []).append(rs)
     per_k = []
     for (task, k, split), seeds in sorted(grouped.items()):
-        entry: dict[str, Any] = {"task": task, "k": k, "split": split, "n_items": len(seeds[0])}
-        for name, field in METRIC_FIELDS.items():
-            matrix = seed_matrix(seeds, field)
-            entry[name] = seed_item_interval(matrix) if matrix and matrix[0] else None
-        per_k.append(entry)
+        per_k.append({"task": task, "k": k, "split": split, "n_items": len(seeds[0]), **split_metrics(seeds)})
     return {"cells": per_cell, "by_condition": per_k}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 from pathlib import Path
 
 import torch
@@ -112,3 +113,11 @@ def resolve_attn_implementation(attn_implementation: str = "auto", device: torch
             raise ConfigError("attn_implementation flash_attention_2 needs the flash_attn package "
                               "(pip install flash-attn --no-build-isolation); or use sdpa / auto")
     return attn_implementation
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory of this process so far: CUDA's allocator peak on a GPU, else the peak resident set
+    (which includes the loaded model, the optimizer state and everything before)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluate.samples import read_samples
-from ..evaluate.tables import METRIC_FIELDS, seed_matrix
-from ..metrics import baselines, paired_difference, rows_to_match, seed_item_interval, shortcut_balanced, verdict
+from ..evaluate.tables import aligned, split_metrics
+from ..metrics import baselines, paired_difference, rows_to_match, shortcut_balanced, verdict
 
 SPLITS = ("pattern", "control")
 
@@ -39,13 +39,21 @@ class Comparison:
     protocol: str = ""
 
 
-def _rows(path: Path, task: str, k: int | None = None) -> dict[tuple[int, Any], list[dict]]:
-    """``(k, demo seed) -> rows`` of ``task`` in the samples.jsonl beside a metrics.json, for the cells
-    that metrics.json counts (rows of cells an earlier run of the folder planned stay out)."""
-    planned = json.loads(Path(path).read_text()).get("cells")
+def planned_rows(metrics_path: Path) -> list[dict]:
+    """The rows of the samples.jsonl beside a metrics.json, for the cells that metrics.json counts
+    (rows of cells an earlier run of the folder planned stay out); [] when there is no metrics.json."""
+    if not Path(metrics_path).is_file():
+        return []
+    planned = json.loads(Path(metrics_path).read_text()).get("cells")
+    return [r for r in read_samples(Path(metrics_path).parent / "samples.jsonl")
+            if planned is None or r["cell"] in planned]
+
+
+def _by_cell(rows: list[dict], task: str, k: int | None = None) -> dict[tuple[int, Any], list[dict]]:
+    """``(k, demo seed) -> rows`` of ``task`` (of one k when given)."""
     out: dict[tuple[int, Any], list[dict]] = {}
-    for r in read_samples(Path(path).parent / "samples.jsonl"):
-        if r["task"] == task and (k is None or r["k"] == k) and (planned is None or r["cell"] in planned):
+    for r in rows:
+        if r["task"] == task and (k is None or r["k"] == k):
             out.setdefault((r["k"], r["demo_seed"]), []).append(r)
     return out
 
@@ -55,37 +63,24 @@ def condition(seeds: list[list[dict]]) -> dict[str, Any]:
     and the seeds-then-items interval; on control items, the label-bias-corrected shortcut measure."""
     out: dict[str, Any] = {"n_seeds": len(seeds)}
     for split in SPLITS:
-        per_seed = [[r for r in rows if r["split"] == split] for rows in seeds]
-        if not per_seed[0]:
-            out[split] = None
-            continue
-        out[split] = {}
-        for name, fld in METRIC_FIELDS.items():
-            matrix = seed_matrix(per_seed, fld)
-            out[split][name] = seed_item_interval(matrix) if matrix[0] else None
+        per_seed = _split(seeds, split)
+        out[split] = split_metrics(per_seed) if per_seed[0] else None
     control = [r for rows in seeds for r in rows if r["split"] == "control"]
     out["shortcut_balanced"] = shortcut_balanced([r["strict"] for r in control], [r["shortcut_answer"] for r in control])
     return out
 
 
-def _pattern_matrix(seeds: list[list[dict]]) -> tuple[list[str], list[list[float]]]:
-    rows = [{r["item_id"]: float(r["correct"]) for r in rs if r["split"] == "pattern"} for rs in seeds]
-    ids = [i for i in rows[0] if all(i in r for r in rows)]
-    return ids, [[r[i] for i in ids] for r in rows]
+def _split(seeds: list[list[dict]], split: str) -> list[list[dict]]:
+    return [[r for r in rows if r["split"] == split] for rows in seeds]
 
 
-def _columns(ids: list[str], matrix: list[list[float]], keep: list[str]) -> list[list[float]]:
-    """The columns of ``matrix`` (one per id in ``ids``) for the ids in ``keep``, in that order."""
-    where = {i: n for n, i in enumerate(ids)}
-    return [[row[where[i]] for i in keep] for row in matrix]
-
-
-def task_summary(task: str, icl_metrics: Path | None, ft_results: list[FTResult], compare: Comparison) -> dict:
+def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, list[dict]]],
+                 compare: Comparison) -> dict:
+    """One task's part of the summary, from the ICL folder's rows and each FT folder's rows."""
     t: dict[str, Any] = {"icl": [], "ft": [], "baselines": {}}
     icl_seeds: dict[int, list[list[dict]]] = {}
-    if icl_metrics and Path(icl_metrics).is_file():
-        for (k, _seed), rows in sorted(_rows(icl_metrics, task).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-            icl_seeds.setdefault(k, []).append(rows)
+    for (k, _seed), rows in sorted(_by_cell(icl_rows, task).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        icl_seeds.setdefault(k, []).append(rows)
     for k, seeds in sorted(icl_seeds.items()):
         t["icl"].append({"k": k, **condition(seeds)})
     items = next(iter(icl_seeds.values()), [[]])[0]
@@ -95,9 +90,9 @@ def task_summary(task: str, icl_metrics: Path | None, ft_results: list[FTResult]
             t["baselines"][split] = baselines([r["answer"] for r in part], [r["shortcut_answer"] for r in part])
 
     ft_seeds: dict[tuple[str, str, int], list[tuple[FTResult, list[dict]]]] = {}
-    for r in ft_results:
-        if task in r.tasks and r.metrics_path.is_file():
-            rows = _rows(r.metrics_path, task, k=0).get((0, None), [])
+    for r, ft_rows in ft_runs:
+        if task in r.tasks:
+            rows = _by_cell(ft_rows, task, k=0).get((0, None), [])
             if rows:
                 ft_seeds.setdefault((r.protocol, r.method, r.n_train), []).append((r, rows))
     for (protocol, method, n), runs in sorted(ft_seeds.items()):
@@ -119,11 +114,10 @@ def task_summary(task: str, icl_metrics: Path | None, ft_results: list[FTResult]
         "the largest k of the ICL sweep and the largest N of the protocol, fixed by the config before scoring")}
     diff = None
     if shots in icl_seeds and key is not None:
-        icl_ids, icl_m = _pattern_matrix(icl_seeds[shots])
-        ft_ids, ft_m = _pattern_matrix([rows for _, rows in ft_seeds[key]])
-        common = [i for i in icl_ids if i in set(ft_ids)]
-        if common:
-            diff = paired_difference(_columns(icl_ids, icl_m, common), _columns(ft_ids, ft_m, common))
+        icl = _split(icl_seeds[shots], "pattern")
+        ids, matrix = aligned(icl + _split([rows for _, rows in ft_seeds[key]], "pattern"), "correct")
+        if ids:  # the pattern items both sides scored, in the same order
+            diff = paired_difference(matrix[:len(icl)], matrix[len(icl):])
     t["comparison"]["icl_minus_ft"] = diff
     t["verdict"] = verdict(diff)
 
@@ -140,5 +134,7 @@ def task_summary(task: str, icl_metrics: Path | None, ft_results: list[FTResult]
 
 def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
                   config_name: str, compare: Comparison = Comparison()) -> dict:
+    icl_rows = planned_rows(icl_metrics) if icl_metrics else []  # each results folder read once
+    ft_runs = [(r, planned_rows(r.metrics_path)) for r in ft_results]
     return {"model": model, "config": config_name,
-            "tasks": {task: task_summary(task, icl_metrics, ft_results, compare) for task in tasks}}
+            "tasks": {task: task_summary(task, icl_rows, ft_runs, compare) for task in tasks}}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import time
 import warnings
@@ -12,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import ConfigError
 from ..io import provenance, write_json
+from ..models import peak_memory_bytes
 from ..runs import compare_identity, summarise_differences
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
@@ -149,14 +148,6 @@ def throughput(history: list[dict]) -> float | None:
     timed = [e for e in history if e.get("seconds") and "tokens" in e]
     seconds = sum(e["seconds"] for e in timed)
     return round(sum(e["tokens"] for e in timed) / seconds, 2) if seconds else None
-
-
-def peak_memory_gib(device) -> float:
-    """Peak memory of this process so far: CUDA's allocator peak on a GPU, else the peak resident set
-    (which includes the loaded model, the optimizer state and everything before the run)."""
-    if torch.device(device).type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
 
 
 def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path = "data", *, overwrite: bool = False,
@@ -290,7 +281,7 @@ def _summary(config, trainer, output, precision, model_info, data_record, token_
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(wall_seconds, 2),
         "tokens_per_second": throughput(state.log_history),
-        "peak_memory_gib": peak_memory_gib(args.device),
+        "peak_memory_gib": round(peak_memory_bytes(args.device) / 2**30, 3),
         "resumed_from": resume,
         "provenance": provenance(),
     }
