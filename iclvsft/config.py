@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .tasks import TASKS, corruption_kinds, get_task, parse_task_list
+from .tasks import FORMATS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
 
 ALL_TASKS = list(TASKS)
 
@@ -39,6 +39,9 @@ DEMO_MODES = ("shared", "per_item")
 CIRCUIT_CONDITIONS = ("base", "icl", "ft")
 CIRCUIT_METHODS = ("attribution", "activation", "both")
 CORRUPTIONS = ("answer", "control")
+FT_ROWS = ("prompt", "authors_train")
+LADDER_SCORING = ("strict", "substring")
+LADDER_SELECT = ("fixed", "max")
 
 
 def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
@@ -151,6 +154,9 @@ class FtConfig:
     keep_checkpoints: bool = option(False, "keep <out>/checkpoints after the run finishes (they hold the optimizer "
                                     "state)")
     logging_steps: int = option(1, "a train_log.jsonl line every N optimizer steps", minimum=1)
+    rows: str = option("prompt", "prompt: a row is the zero-shot evaluation prompt plus its completion | "
+                       "authors_train: the authors' training text (format authors only: no header, expression's "
+                       "older '+=')", choices=FT_ROWS)
     lora: LoraConfig = section(LoraConfig, "the LoRA adapter (ft.method lora)")
 
     def check(self, config: dict) -> None:
@@ -162,6 +168,8 @@ class FtConfig:
               f"ft.batch_size ({self.batch_size}, rows per optimizer step) must be a positive multiple of "
               f"ft.per_device_batch_size ({self.per_device_batch_size})")
         _need(bool(self.optimizer), "ft.optimizer must name a transformers optimizer, e.g. adamw_torch")
+        _need(self.rows == "prompt" or config.get("format") == "authors",
+              "ft.rows authors_train needs format: authors (our FT rows are the evaluation prompt)")
 
 
 @dataclass
@@ -228,6 +236,30 @@ class CircuitsConfig:
 
 
 @dataclass
+class LadderConfig:
+    tasks: list = option([], "the ladder's tasks (each rung's ICL and FT are evaluated on each); empty: no ladder")
+    rungs: list = option([], "cumulative rungs from the authors' setup to ours, each {name, why, set: {dotted.key: "
+                         "value}}: the first sets the authors' setup over this config, each next one changes one "
+                         "factor (README \"Ladder\")")
+    scoring: str = option("strict", "how a rung scores: strict (the completion must start with the answer) | "
+                          "substring (the authors': the gold string anywhere in the completion)",
+                          choices=LADDER_SCORING)
+    icl_select: str = option("fixed", "the ICL cell a rung reports: fixed (k = fixed_k) | max (the k of eval.shots "
+                             "with the best pattern accuracy: the authors')", choices=LADDER_SELECT)
+    fixed_k: int = option(16, "k of the ICL cell when icl_select is fixed", minimum=1)
+    shortened: str = option("", "what the preset shortens relative to the authors' setup (stated in the report)")
+
+    def check(self, config: dict) -> None:
+        if self.tasks:
+            self.tasks = parse_task_list(self.tasks)
+        for n, rung in enumerate(self.rungs):
+            _need(isinstance(rung, dict) and isinstance(rung.get("name"), str) and isinstance(rung.get("set", {}), dict)
+                  and set(rung) <= {"name", "why", "set"},
+                  f"ladder.rungs[{n}] must be a mapping with name, why and set (a mapping of dotted config keys), "
+                  f"got {rung!r}")
+
+
+@dataclass
 class Config:
     name: str = option("", "the config's name (results/<name>/); defaults to the YAML file's stem")
     data: DataConfig = section(DataConfig, "data generation (generate_data.py)")
@@ -235,6 +267,9 @@ class Config:
                         "(qwen2.5-coder-0.5b-instruct, ...), a hub id or a folder")
     dtype: str = option("auto", "auto (bf16 where the hardware runs it natively, else fp32) | bf16 | fp16 | fp32",
                         choices=DTYPES)
+    format: str = option("ours", "prompt format of ICL prompts, FT rows and scoring: ours (each task file's header "
+                         "and question) | authors (their release's headers, question and label formats and fixed "
+                         "token budgets; expression, relation, boolean, algebra)", choices=FORMATS)
     attn_implementation: str = option("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | "
                                       "eager", choices=ATTN_IMPLEMENTATIONS)
     eval: EvalConfig = section(EvalConfig, "evaluation (test.py)")
@@ -243,6 +278,8 @@ class Config:
     circuits: CircuitsConfig = section(CircuitsConfig, "circuit shift (analyze_circuits.py): which heads and MLPs "
                                        "carry the answer under base zero-shot, base + k demonstrations and base + "
                                        "fine-tuned adapter")
+    ladder: LadderConfig = section(LadderConfig, "reproduce.py: the ladder from the authors' setup to ours, one "
+                                   "factor per rung (README \"Ladder\")")
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -311,7 +348,10 @@ def merge(base: dict, update: dict, where: str, path: tuple[str, ...] = ()) -> d
         if key not in base:
             raise ConfigError(f"{where}: unknown config key {dotted!r}{_suggest(str(key), base)}; "
                               f"valid keys here: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict):
+        if (*path, key) in OPEN:  # an open mapping is replaced, not merged: `ft_protocols: {}` means none
+            _check_type(dotted, value, base[key])
+            out[key] = copy.deepcopy(value)
+        elif isinstance(base[key], dict):
             out[key] = merge(base[key], value, where, (*path, key))
         else:
             _check_type(dotted, value, base[key])
@@ -404,3 +444,6 @@ def validate(config: dict) -> None:
             _check_value(f, config[f.name], f.name)
         else:
             config[f.name] = check_section(f.name, config[f.name], config)
+    if config.get("format", "ours") != "ours" and "eval" in config:
+        for name in config["eval"]["tasks"] or config["data"]["tasks"]:
+            task_in_format(get_task(name), config["format"])  # one line for a task without that format

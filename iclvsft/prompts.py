@@ -25,8 +25,9 @@ def demo_separator(task: Task) -> str:
 
 
 def completion_text(task: Task, answer: str) -> str:
-    """What a perfect model generates after the prompt: separator, answer, end of line."""
-    return f"{task.answer_sep}{answer}\n"
+    """What a perfect model generates after the prompt: separator, answer, end of line (the authors'
+    format: no end of line, their rows stop at the answer)."""
+    return f"{task.answer_sep}{answer}{task.answer_end}"
 
 
 def demonstration(task: Task, item: Item) -> str:

@@ -10,6 +10,8 @@ Each task names an answer *format*. For a completion (the text the model generat
   never yields ``1``; ``"7.5"`` yields nothing, ``"x7"`` yields nothing). ``"The answer is 7"`` ->
   ``7``; ``"True False"`` -> ``True``.
 * **invalid**: no strict parse. Counted, reported, never a crash.
+* **substring** (:func:`substring_match`): the authors' scorer, kept only to reproduce their numbers
+  (the ladder's first rungs): the gold string anywhere in the completion, so gold ``1`` matches ``10``.
 
 Answers are normalised before comparison: integers via ``int`` (``"-03"`` -> ``"-3"``), labels
 case-insensitively to their canonical spelling (``true`` -> ``True``), pairs to ``a = x, b = y``.
@@ -67,6 +69,7 @@ FORMATS: dict[str, AnswerFormat] = {
     "bool": _label_format("bool", ("True", "False")),
     "yesno": _label_format("yesno", ("Yes", "No")),
     "parity": _label_format("parity", ("even", "odd")),
+    "bit": _label_format("bit", ("1", "0")),  # the authors' boolean answers
     "pair": AnswerFormat(
         "pair", r"a\s*=\s*(-?\d+)\s*,\s*b\s*=\s*(-?\d+)",
         lambda m: f"a = {int(m.group(1))}, b = {int(m.group(2))}", flags=re.IGNORECASE,
@@ -87,6 +90,14 @@ class Score:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def substring_match(answer: str | None, completion: str, aliases: tuple[str, ...] = ()) -> bool | None:
+    """The authors' scoring: ``answer`` (or one of ``aliases``) occurs anywhere in ``completion``;
+    None when there is no answer to look for."""
+    if answer is None:
+        return None
+    return any(text in completion for text in (answer, *aliases))
 
 
 def score(item: Item, completion: str, answer_format: str | AnswerFormat) -> Score:

@@ -127,15 +127,9 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
 
     for run in ft_runs:
         t0 = time.perf_counter()
-        out = results / "ft" / run.rel
-        if not is_finished(run.config, out, data_dir):
-            log.info("fine-tuning %s", run.rel)
-            finetune_fn(run.config, out, data_dir, show_progress=show_progress)
-        adapter = out if (out / "adapter_config.json").is_file() else None
-        model_name = run.model if adapter else str(out)
-        cfg = _eval_config(run.config, model_name, list(run.tasks), config["reproduce"]["ft_eval_shots"])
-        evaluate_fn(EvalPlan(cfg, data_dir, results / "ft_eval" / run.rel, model_name, str(adapter) if adapter else None),
-                    show_progress=show_progress)
+        cfg = _eval_config(run.config, run.model, list(run.tasks), config["reproduce"]["ft_eval_shots"])
+        fit_and_evaluate(cfg, results / "ft" / run.rel, results / "ft_eval" / run.rel, data_dir, show_progress,
+                         finetune_fn, evaluate_fn)
         timings[f"ft/{run.rel}"] = time.perf_counter() - t0
 
     extra: list[str] = []
@@ -156,8 +150,20 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
             extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/"))
             timings[f"circuits/{slug(model)}"] = time.perf_counter() - t0
 
+    if config["ladder"]["rungs"]:
+        from .ladder import run_ladder
+
+        t0 = time.perf_counter()
+        section, _ = run_ladder(config, data_dir, results, show_progress, finetune_fn, evaluate_fn)
+        extra.insert(0, section)
+        if not (config["reproduce"]["icl"] or ft_runs):  # a ladder-only preset: the report's title
+            extra.insert(0, f"# ICL vs FT, from the authors' setup to ours: {config['model']} "
+                            f"(config `{config['name'] or 'default'}`)\n")
+        timings["ladder"] = time.perf_counter() - t0
+
     summaries = []
-    for model in models_of(config):
+    main_study = config["reproduce"]["icl"] or bool(ft_runs)  # a ladder preset may have neither
+    for model in models_of(config) if main_study else []:
         ft_results = [FTResult(r.protocol, r.config["ft"]["method"], r.tasks, r.n_train, r.train_seed,
                                results / "ft_eval" / r.rel / "metrics.json",
                                _read_json(results / "ft" / r.rel / "summary.json"))
@@ -170,6 +176,21 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     timings["total"] = time.perf_counter() - started
     _append_timings(results / "timings.json", started_at, timings)
     return report
+
+
+def fit_and_evaluate(config: dict, ft_out: Path, eval_out: Path, data_dir: Path, show_progress: bool = True,
+                     finetune_fn=None, evaluate_fn=None) -> None:
+    """Fine-tune ``config`` into ``ft_out`` unless it holds that finished run, then evaluate the result
+    into ``eval_out`` with ``config``'s eval section (both resume where they stopped)."""
+    finetune_fn, evaluate_fn = finetune_fn or finetune, evaluate_fn or evaluate
+    if not is_finished(config, ft_out, data_dir):
+        log.info("fine-tuning %s", ft_out)
+        finetune_fn(config, ft_out, data_dir, show_progress=show_progress)
+    adapter = ft_out if (ft_out / "adapter_config.json").is_file() else None
+    model_name = config["model"] if adapter else str(ft_out)
+    cfg = {**config, "model": model_name}
+    evaluate_fn(EvalPlan(cfg, data_dir, eval_out, model_name, str(adapter) if adapter else None),
+                show_progress=show_progress)
 
 
 def _append_timings(path: Path, started_at: str, seconds: dict[str, float]) -> None:

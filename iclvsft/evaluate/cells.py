@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import load_items, normalise_question
 from ..errors import DataError
 from ..prompts import completion_text
-from ..tasks import Item, Task, get_task
+from ..tasks import Item, Task, get_task, task_in_format
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,13 @@ class TaskInputs:
 
 
 def task_inputs(data_dir: Path, name: str, cfg: dict, tokenizer) -> TaskInputs:
+    """The task in the config's prompt format, with its items and demonstrations shown in that format."""
     ev = cfg["eval"]
-    task = get_task(name, cfg["data"]["task_params"].get(name))
-    test = load_items(data_dir, name, "test")
-    train = load_items(data_dir, name, "train")
-    max_new = ev["max_new_tokens"] or max_new_tokens_for(tokenizer, task, [i.answer for i in train])
+    task = task_in_format(get_task(name, cfg["data"]["task_params"].get(name)), cfg["format"])
+    test = [task.present(i) for i in load_items(data_dir, name, "test")]
+    train = [task.present(i) for i in load_items(data_dir, name, "train")]
+    max_new = (ev["max_new_tokens"] or task.max_new_tokens
+               or max_new_tokens_for(tokenizer, task, [i.answer for i in train]))
     return TaskInputs(task=task, items=select_items(task, test, cfg),
                       demo_pool=[i for i in train if i.split == ev["demo_split"]], max_new_tokens=max_new,
                       test_questions={normalise_question(i.question) for i in test})

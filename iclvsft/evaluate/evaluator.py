@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from .. import engine
 from ..errors import DataError
 from ..prompts import build_prompt, prefix
-from ..scoring import FORMATS, score
+from ..scoring import FORMATS, score, substring_match
 from ..tasks import Item, Task
 
 
@@ -132,6 +132,9 @@ class Evaluator:
             "strict": s.strict, "lenient": s.lenient, "correct": s.correct, "lenient_correct": s.lenient_correct,
             "invalid": s.invalid, "shortcut": s.shortcut if item.shortcut_answer is not None else None,
             "constrained": None, "constrained_correct": None, "constrained_shortcut": None, "label_logprobs": None,
+            "substring_correct": substring_match(item.answer, completion, task.substring_aliases.get(item.answer, ())),
+            "substring_shortcut": substring_match(item.shortcut_answer, completion,
+                                                  task.substring_aliases.get(item.shortcut_answer, ())),
         }
         if label_logprobs:
             choice = max(label_logprobs, key=lambda lab: (label_logprobs[lab], lab))

@@ -76,7 +76,7 @@ def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
     manifest = load_manifest(plan.data_dir)
     return {
         "model": plan.model_name, "adapter": str(plan.adapter) if plan.adapter else None,
-        "dtype_requested": cfg["dtype"], "attn_requested": cfg["attn_implementation"],
+        "dtype_requested": cfg["dtype"], "attn_requested": cfg["attn_implementation"], "format": cfg["format"],
         "data_seed": manifest.get("seed"),
         "data_sha256": {t: manifest["tasks"][t]["files"]["test"]["sha256"] for t in tasks if t in manifest["tasks"]},
         "demo_mode": ev["demo_mode"], "demo_split": ev["demo_split"], "splits": ev["splits"], "limit": ev["limit"],

@@ -14,7 +14,8 @@ from .samples import read_samples
 # metric name -> the per-row field it averages (None rows are not scored for that metric)
 METRIC_FIELDS = {"accuracy": "correct", "lenient_accuracy": "lenient_correct", "invalid": "invalid",
                  "shortcut_rate": "shortcut", "constrained_accuracy": "constrained_correct",
-                 "constrained_shortcut_rate": "constrained_shortcut"}
+                 "constrained_shortcut_rate": "constrained_shortcut", "substring_accuracy": "substring_correct",
+                 "substring_shortcut_rate": "substring_shortcut"}
 METRIC_NAMES = tuple(METRIC_FIELDS)
 
 

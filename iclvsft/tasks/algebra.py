@@ -18,11 +18,13 @@ the comparison that shows whether a model relies on the redundancy.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import DataError
 from .base import Draw, Item, Task, TaskConfig
+from .formats import AuthorsFormat
 
 
 @dataclass
@@ -56,6 +58,24 @@ class AlgebraTask(Task):
     answer_format = "pair"
     corruptions = ("answer",)
     answer_prefix = "a = "
+    # Their header for algebra is not in the part of their scripts we have: ours stands in.
+    authors_format = AuthorsFormat(header="Solve each system of equations for a and b.", answer_sep="", multiline=True,
+                                   answer_format="int", max_new_tokens=1)
+
+    @staticmethod
+    def _authors_lines(item: Item) -> str:
+        """``1a + 4b = 13`` per line (their coefficients are always written, 1 included)."""
+        return "\n".join(f"{p}a + {q}b = {r}" for p, q, r in item.meta["equations"])
+
+    def authors_item(self, item: Item) -> Item:
+        """Their query gives a away and asks for b only: ``... The solutions are: a = 5, b = `` then 2."""
+        a, b = item.meta["a"], item.meta["b"]
+        question = f"{self._authors_lines(item)}\n The solutions are: a = {a}, b = "
+        return dataclasses.replace(item, question=question, answer=str(b),
+                                   shortcut_answer=str(b) if item.shortcut_answer is not None else None)
+
+    def authors_train_row(self, item: Item) -> tuple[str, str]:
+        return f"{self._authors_lines(item)}\n The solutions are:", " " + item.answer
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config

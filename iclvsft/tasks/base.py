@@ -129,6 +129,11 @@ class Task:
                      ``control``: edit what turns a pattern item into its control twin.
       answer_prefix  text every answer starts with (algebra: ``a = ``); the circuit analysis reads the
                      answer where two answers first differ, after this shared prefix.
+      authors_format the authors' release format of this task (``iclvsft.tasks.formats``), with the
+                     methods ``authors_item`` and ``authors_train_row``; None where they had none.
+
+    A task object is also the ``ours`` view of itself (``present`` is the identity); the ``authors``
+    view (:class:`iclvsft.tasks.formats.FormattedTask`) overrides the attributes below.
     """
 
     name: ClassVar[str]
@@ -140,6 +145,13 @@ class Task:
     splits: ClassVar[tuple[str, ...]] = SPLITS
     corruptions: ClassVar[tuple[str, ...]] = ()
     answer_prefix: ClassVar[str] = ""
+    authors_format: ClassVar[Any] = None  # an AuthorsFormat (formats.py imports this module)
+
+    # The format-dependent attributes of the default (``ours``) format.
+    format: ClassVar[str] = "ours"
+    answer_end: ClassVar[str] = "\n"  # a completion ends with a newline (then eos when ft.append_eos)
+    max_new_tokens: ClassVar[int] = 0  # 0: the longest train answer + a margin (evaluate.cells)
+    substring_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: TaskConfig | dict | None = None):
         if config is None:
@@ -150,6 +162,21 @@ class Task:
         self.config = config
 
     def generate(self, rng, split: str) -> Draw:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def present(self, item: Item) -> Item:
+        """``item`` as this format shows it (``ours``: unchanged)."""
+        return item
+
+    def train_row(self, item: Item) -> dict[str, str]:
+        raise ConfigError("ft.rows authors_train needs format: authors (our FT rows are the evaluation prompt)")
+
+    def authors_item(self, item: Item) -> Item:
+        """``item`` in the authors' evaluation format: their query text, gold and shortcut strings."""
+        raise NotImplementedError
+
+    def authors_train_row(self, item: Item) -> tuple[str, str]:
+        """The authors' training text for ``item`` as (text before the answer, the answer's text)."""
         raise NotImplementedError
 
     def verify(self, items: list[Item]) -> list[str]:

@@ -16,12 +16,14 @@ computed by the small parser below, never by ``eval``.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import DataError
 from .base import Draw, Item, Task, TaskConfig
+from .formats import AuthorsFormat
 
 _TOKEN = re.compile(r"\s*(\(|\)|True|False|and|or)")
 
@@ -97,6 +99,21 @@ class BooleanTask(Task):
     header = "Evaluate each Boolean expression."
     answer_format = "bool"
     corruptions = ("answer",)
+    authors_format = AuthorsFormat(
+        header="Here are some boolean expressions, you need to directly tell me the result. If it is true, print True, "
+               "else print False. Here are some examples: ",
+        answer_sep=" ", multiline=True, answer_format="bit", max_new_tokens=1)
+
+    def authors_item(self, item: Item) -> Item:
+        """The expression, a newline, `` The result is:`` then 1 or 0 (though their header asks for True/False)."""
+        bit = {"True": "1", "False": "0"}
+        question = item.question.removesuffix(" =") + "\n The result is:"
+        shortcut = bit[item.shortcut_answer] if item.shortcut_answer is not None else None
+        return dataclasses.replace(item, question=question, answer=bit[item.answer], shortcut_answer=shortcut)
+
+    def authors_train_row(self, item: Item) -> tuple[str, str]:
+        shown = self.authors_item(item)
+        return shown.question, " " + shown.answer
 
     def _groups(self, rng) -> str:
         c = self.config

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from .base import Draw, Item, Task, TaskConfig
+from .formats import AuthorsFormat
 
 
 @dataclass
@@ -58,6 +59,17 @@ class ExpressionTask(Task):
     answer_sep = ""  # the authors' format: "...=7"
     answer_format = "int"
     corruptions = ("answer", "control")
+    authors_format = AuthorsFormat(
+        header="Now you need to calculate the answer of some mathematic equations. Here are some examples: ",
+        answer_sep="", multiline=False, answer_format="int", max_new_tokens=3)
+
+    def authors_item(self, item: Item) -> Item:
+        """Their test queries are ours: ``(S)+(Z)*(C)=`` then the value."""
+        return item
+
+    def authors_train_row(self, item: Item) -> tuple[str, str]:
+        """Their training rows use an older format, ``(0+2)+(3+0-3)*(-3+1-9+4)+=2``."""
+        return item.question.removesuffix("=") + "+=", item.answer
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config

@@ -13,6 +13,7 @@ union-find).
 """
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections import deque
 from collections.abc import Iterator
@@ -20,8 +21,11 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from .base import Draw, Item, Task, TaskConfig
+from .formats import AuthorsFormat
 
 TARGET = "Z"
+AUTHORS_QUERY = "\n\n So 'the city A and Z is connected' is"
+AUTHORS_LABEL = {"Yes": "True", "No": "False"}
 
 
 @dataclass
@@ -73,6 +77,22 @@ class RelationTask(Task):
     multiline = True
     answer_format = "yesno"
     corruptions = ("answer",)
+    authors_format = AuthorsFormat(
+        header="Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you need to "
+               "tell me if city A and city Z are connected (Answer True or False). Here are some examples: ",
+        answer_sep=" ", multiline=True, answer_format="bool", max_new_tokens=2,
+        substring_aliases={"True": ("1",), "False": ("0",)})
+
+    def authors_item(self, item: Item) -> Item:
+        """Lines without the full stop, a blank line, `` So 'the city A and Z is connected' is`` True/False."""
+        lines = [line.removesuffix(".") for line in item.question.split("\n")[:-1]]
+        shortcut = AUTHORS_LABEL[item.shortcut_answer] if item.shortcut_answer is not None else None
+        return dataclasses.replace(item, question="\n".join(lines) + AUTHORS_QUERY, answer=AUTHORS_LABEL[item.answer],
+                                   shortcut_answer=shortcut)
+
+    def authors_train_row(self, item: Item) -> tuple[str, str]:
+        shown = self.authors_item(item)
+        return shown.question, " " + shown.answer
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config

@@ -18,14 +18,19 @@ from ..config import BATCHING, LOSS_ON
 from ..data import load_items, load_manifest
 from ..errors import ConfigError, DataError
 from ..prompts import ft_row
-from ..tasks import get_task, parse_task_list
+from ..tasks import get_task, parse_task_list, task_in_format
 
 logger = logging.getLogger(__name__)
 
 
 def select_rows(data_dir: str | Path, tasks: Sequence[str], n_train: int, seed: int = 0,
-                task_params: dict | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
+                task_params: dict | None = None, fmt: str = "ours",
+                row_text: str = "prompt") -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The first ``n_train`` pattern rows of each task as ``{id, task, prompt, completion}``.
+
+    ``fmt`` is the prompt format (``ours`` | ``authors``); ``row_text`` (``ft.rows``) is ``prompt``
+    (a row is the zero-shot evaluation prompt plus its completion) or ``authors_train`` (the authors'
+    training text, which is not their evaluation prompt: no header, expression's ``+=``).
 
     One task keeps file order (the Trainer shuffles each epoch); several are concatenated and
     shuffled with ``seed``. Also returns a record of where the rows came from (per task: the train
@@ -36,14 +41,15 @@ def select_rows(data_dir: str | Path, tasks: Sequence[str], n_train: int, seed: 
     rows: list[dict[str, str]] = []
     record: dict[str, Any] = {"tasks": {}}
     for name in tasks:
-        task = get_task(name, (task_params or {}).get(name))
+        task = task_in_format(get_task(name, (task_params or {}).get(name)), fmt)
         items = load_items(data_dir, name, "train", split="pattern")
         if len(items) < n_train:
             raise DataError(f"{name}: {Path(data_dir) / name / 'train.jsonl'} holds {len(items)} pattern rows, "
                             f"ft.n_train asks for {n_train}; lower --n-train or regenerate the data with "
                             f"data.train_pattern >= {n_train}")
         chosen = items[:n_train]
-        rows += [{"id": item.id, "task": name, **ft_row(task, item)} for item in chosen]
+        make = task.train_row if row_text == "authors_train" else (lambda item, task=task: ft_row(task, task.present(item)))
+        rows += [{"id": item.id, "task": name, **make(item)} for item in chosen]
         record["tasks"][name] = {"rows": n_train, "first_id": chosen[0].id, "last_id": chosen[-1].id,
                                  "train_sha256": manifest["tasks"][name]["files"]["train"].get("sha256")}
     if len(tasks) > 1:

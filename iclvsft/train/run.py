@@ -52,7 +52,7 @@ def run_identity(config: dict, data_record: dict) -> dict[str, Any]:
     """What must match for a rerun into the same folder to resume it: model, precision, ft, the rows."""
     ft = {k: v for k, v in config["ft"].items() if k not in NON_SEMANTIC_FT_KEYS}
     return {"model": config["model"], "dtype": config["dtype"], "attn_implementation": config["attn_implementation"],
-            "ft": ft, "rows": data_record}
+            "format": config["format"], "ft": ft, "rows": data_record}
 
 
 def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
@@ -91,7 +91,8 @@ def is_finished(config: dict, out: str | Path, data_dir: str | Path) -> bool:
     if not (out / SUMMARY_FILE).is_file():
         return False
     ft = config["ft"]
-    _, data_record = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"], config["data"]["task_params"])
+    _, data_record = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"], config["data"]["task_params"],
+                                 config["format"], ft["rows"])
     diff = compare_identity(out / RUN_CONFIG_FILE, run_identity(config, data_record),
                             remedy=f"move {out} away to train it again")
     if diff is None:
@@ -165,7 +166,7 @@ def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path =
         raise ConfigError("no task to fine-tune on: pass --task (or set ft.tasks in the config)")
     out = Path(out) if out is not None else default_out_dir(config)
     rows, data_record = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"],
-                                    config["data"]["task_params"])
+                                    config["data"]["task_params"], config["format"], ft["rows"])
     identity = run_identity(config, data_record)
     action = inspect_output(out, identity, overwrite)
 

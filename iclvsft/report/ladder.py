@@ -1,0 +1,183 @@
+"""The ladder's numbers and its report section "From the authors' setup to ours".
+
+Per rung and task: the ICL cell the rung reports (the best k on pattern items under ``max``, the
+fixed k under ``fixed``), the fine-tuned model zero-shot, each with pattern and control accuracy and
+the shortcut rate under the rung's scoring (strict or the authors' substring), and the paired ICL − FT
+difference on the same pattern items with its verdict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..evaluate.tables import aligned
+from ..metrics import baselines, fmt_ci, fmt_pct, paired_difference, verdict
+from .summary import condition, planned_rows
+
+# (accuracy metric, shortcut metric, per-row field) under each scoring
+SCORING = {"strict": ("accuracy", "shortcut_rate", "correct"),
+           "substring": ("substring_accuracy", "substring_shortcut_rate", "substring_correct")}
+
+
+def _seeds(rows: list[dict], task: str) -> dict[int, list[list[dict]]]:
+    """k -> one list of rows per demo seed, for ``task``."""
+    cells: dict[tuple[int, Any], list[dict]] = {}
+    for r in rows:
+        if r["task"] == task:
+            cells.setdefault((r["k"], r["demo_seed"]), []).append(r)
+    out: dict[int, list[list[dict]]] = {}
+    for (k, _seed), part in sorted(cells.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        out.setdefault(k, []).append(part)
+    return out
+
+
+def _side(seeds: list[list[dict]], scoring: str) -> dict:
+    acc, shortcut, _ = SCORING[scoring]
+    c = condition(seeds)
+    return {"pattern": (c.get("pattern") or {}).get(acc), "control": (c.get("control") or {}).get(acc),
+            "shortcut": (c.get("control") or {}).get(shortcut),
+            "invalid": (c.get("pattern") or {}).get("invalid")}
+
+
+def select_icl(by_k: dict[int, list[list[dict]]], select: str, fixed_k: int, field: str) -> int | None:
+    """The k a rung reports: ``fixed_k``, or (``max``) the k with the highest pattern accuracy under
+    ``field`` (ties: the smaller k), as the authors reported the best shot count."""
+    if select == "fixed":
+        return fixed_k if fixed_k in by_k else None
+    best, best_k = -1.0, None
+    for k, seeds in sorted(by_k.items()):
+        if k == 0:
+            continue
+        flags = [float(r[field]) for rows in seeds for r in rows if r["split"] == "pattern" and r[field] is not None]
+        mean = sum(flags) / len(flags) if flags else -1.0
+        if mean > best:
+            best, best_k = mean, k
+    return best_k
+
+
+def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str, select: str, fixed_k: int) -> dict:
+    _, _, field = SCORING[scoring]
+    by_k = _seeds(icl_rows, task)
+    k = select_icl(by_k, select, fixed_k, field)
+    ft_seeds = _seeds(ft_rows, task).get(0, [])
+    out: dict[str, Any] = {"k": k, "icl": _side(by_k[k], scoring) if k is not None else None,
+                           "ft": _side(ft_seeds, scoring) if ft_seeds else None, "icl_minus_ft": None}
+    if k is not None and ft_seeds:
+        icl_p = [[r for r in rows if r["split"] == "pattern"] for rows in by_k[k]]
+        ft_p = [[r for r in rows if r["split"] == "pattern"] for rows in ft_seeds]
+        ids, matrix = aligned(icl_p + ft_p, field)
+        if ids:
+            out["icl_minus_ft"] = paired_difference(matrix[:len(icl_p)], matrix[len(icl_p):])
+    out["verdict"] = verdict(out["icl_minus_ft"])
+    items = next(iter(by_k.values()), [[]])[0]
+    out["baselines"] = {s: baselines([r["answer"] for r in items if r["split"] == s],
+                                     [r["shortcut_answer"] for r in items if r["split"] == s])
+                        for s in ("pattern", "control") if any(r["split"] == s for r in items)}
+    return out
+
+
+def ladder_summary(rungs: list, config: dict) -> dict:
+    """Every rung's numbers (``rungs``: :func:`iclvsft.ladder.plan_ladder`)."""
+    out = {"config": config["name"], "model": config["model"], "shortened": config["ladder"]["shortened"],
+           "rungs": []}
+    for rung in rungs:
+        lad = rung.config["ladder"]
+        icl_rows = planned_rows(rung.icl_dir / "metrics.json")
+        ft_rows = {t: planned_rows(eval_dir / "metrics.json") for group, _, _, eval_dir in rung.ft for t in group}
+        out["rungs"].append({
+            "index": rung.index, "name": rung.name, "why": rung.why, "changes": rung.changes,
+            "scoring": lad["scoring"], "icl_select": lad["icl_select"],
+            "folders": {"icl": str(rung.icl_dir), "ft": {"+".join(g): str(d) for g, _, d, _ in rung.ft}},
+            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad["scoring"], lad["icl_select"], lad["fixed_k"])
+                      for t in rung.tasks}})
+    return out
+
+
+def _pct(stat: dict | None) -> str:
+    return fmt_pct(stat["mean"]) if stat else "–"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "–"
+    lo, hi = d["ci95"]
+    return f"{100 * d['diff']:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+
+
+SHORT_VERDICT = {"supports": "ICL > FT", "contradicts": "FT > ICL", "no clear difference": "≈", "incomplete": "–"}
+
+
+def ladder_section(summary: dict, plot_dir: Path, link_prefix: str = "") -> str:
+    rungs = summary["rungs"]
+    tasks = list(rungs[0]["tasks"]) if rungs else []
+    lines = ["## From the authors' setup to ours", "",
+             "Rung 0 is the authors' setup; each next rung changes one factor, cumulatively, and ends at our protocol. "
+             "Every rung reports ICL and FT on the same test items under that rung's scoring and ICL selection. "
+             "*ICL > FT* (the paper's claim) or *FT > ICL* where the paired 95% interval of ICL − FT on pattern items "
+             "excludes 0, *≈* where it contains 0. A rung that changes only how results are read reuses the earlier "
+             "rung's completions.", ""]
+    if summary.get("shortened"):
+        lines += [f"Shortened to run on this machine: {summary['shortened']}", ""]
+    lines += ["| rung | change | scoring, ICL cell | " + " | ".join(f"{t}: ICL − FT (verdict)" for t in tasks) + " |",
+              "|---|---|---|" + "---|" * len(tasks)]
+    for r in rungs:
+        sel = "best k" if r["icl_select"] == "max" else "fixed k"
+        cells = [f"{_diff(t['icl_minus_ft'])} ({SHORT_VERDICT[t['verdict']]})" for t in r["tasks"].values()]
+        lines.append(f"| {r['index']} | {r['name']} | {r['scoring']}, {sel} | " + " | ".join(cells) + " |")
+    lines += ["", "Pattern accuracy, control accuracy and shortcut rate on control, in % (95% intervals in "
+              "ladder.json), for the ICL cell (k) and the fine-tuned model:", "",
+              "| rung | task | ICL k | ICL pattern | ICL control | ICL shortcut | FT pattern | FT control | FT shortcut "
+              "| FT invalid (pattern) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rungs:
+        for task, t in r["tasks"].items():
+            icl, ft = t["icl"] or {}, t["ft"] or {}
+            lines.append(f"| {r['index']} | {task} | {t['k'] if t['k'] is not None else '–'} | "
+                         f"{fmt_ci(icl.get('pattern'))} | {_pct(icl.get('control'))} | {_pct(icl.get('shortcut'))} | "
+                         f"{fmt_ci(ft.get('pattern'))} | {_pct(ft.get('control'))} | {_pct(ft.get('shortcut'))} | "
+                         f"{_pct(ft.get('invalid'))} |")
+    lines += ["", "What each rung changes, and why in this order:", ""]
+    for r in rungs:
+        changes = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "nothing (scoring/selection only)"
+        lines.append(f"{r['index']}. **{r['name']}**: {r['why']} ({changes})")
+    lines.append("")
+    if rungs:
+        lines += ["Constant-answer baselines on pattern items (rung 0 formats): " + "; ".join(
+            f"{task} `{b['pattern']['majority_answer']}` {fmt_pct(b['pattern']['majority_accuracy'])}"
+            for task, b in ((t, rungs[0]["tasks"][t]["baselines"]) for t in tasks) if b.get("pattern")) + ".", ""]
+        path = plot_ladder(summary, plot_dir)
+        lines += [f"![ladder]({link_prefix}{Path(path).name})", ""]
+    return "\n".join(lines)
+
+
+def plot_ladder(summary: dict, out_dir: Path) -> str:
+    """Pattern accuracy of ICL and FT per rung, one panel per task, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rungs = summary["rungs"]
+    tasks = list(rungs[0]["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), sharey=True, squeeze=False)
+    xs = [r["index"] for r in rungs]
+    for ax, task in zip(axes[0], tasks):
+        for side, offset, style in (("icl", -0.08, "-o"), ("ft", 0.08, "-s")):
+            stats = [(r["tasks"][task][side] or {}).get("pattern") for r in rungs]
+            ys = [100 * s["mean"] if s else float("nan") for s in stats]
+            err = [[100 * (s["mean"] - s["ci95"][0]) if s else 0 for s in stats],
+                   [100 * (s["ci95"][1] - s["mean"]) if s else 0 for s in stats]]
+            ax.errorbar([x + offset for x in xs], ys, yerr=err, fmt=style, capsize=3,
+                        label="ICL (reported k)" if side == "icl" else "FT zero-shot")
+        ax.set_title(task)
+        ax.set_xticks(xs)
+        ax.set_xlabel("rung")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pattern accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "ladder.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
