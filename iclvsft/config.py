@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .tasks import FORMATS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
+from .tasks import FORMATS, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
 
 ALL_TASKS = list(TASKS)
 
@@ -62,6 +62,15 @@ def _need(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _int_list(name: str, values: list, minimum: int, empty_ok: bool = False) -> None:
+    """A list of distinct integers >= ``minimum`` (non-empty unless ``empty_ok``): a repeated value would
+    count the same cell twice, an empty list silently drop cells."""
+    _need(empty_ok or len(values) > 0, f"{name} must not be empty")
+    _need(all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values),
+          f"{name} must hold integers >= {minimum}, got {values!r}")
+    _need(len(set(values)) == len(values), f"{name} must not repeat a value, got {values!r}")
+
+
 @dataclass
 class DataConfig:
     seed: int = option(0, "the data seed: every item's RNG derives from it (iclvsft.rng)")
@@ -76,6 +85,8 @@ class DataConfig:
     def check(self, config: dict) -> None:
         self.tasks = parse_task_list(self.tasks)
         for task, params in self.task_params.items():
+            _need(params is None or isinstance(params, dict),
+                  f"data.task_params.{task} must be a mapping of that task's parameters, got {params!r}")
             get_task(task, params)  # raises ConfigError for an unknown task, key or bad value
 
 
@@ -88,15 +99,20 @@ class EvalConfig:
                             "(the authors')", choices=DEMO_MODES)
     demo_split: str = option("pattern", "which train split demonstrations come from")
     splits: list = option(["pattern", "control"], "test splits to evaluate")
-    limit: int = option(0, "items per split (0 = all)")
+    limit: int = option(0, "items per split (0 = all)", minimum=0)
     batch_size: int = option(16, "items per forward pass", minimum=1)
-    max_new_tokens: int = option(0, "greedy tokens per answer; 0: longest train answer + a margin, per task")
+    max_new_tokens: int = option(0, "greedy tokens per answer; 0: longest train answer + a margin, per task (the "
+                                 "authors' format: their fixed budgets)", minimum=0)
     constrained: bool = option(True, "also score binary tasks by the label's log-probability")
 
     def check(self, config: dict) -> None:
         if self.tasks:
             self.tasks = parse_task_list(self.tasks)
-        _need(all(k >= 0 for k in self.shots), "eval.shots must be >= 0")
+        _int_list("eval.shots", self.shots, 0)
+        _int_list("eval.demo_seeds", self.demo_seeds, 0, empty_ok=not any(self.shots))
+        _need(bool(self.splits) and all(s in SPLITS for s in self.splits) and len(set(self.splits)) == len(self.splits),
+              f"eval.splits must be distinct names from {', '.join(SPLITS)}, got {self.splits!r}")
+        _need(self.demo_split in SPLITS, f"eval.demo_split must be one of {', '.join(SPLITS)}, got {self.demo_split!r}")
 
 
 @dataclass
@@ -194,6 +210,11 @@ class ReproduceConfig:
     compare_protocol: str = option("", "the FT protocol of the verdict (empty: the first of ft_protocols)")
 
     def check(self, config: dict) -> None:
+        _int_list("reproduce.ft_n_train", self.ft_n_train, 1)
+        _int_list("reproduce.ft_train_seeds", self.ft_train_seeds, 0)
+        _int_list("reproduce.ft_eval_shots", self.ft_eval_shots, 0)
+        for name, values in self.ft_protocol_n_train.items():
+            _int_list(f"reproduce.ft_protocol_n_train.{name}", values, 1)
         for name in self.ft_protocols:
             protocol_ft(config, name)
         _need(not self.compare_protocol or self.compare_protocol in self.ft_protocols,

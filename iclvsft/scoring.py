@@ -6,10 +6,11 @@ Each task names an answer *format*. For a completion (the text the model generat
   surrounding whitespace and at most one trailing ``.`` removed, must be exactly one well-formed
   answer. So ``" 7\\n..."`` -> ``7``, ``"7."`` -> ``7``, ``"10"`` -> ``10`` (wrong for gold ``1``),
   ``"The answer is 7"`` -> invalid, ``"True False"`` -> invalid, ``""`` -> invalid.
-* **lenient**: the first well-formed answer anywhere in the completion, as a whole token (``"10"``
-  never yields ``1``; ``"7.5"`` yields nothing, ``"x7"`` yields nothing). ``"The answer is 7"`` ->
-  ``7``; ``"True False"`` -> ``True``.
-* **invalid**: no strict parse. Counted, reported, never a crash.
+* **lenient**: the well-formed answer on the first line of the completion that holds one, as a whole
+  token (``"10"`` never yields ``1``; ``"7.5"``, ``"x7"`` and ``"3,000"`` yield nothing).
+  ``"The answer is 7"`` -> ``7``. A hedge is not an answer: a line with two different answers
+  (``"3 or 4"``, ``"True False"``, ``"Yes, no"``) or a negated label (``"not True"``) yields nothing.
+* **invalid**: no strict parse. Counted, reported, never a crash (a 5,000-digit "answer" included).
 * **substring** (:func:`substring_match`): the authors' scorer, kept only to reproduce their numbers
   (the ladder's first rungs): the gold string anywhere in the completion, so gold ``1`` matches ``10``.
 
@@ -36,20 +37,34 @@ class AnswerFormat:
     flags: int = 0
 
     def __post_init__(self):
-        # A whole-token match: not glued to a word character, digit, or a decimal point + digit.
+        # A whole-token match: not glued to a word character, or to a decimal point or thousands
+        # comma followed by a digit ("7.5", "3,000" hold no integer answer).
         object.__setattr__(self, "_full", re.compile(rf"(?:{self.pattern})", self.flags))
-        object.__setattr__(self, "_search", re.compile(rf"(?<![\w.])(?:{self.pattern})(?![\w]|\.\d)", self.flags))
+        object.__setattr__(self, "_search", re.compile(rf"(?<![\w.])(?<!\d,)(?:{self.pattern})(?![\w]|[.,]\d)",
+                                                       self.flags))
+        negated = rf"\bnot\s+(?:{'|'.join(self.labels)})\b" if self.labels else r"(?!)"
+        object.__setattr__(self, "_negated", re.compile(negated, re.IGNORECASE))
+
+    def _value(self, m: re.Match) -> str | None:
+        try:
+            return self.normalise(m)
+        except ValueError:  # int() refuses more than 4,300 digits: not an answer, never a crash
+            return None
 
     def strict(self, completion: str) -> str | None:
         line = completion.lstrip().split("\n", 1)[0].strip()
         if line.endswith("."):
             line = line[:-1].rstrip()
         m = self._full.fullmatch(line)
-        return self.normalise(m) if m else None
+        return self._value(m) if m else None
 
     def lenient(self, completion: str) -> str | None:
-        m = self._search.search(completion)
-        return self.normalise(m) if m else None
+        for line in completion.split("\n"):
+            found = {self._value(m) for m in self._search.finditer(line)}
+            if found:
+                hedged = len(found) > 1 or None in found or self._negated.search(line)
+                return None if hedged else found.pop()
+        return None
 
     def canonical(self, answer: str) -> str:
         """The normalised form of a gold answer (raises if the gold answer is malformed)."""

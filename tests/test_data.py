@@ -107,6 +107,30 @@ def test_config_errors():
     assert load_config(None, ["ft.learning_rate=1e-5"])["ft"]["learning_rate"] == 1e-5  # YAML 1.1 reads a string
 
 
+@pytest.mark.parametrize("bad, match", [
+    ("eval.limit=-1", "eval.limit must be >= 0"),  # was: part[:-1], 19 of 20 items
+    ("eval.shots=[4,4]", "eval.shots must not repeat"),  # was: every row written twice
+    ("eval.demo_seeds=[0,0]", "eval.demo_seeds must not repeat"),
+    ("eval.max_new_tokens=-5", "eval.max_new_tokens must be >= 0"),  # was: every completion empty
+    ("eval.splits=[]", "eval.splits must be distinct names"),  # was: cells silently dropped
+    ("eval.splits=[foo]", "eval.splits must be distinct names"),
+    ("eval.splits=[pattern,pattern]", "eval.splits must be distinct names"),
+    ("eval.demo_seeds=[]", "eval.demo_seeds must not be empty"),
+    ("eval.shots=[]", "eval.shots must not be empty"),
+    ("eval.demo_split=bogus", "eval.demo_split must be one of pattern, control"),  # was: "the train pool has 0"
+    ("data.task_params.expression=3", "must be a mapping"),  # was: a traceback
+    ("reproduce.ft_n_train=[0]", "reproduce.ft_n_train must hold integers >= 1"),
+    ("reproduce.ft_train_seeds=[1,1]", "must not repeat"),
+])
+def test_values_that_would_silently_change_results_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [bad])
+
+
+def test_zero_shot_only_needs_no_demo_seed():
+    assert load_config(None, ["eval.shots=[0]", "eval.demo_seeds=[]"])["eval"]["demo_seeds"] == []
+
+
 def test_schema_checks_every_section_at_load():
     """Choices and ranges come from the schema's fields; cross-key rules from each section's check."""
     for bad, match in [("dtype=fp8", "dtype must be one of auto, bf16"), ("eval.demo_mode=bogus", "eval.demo_mode"),

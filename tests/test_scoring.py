@@ -21,7 +21,12 @@ INT = FORMATS["int"]
     ("-03", "-3", "-3"),
     ("7.5", None, None),           # not an integer, and lenient never takes the "7" of "7.5"
     ("x7 y", None, None),
-    ("7 8", None, "7"),
+    ("7 8", None, None),           # two answers: a hedge, not an answer
+    ("3 or 4", None, None),
+    ("3,000", None, None),         # not 3
+    ("7 or 7", None, "7"),         # the same answer twice is one answer
+    ("so 7\n8", None, "7"),        # the first line holding an answer decides
+    ("1" * 5000, None, None),      # int() refuses 4,300+ digits: invalid, never a crash
     ("\n\n12\n", "12", "12"),      # leading whitespace, newlines included, is skipped
     ("=12", None, "12"),
 ])
@@ -31,7 +36,11 @@ def test_int_parsing(completion, strict, lenient):
 
 
 @pytest.mark.parametrize("fmt, completion, strict, lenient", [
-    ("bool", "True False", None, "True"),
+    ("bool", "True False", None, None),
+    ("bool", "not True", None, None),
+    ("bool", "True, not False", None, None),
+    ("yesno", "Yes, no", None, None),
+    ("pair", "a = 1, b = 2 or a = 3, b = 4", None, None),
     ("bool", " true\n", "True", "True"),
     ("bool", "FALSE.", "False", "False"),
     ("bool", "Trueish", None, None),
