@@ -33,7 +33,7 @@ def main() -> int:
     p.add_argument("--data", default="data", help="the generated data folder (generate_data.py --out)")
     p.add_argument("--out", default=None, help="results folder; default results/circuits/<model>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before or after the named options
     from iclvsft.circuits import analyze, report_section  # heavy imports only after --help
 
     config = cli.resolve(args)

@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run in --out (an unfinished one is resumed without this)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before or after the named options
 
     from iclvsft.train import finetune  # heavy imports only after --help
 

@@ -18,7 +18,7 @@ def main() -> int:
     p.add_argument("--out", "--data", dest="out", default="data", help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite a folder generated with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before or after the named options
     config = cli.resolve(args)
     out = Path(args.out)
     if is_up_to_date(config, out):

@@ -18,7 +18,7 @@ def main() -> int:
     p.add_argument("--data", default=None, help="the data folder; default data/<config name>")
     p.add_argument("--results", default=None, help="the results folder; default results/<config name>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before or after the named options
     config = cli.resolve(args)
     name = config["name"] or "default"
     report = run_study(config, Path(args.data or f"data/{name}"), Path(args.results or f"results/{name}"),

@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("--out", default=None,
                    help="results folder; default results/eval/<model>[__<adapter>]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before or after the named options
     config = cli.resolve(args)
     if args.adapter and not Path(args.adapter).is_dir():
         raise ConfigError(f"--adapter {args.adapter}: no such folder (finetune.py --out writes one)")

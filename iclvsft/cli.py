@@ -3,6 +3,7 @@ schema, and clean error exits."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -82,6 +83,13 @@ def _nest(keys: list[str], value: Any) -> Any:
     return value
 
 
+FILE_SYSTEM_ERRORS = {errno.EACCES: "choose a folder you can write, e.g. another --out",
+                      errno.EPERM: "choose a folder you can write, e.g. another --out",
+                      errno.EROFS: "the file system is read-only: choose another --out",
+                      errno.ENOSPC: "the disk is full: free space",
+                      errno.EDQUOT: "the disk quota is full: free space"}
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a script's main; a project error prints one line and exits 2 instead of a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -89,6 +97,12 @@ def run(main: Callable[[], int | None]) -> None:
         sys.exit(main() or 0)
     except IclvsftError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the environment, not the code: one line that names the file and what to do
+        if e.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"error: cannot write or read {e.filename or 'a file'}: {e.strerror} ({FILE_SYSTEM_ERRORS[e.errno]}); "
+              "finished work is kept, rerun to continue", file=sys.stderr)
         sys.exit(2)
 
 

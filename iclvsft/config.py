@@ -408,7 +408,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str | dict] 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; the presets are in configs/ (cpu.yaml, quick.yaml, paper.yaml)")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         config = merge(config, loaded, str(path))

@@ -102,7 +102,7 @@ def generate(config: dict, out: str | Path, show_progress: bool = True) -> dict[
     tasks = {name: get_task(name, data["task_params"].get(name)) for name in data["tasks"]}
     total = sum(sum(pool_sizes(config, t, p).values()) for t in tasks.values() for p in POOLS)
     manifest: dict[str, Any] = {
-        "generator": f"iclvsft {__version__}",
+        "generator": GENERATOR,
         "git_commit": git_commit(),
         "seed": data["seed"],
         "data_config": {k: v for k, v in data.items() if k != "task_params"},
@@ -144,14 +144,35 @@ def existing_manifest_key(manifest: dict[str, Any]) -> dict[str, Any]:
             "params": {n: t.get("params") for n, t in manifest.get("tasks", {}).items()}}
 
 
+GENERATOR = f"iclvsft {__version__}"
+
+
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of ``data_dir``, its shape checked, made by this version of the generators."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise DataError(f"no manifest at {path}; {GENERATE_HINT}")
+    regenerate = "regenerate with generate_data.py --force"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; {regenerate}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is corrupt ({e.msg}); regenerate with generate_data.py --force") from None
+        raise DataError(f"{path} is corrupt ({e.msg}); {regenerate}") from None
+    tasks = manifest.get("tasks") if isinstance(manifest, dict) else None
+    if not isinstance(tasks, dict):
+        raise DataError(f"{path} has no 'tasks' mapping; {regenerate}")
+    for name, entry in tasks.items():
+        files = entry.get("files") if isinstance(entry, dict) else None
+        ok = isinstance(files, dict) and all(
+            isinstance(files.get(pool), dict) and isinstance(files[pool].get("sha256"), str)
+            and isinstance(files[pool].get("path"), str) for pool in POOLS)
+        if not ok:
+            raise DataError(f"{path}: task {name!r} lacks files.train/test with path and sha256; {regenerate}")
+    if manifest.get("generator") != GENERATOR:
+        raise DataError(f"{path} was made by {manifest.get('generator')!r}, these generators are {GENERATOR!r}: the "
+                        f"items may differ; {regenerate}")
+    return manifest
 
 
 def is_up_to_date(config: dict, data_dir: str | Path) -> bool:

@@ -19,8 +19,13 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never half of one."""
+    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never half of one.
+    A file that already holds exactly ``data`` is left alone (a finished run in a read-only folder
+    can be read again without rewriting its metrics)."""
     path = Path(path)
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -87,8 +92,12 @@ def read_jsonl(path: str | Path, hint: str = "") -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing file {path}" + (f"; {hint}" if hint else ""))
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text" + (f"; {hint}" if hint else "")) from None
             if not line.strip():
                 continue
             try:

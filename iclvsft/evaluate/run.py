@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..data import load_manifest
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import provenance, write_json
 from ..models import load_model
 from ..prompts import demo_order, per_item_demos
@@ -46,10 +46,16 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     # On a machine without CUDA, cpu=True is what makes the processes of `accelerate launch` one job
     # (over gloo); without it each would run, and write, the whole evaluation on its own.
     state = PartialState(cpu=not torch.cuda.is_available())
+    if plan.out.exists() and not plan.out.is_dir():
+        raise ConfigError(f"--out {plan.out} is a file; choose a folder")
     ev = plan.config["eval"]
     tasks = ev["tasks"] or plan.config["data"]["tasks"]
     cells = plan_cells(tasks, ev["shots"], ev["demo_seeds"])
     core = requested_identity(plan, tasks)
+    for task in tasks:
+        if not items_to_evaluate(plan.data_dir, task, plan.config):
+            raise DataError(f"{plan.data_dir}/{task}/test.jsonl holds no test items of splits {ev['splits']}; "
+                            "regenerate the data with data.test_pattern / data.test_control > 0")
     samples = plan.out / SAMPLES_FILE
     done = {(r["cell"], r["item_id"]) for r in read_samples(samples)}
     if _nothing_left(plan, core, cells, done, tasks):  # no need to load the model

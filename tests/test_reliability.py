@@ -1,0 +1,130 @@
+"""Bad inputs and hostile environments: one clear line and exit 2, nothing overwritten (issue 15's
+test plan; each case failed with a traceback or a silent wrong result before)."""
+import json
+import os
+import runpy
+import sys
+
+import pytest
+from conftest import ROOT
+
+from iclvsft.config import load_config
+from iclvsft.data import generate
+from iclvsft.errors import ConfigError, DataError
+
+SMALL = ["data.tasks=[expression,boolean]", "data.train_pattern=16", "data.train_control=0", "data.test_pattern=3",
+         "data.test_control=3"]
+EVAL = ["--model", "tiny-random-qwen2", "--tasks", "expression", "--shots", "0", "--quiet"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    out = tmp_path / "data"
+    generate(load_config(None, SMALL), out, show_progress=False)
+    return out
+
+
+def script(name: str, *argv: str, capsys) -> tuple[int, str]:
+    """Run a top-level script in this process; (exit code, stderr)."""
+    old = sys.argv
+    sys.argv = [name, *map(str, argv)]
+    try:
+        runpy.run_path(str(ROOT / name), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line(code: int, err: str, match: str) -> None:
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err and match in err, err[-2000:]
+
+
+def test_non_utf8_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_non_utf8_jsonl_and_manifest_shape(data):
+    from iclvsft.data import load_items, load_manifest
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "expression" / "test.jsonl").write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(DataError, match="sha256|not UTF-8"):
+        load_items(data, "expression", "test")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_items(data, "expression", "test", verify=False)
+    for broken in ({**manifest, "tasks": []}, {**manifest, "tasks": {"expression": {"files": {}}}},
+                   {**manifest, "tasks": {"expression": {"files": {"train": {"path": "x"}, "test": {"path": "y"}}}}},
+                   [1, 2], {**manifest, "generator": "iclvsft 0.0.1"}):
+        (data / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(DataError, match="regenerate"):
+            load_manifest(data)
+
+
+def test_cli_errors_are_one_line(data, tmp_path, capsys):
+    # --out naming a file
+    (tmp_path / "file").write_text("x")
+    one_line(*script("test.py", "--data", data, "--out", tmp_path / "file", *EVAL, capsys=capsys), "is a file")
+    # a corrupt run.json
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "run.json").write_text("{not json")
+    one_line(*script("test.py", "--data", data, "--out", bad, *EVAL, capsys=capsys), "unreadable")
+    # a bad value, given after the named options (argparse used to say "unrecognized arguments")
+    one_line(*script("test.py", "--data", data, "--out", tmp_path / "o", *EVAL, "eval.limit=-1", capsys=capsys),
+             "eval.limit must be >= 0")
+    # an empty test file that its manifest vouches for (a data folder with no test items)
+    empty = tmp_path / "empty"
+    generate(load_config(None, [*SMALL, "data.test_pattern=0", "data.test_control=0"]), empty, show_progress=False)
+    one_line(*script("test.py", "--data", empty, "--out", tmp_path / "e", *EVAL, capsys=capsys), "no test items")
+
+
+def test_finished_run_reads_again_in_a_read_only_folder(data, tmp_path, capsys):
+    out = tmp_path / "ro"
+    code, err = script("test.py", "--data", data, "--out", out, *EVAL, capsys=capsys)
+    assert code == 0, err[-2000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for p in [out, *out.iterdir()]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        code, err = script("test.py", "--data", data, "--out", out, *EVAL, capsys=capsys)
+        if os.geteuid() != 0:  # root writes through permissions; the no-rewrite rule is checked below anyway
+            assert code == 0, err[-2000:]
+    finally:
+        for p in [out, *out.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_unchanged_file_is_not_rewritten(tmp_path):
+    from iclvsft.io import atomic_write_text
+
+    path = tmp_path / "m.json"
+    atomic_write_text(path, "same")
+    mtime = path.stat().st_mtime_ns
+    os.utime(path, ns=(mtime - 10**9, mtime - 10**9))
+    atomic_write_text(path, "same")
+    assert path.stat().st_mtime_ns == mtime - 10**9
+    atomic_write_text(path, "other")
+    assert path.read_text() == "other"
+
+
+def test_full_disk_is_one_line(monkeypatch, capsys):
+    import errno
+
+    from iclvsft import cli
+
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", "/results/x/samples.jsonl")
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "disk is full" in err and "samples.jsonl" in err
