@@ -138,10 +138,10 @@ def test_sandbox_refuses_and_limits_but_runs_the_rest():
     programs = [
         "print(6 * 7)",
         "open('/etc/hostname')",                              # no open in the builtins
-        "len.__self__.open('/etc/hostname')",                 # reached anyway: the audit hook refuses
+        "len.__self__.open('/etc/hostname')",                 # builtins via __self__: the source check refuses
         "import socket",
         "import os\nos.system('echo hi')",
-        "len.__self__.__import__('posix').system('echo hi')",  # already-loaded module: audit hook refuses
+        "len.__self__.__import__('posix').system('echo hi')",  # already-loaded module: the source check refuses
         "while True:\n    pass",
         "print(1 // 0)",
         "x = [0] * 10 ** 10",                                  # address-space limit
@@ -151,9 +151,9 @@ def test_sandbox_refuses_and_limits_but_runs_the_rest():
     assert len(results) == len(programs)
     assert results[0] == SandboxResult("42\n", None)
     assert results[1].error.startswith("NameError")
-    assert results[2].error == "RuntimeError: sandbox: 'open' is not allowed"
+    assert results[2].error == "RuntimeError: sandbox: attribute '__self__' is not allowed"
     assert results[3].error.startswith("ImportError") and results[4].error.startswith("ImportError")
-    assert results[5].error == "RuntimeError: sandbox: 'os.system' is not allowed"
+    assert results[5].error == "RuntimeError: sandbox: attribute '__import__' is not allowed"
     assert results[6].error.startswith("TimeoutError")
     assert results[7].error.startswith("ZeroDivisionError")
     assert results[8].error.startswith("MemoryError")
@@ -162,9 +162,9 @@ def test_sandbox_refuses_and_limits_but_runs_the_rest():
 
 
 def test_sandbox_kills_a_program_that_ignores_its_time_limit():
-    # The program switches off its own SIGALRM timer: the parent's watchdog kills the child and a
-    # fresh child runs the rest of the batch.
-    programs = ["print(1)", "len.__self__.__import__('_signal').signal(14, 1)\nwhile True:\n    pass", "print(2)"]
+    # The program is stuck in one C call, where its SIGALRM timer cannot interrupt it: the parent's
+    # watchdog kills the child and a fresh child runs the rest of the batch.
+    programs = ["print(1)", "sum(range(10 ** 13))", "print(2)"]
     results = run_programs(programs, timeout_s=0.2, kill_grace_s=0.3)
     assert results[0].stdout == "1\n" and results[2] == SandboxResult("2\n", None)
     assert results[1].error.startswith("TimeoutError") and "killed" in results[1].error

@@ -1,0 +1,296 @@
+"""Escape attempts against iclvsft.sandbox: every one must fail and leave no effect.
+
+Each attempt is a small program run through ``run_programs`` in one batch; after each attempt an
+honest marker program runs, so a forged or misaligned result line would show up there. Side effects
+are checked outside the sandbox: no file appears in a world-writable folder, a ``sleep`` process the
+test started is still alive with its priority and CPU affinity unchanged, a listening socket got no
+connection. A second batch switches the interpreter guard off (test-only knob) to show that the
+operating-system layer alone refuses the same actions where this machine has it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+
+from iclvsft import sandbox
+from iclvsft.sandbox import Containment, SandboxResult, containment, run_programs
+
+FORGED = "FORGED"
+ESCAPED = "ESCAPED"
+
+# (name, program, expectation): "error" = must stop with an error; "timeout" / "memory" = must stop
+# with that error; "own" = may finish, but only its own stdout may change. Tokens @DIR@ (a
+# world-writable folder), @PID@ (an unrelated sleep process), @PORT@ (a listening localhost port),
+# @NICE@ / @CPUS@ (a priority / affinity different from the sleep's), @FORGE@ (a result line
+# claiming the next program's slot) are filled in by the fixture.
+ATTEMPTS = [
+    # abs.__self__ is the real builtins module: from there __import__ an already-loaded module.
+    ("abs_self_import_posix", "abs.__self__.__import__('posix').mknod('@DIR@/abs_self')", "error"),
+    # print.__self__ / len.__self__: the same route through other builtins.
+    ("print_self", "print.__self__.__import__('posix').mkfifo('@DIR@/print_self')", "error"),
+    ("len_self_open", "print(len.__self__.open('/etc/passwd').read())", "error"),
+    # Subclass walk to BuiltinImporter: a fresh posix module with no audit event at all.
+    ("subclasses_builtin_importer",
+     "for c in ().__class__.__base__.__subclasses__():\n"
+     "    if c.__name__ == 'BuiltinImporter':\n"
+     "        m = c.create_module(c.find_spec('posix'))\n"
+     "        c.exec_module(m)\n"
+     "        m.mknod('@DIR@/subclasses')\n", "error"),
+    # Subclass walk to os._wrap_close and its function's __globals__ (the os module namespace).
+    ("subclasses_wrap_close",
+     "for c in ().__class__.__mro__[1].__subclasses__():\n"
+     "    if c.__name__ == '_wrap_close':\n"
+     "        c.__init__.__globals__['system']('touch @DIR@/wrap_close')\n", "error"),
+    # type.__subclasses__ reached through a builtin type's metaclass.
+    ("type_subclasses", "print(len(int.__class__.__subclasses__(int.__class__)), 'ESCAPED')", "error"),
+    # __import__ by name (not in the builtins dict) and the import statement.
+    ("dunder_import_posix", "__import__('posix').mknod('@DIR@/dunder_import')", "error"),
+    ("import_statement_posix", "import posix\nposix.mknod('@DIR@/import_posix')", "error"),
+    # __builtins__ tricks: index the dict for a removed name, or rebind it.
+    ("builtins_dict", "__builtins__['__import__']('posix').mknod('@DIR@/builtins_dict')", "error"),
+    ("builtins_rebind", "__builtins__ = {}\nprint(abs)", "error"),
+    # The print wrapper's globals would hold the real print and the output buffer.
+    ("wrapper_globals", "print(print.__globals__['REAL_print'], 'ESCAPED')", "error"),
+    ("wrapper_closure", "print(abs.__closure__, abs.__defaults__, 'ESCAPED')", "error"),
+    # Frame walking: generator frame -> f_back -> the harness's f_globals (result channel, send()).
+    ("gi_frame_walk",
+     "def g():\n    yield 1\nx = g()\nnext(x)\nprint(x.gi_frame.f_back.f_globals['result_fd'], 'ESCAPED')", "error"),
+    # Frame walking from a traceback.
+    ("tb_frame_walk",
+     "try:\n    1 // 0\nexcept ZeroDivisionError as e:\n    print(e.__traceback__.tb_frame.f_back.f_globals, 'ESCAPED')",
+     "error"),
+    # Frame walking without any dunder, through str.format's attribute lookup by name.
+    ("format_gi_frame", "def g():\n    yield 1\nx = g()\nnext(x)\nprint('{0.gi_frame.f_back}'.format(x), 'ESCAPED')",
+     "error"),
+    # str.format reading a wrapper's __globals__ (not an audited attribute in CPython 3.11).
+    ("format_globals", "print('{0.__globals__}'.format(print), 'ESCAPED')", "error"),
+    ("format_map_globals", "print('{f.__globals__}'.format_map({'f': abs}), 'ESCAPED')", "error"),
+    # match class patterns read attributes by name: tuple(__class__=t) would hand out the type.
+    ("match_class_dunder", "match ():\n    case tuple(__class__=t):\n        print(t, 'ESCAPED')", "error"),
+    # Names the builtins dict does not hold: getattr, eval, exec, compile, globals, vars, type, open.
+    ("getattr_eval_exec", "getattr(abs, '__self__')", "error"),
+    ("exec_import", "exec('import os')", "error"),
+    ("globals_vars", "print(globals(), 'ESCAPED')", "error"),
+    ("loader_spec", "print(__loader__, __spec__, 'ESCAPED')", "error"),
+    # File system: create a regular file / fifo, write a file, read /etc/passwd, stat /etc/shadow.
+    ("mknod", "import os\nos.mknod('@DIR@/mknod')", "error"),
+    ("mkfifo", "import os\nos.mkfifo('@DIR@/mkfifo')", "error"),
+    ("write_file", "open('@DIR@/write_file', 'w').write('x')", "error"),
+    ("read_passwd", "print(open('/etc/passwd').read())", "error"),
+    ("stat_shadow", "import os\nprint(os.stat('/etc/shadow'), 'ESCAPED')", "error"),
+    # Other processes: pidfd kill of an unrelated process, os.kill, priority, CPU affinity.
+    ("pidfd_kill", "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(@PID@), 9)", "error"),
+    ("pidfd_kill_via_self",
+     "b = len.__self__\nb.__import__('_signal').pidfd_send_signal(b.__import__('posix').pidfd_open(@PID@), 9)", "error"),
+    ("os_kill", "import os\nos.kill(@PID@, 9)", "error"),
+    ("setpriority", "import os\nos.setpriority(os.PRIO_PROCESS, @PID@, @NICE@)", "error"),
+    ("sched_setaffinity", "import os\nos.sched_setaffinity(@PID@, @CPUS@)", "error"),
+    # Privileges: chroot, setuid.
+    ("chroot", "import os\nos.chroot('/tmp')\nprint('ESCAPED')", "error"),
+    ("setuid", "import os\nos.setuid(0)\nprint('ESCAPED')", "error"),
+    # Network: connect to a port the test listens on.
+    ("socket_connect", "import socket\nsocket.create_connection(('127.0.0.1', @PORT@), timeout=0.2)", "error"),
+    # New processes: fork, subprocess, os.system.
+    ("fork", "import os\nos.fork()\nprint('ESCAPED')", "error"),
+    ("subprocess", "import subprocess\nsubprocess.run(['touch', '@DIR@/subprocess'])", "error"),
+    ("os_system", "import os\nos.system('touch @DIR@/os_system')", "error"),
+    # ctypes: call libc directly.
+    ("ctypes", "import ctypes\nctypes.CDLL(None).kill(@PID@, 9)", "error"),
+    # resource limits: raise them back.
+    ("setrlimit_raise", "import resource\nresource.setrlimit(resource.RLIMIT_NPROC, (-1, -1))", "error"),
+    # Forge the next program's result: fd 1, sys.stdout, sys.__stdout__, every low fd (the result pipe).
+    ("forge_os_write_fd1", "import os\nos.write(1, @FORGE@.encode())", "error"),
+    ("forge_sys_stdout", "import sys\nsys.stdout.write(@FORGE@)\nsys.stdout.flush()", "error"),
+    ("forge_sys_dunder_stdout",
+     "s = abs.__self__.__import__('sys')\ns.__stdout__.write(@FORGE@)\ns.__stdout__.flush()", "error"),
+    ("forge_print_file", "print(@FORGE@, end='', file=None)", "error"),
+    ("forge_result_fd", "for fd in range(3, 32):\n    open(fd, 'w').write(@FORGE@)", "error"),
+    ("read_result_fd", "for fd in range(3, 32):\n    print(open(fd).read(), 'ESCAPED')", "error"),
+    # A forged line printed the ordinary way stays in the program's own stdout.
+    ("forge_own_stdout", "print(@FORGE@, end='')", "own"),
+    # Exhausting memory (address-space limit).
+    ("memory_list", "x = [0] * 10 ** 10", "memory"),
+    ("memory_str", "x = ' ' * (4 * 1024 ** 3)", "memory"),
+    # Infinite loop: stopped by the per-program timer.
+    ("infinite_loop", "while True:\n    pass", "timeout"),
+    # Swallowing the timer with a bare except: killed by the parent's watchdog.
+    ("swallow_timeout", "while True:\n    try:\n        while True:\n            pass\n    except:\n        pass", "timeout"),
+    # Stuck in one C call, where the timer cannot interrupt: killed by the parent's watchdog.
+    ("stuck_in_c", "sum(range(10 ** 13))", "timeout"),
+]
+
+# The same routes with the interpreter guard switched off (real builtins, no source check, no audit
+# hook): what the operating-system layer alone refuses. Run only where containment() reports every
+# OS layer. (os.stat is absent on purpose: no OS layer here hides file metadata.)
+OS_ATTEMPTS = [
+    ("os_mknod", "import os\nos.mknod('@DIR@/os_mknod')", "error"),
+    ("os_mkfifo", "import os\nos.mkfifo('@DIR@/os_mkfifo')", "error"),
+    ("os_write_file", "open('@DIR@/os_write_file', 'w').write('x')", "error"),
+    ("os_read_passwd", "print(open('/etc/passwd').read())", "error"),
+    ("os_listdir", "import os\nprint(os.listdir('/'))", "error"),
+    ("os_pidfd_kill", "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(@PID@), 9)", "error"),
+    ("os_kill", "import os\nos.kill(@PID@, 9)", "error"),
+    ("os_ctypes_kill", "import ctypes\nassert ctypes.CDLL(None).kill(@PID@, 9) == 0", "error"),
+    ("os_setpriority", "import os\nos.setpriority(os.PRIO_PROCESS, @PID@, @NICE@)", "error"),
+    ("os_sched_setaffinity", "import os\nos.sched_setaffinity(@PID@, @CPUS@)", "error"),
+    ("os_chroot", "import os\nos.chroot('/tmp')\nprint('ESCAPED')", "error"),
+    ("os_setuid", "import os\nos.setuid(0)\nprint('ESCAPED')", "error"),
+    ("os_fork", "import os\nos.fork()\nprint('ESCAPED')", "error"),
+    ("os_system", "import os\nassert os.system('touch @DIR@/os_system') == 0", "error"),
+    ("os_socket", "import socket\nsocket.create_connection(('127.0.0.1', @PORT@), timeout=0.2)", "error"),
+    ("os_setrlimit_raise", "import resource\nresource.setrlimit(resource.RLIMIT_NPROC, (-1, -1))", "error"),
+    # fd 1 is /dev/null: writing a result line there reaches nobody.
+    ("os_forge_fd1", "import os\nos.write(1, @FORGE@.encode())", "own"),
+    ("os_forge_dunder_stdout", "import sys\nsys.__stdout__.write(@FORGE@)\nsys.__stdout__.flush()", "own"),
+]
+
+
+@pytest.fixture(scope="module")
+def victim():
+    """An unrelated process (and its priority and affinity) that the programs try to touch."""
+    proc = subprocess.Popen(["sleep", "120"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def shared_dir():
+    """A world-writable folder under /tmp (nobody could create files here at the OS level)."""
+    path = tempfile.mkdtemp(prefix="sandbox-escape-", dir="/tmp")
+    os.chmod(path, 0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def _targets(victim):
+    nice = os.getpriority(os.PRIO_PROCESS, victim.pid)
+    cpus = os.sched_getaffinity(victim.pid)
+    return nice, cpus, (5 if nice != 5 else 6), ({min(cpus)} if len(cpus) > 1 else set(range(64)) - cpus or {0})
+
+
+def _run_attempts(attempts, victim, shared_dir, listener):
+    """Run every attempt followed by an honest marker program; return {name: (result, marker_result)}."""
+    _, _, nice_target, cpu_target = _targets(victim)
+    programs = []
+    for index, (name, template, _) in enumerate(attempts):
+        next_index = 2 * index + 1
+        forge = json.dumps({"i": next_index, "stdout": f"{FORGED}\n", "error": None}) + "\n"
+        program = (template.replace("@DIR@", shared_dir).replace("@PID@", str(victim.pid))
+                   .replace("@PORT@", str(listener.getsockname()[1])).replace("@NICE@", str(nice_target))
+                   .replace("@CPUS@", repr(cpu_target)).replace("@FORGE@", repr(forge)))
+        programs += [program, f"print('marker {name}')"]
+    results = run_programs(programs, timeout_s=0.3, kill_grace_s=0.5, total_timeout_s=60)
+    return {name: (results[2 * i], results[2 * i + 1]) for i, (name, _, _) in enumerate(attempts)}
+
+
+def _check_blocked(name, expect, result, marker):
+    # The next program's result is its own: nothing forged, nothing misaligned.
+    assert marker == SandboxResult(f"marker {name}\n", None), (name, result, marker)
+    assert ESCAPED not in result.stdout, (name, result)
+    if expect == "own":
+        assert FORGED not in (marker.stdout + (marker.error or ""))
+        return
+    assert result.error is not None, (name, result)
+    assert FORGED not in result.stdout, (name, result)
+    if expect == "timeout":
+        assert result.error.startswith("TimeoutError"), (name, result)
+    if expect == "memory":
+        assert result.error.startswith("MemoryError"), (name, result)
+
+
+def _check_no_side_effects(victim, shared_dir, listener, before):
+    assert victim.poll() is None, "the unrelated process was killed"
+    nice, cpus, _, _ = _targets(victim)
+    assert (nice, cpus) == before, "the unrelated process's priority or affinity changed"
+    assert os.listdir(shared_dir) == [], "a program created a file"
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+
+
+@pytest.fixture(scope="module")
+def guarded(victim, shared_dir, listener):
+    before = _targets(victim)[:2]
+    outcome = _run_attempts(ATTEMPTS, victim, shared_dir, listener)
+    return outcome, before
+
+
+def test_there_are_at_least_20_attempts():
+    assert len(ATTEMPTS) >= 20 and len({name for name, _, _ in ATTEMPTS}) == len(ATTEMPTS)
+
+
+@pytest.mark.parametrize("name,expect", [(name, expect) for name, _, expect in ATTEMPTS])
+def test_escape_attempt_is_blocked(guarded, name, expect):
+    outcome, _ = guarded
+    _check_blocked(name, expect, *outcome[name])
+
+
+def test_escape_attempts_left_no_side_effects(guarded, victim, shared_dir, listener):
+    _, before = guarded
+    _check_no_side_effects(victim, shared_dir, listener, before)
+
+
+def test_os_layer_alone_blocks_the_same_routes(victim, shared_dir, listener, monkeypatch):
+    state = containment(refresh=True)
+    if state.missing:
+        pytest.skip(f"this machine lacks OS layers: {state.missing}")
+    before = _targets(victim)[:2]
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    outcome = _run_attempts(OS_ATTEMPTS, victim, shared_dir, listener)
+    for name, _, expect in OS_ATTEMPTS:
+        _check_blocked(name, expect, *outcome[name])
+    _check_no_side_effects(victim, shared_dir, listener, before)
+
+
+def test_honest_programs_still_run_and_the_watchdog_restarts_the_child():
+    programs = ["print(1)", "sum(range(10 ** 13))", "print(2)",
+                "def f(n):\n    return [i * i for i in range(n)]\nprint(sum(f(4)), max(f(3)), sorted({3, 1}), divmod(7, 2))"]
+    results = run_programs(programs, timeout_s=0.2, kill_grace_s=0.3)
+    assert results[0] == SandboxResult("1\n", None) and results[2] == SandboxResult("2\n", None)
+    assert results[1].error.startswith("TimeoutError") and "killed" in results[1].error
+    assert results[3] == SandboxResult("14 4 [1, 3] (3, 1)\n", None)
+
+
+def test_containment_is_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="iclvsft.sandbox"):
+        sandbox._warned.clear()
+        state = containment(refresh=True)
+    assert isinstance(state, Containment) and state.os_contained == (not state.missing)
+    assert any(a.startswith("interpreter guard") for a in state.active)
+    assert any(a.startswith(("privilege drop", "unprivileged user")) for a in state.active) or \
+        any(m.startswith("privilege drop") for m in state.missing)
+    warnings = [r for r in caplog.records if r.name == "iclvsft.sandbox"]
+    if state.missing:  # one line, naming every missing layer
+        assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+        assert all(m in warnings[0].getMessage() for m in state.missing)
+    else:
+        assert warnings == []
+
+
+def test_missing_os_layer_warns_once_and_the_interpreter_guard_still_blocks(caplog, monkeypatch):
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"landlock", "namespaces"}))
+    sandbox._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="iclvsft.sandbox"):
+        state = containment(refresh=True)
+        results = run_programs(["abs.__self__.__import__('posix')", "import os", "print(3)"])
+    assert "landlock (switched off)" in state.missing and "namespaces (switched off)" in state.missing
+    warnings = [r.getMessage() for r in caplog.records if r.name == "iclvsft.sandbox"]
+    assert len(warnings) == 1 and "landlock" in warnings[0] and "namespaces" in warnings[0]
+    assert results[0].error and results[1].error.startswith("ImportError") and results[2].stdout == "3\n"
