@@ -121,6 +121,56 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# --- content digests, cached by (path, size, mtime) -------------------------------------------------
+# A run's identity names the weights it used by content (an adapter retrained in place under the
+# same path is another run). Hashing a 2.5 GB folder takes seconds, so each file's sha256 is kept in
+# a small JSON cache keyed by its path, size and modification time, and recomputed when they change.
+
+_DIGESTS: dict[str, str] = {}
+
+
+def _digest_cache_path() -> Path:
+    root = os.environ.get("ICLVSFT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                            os.path.expanduser("~/.cache"), "iclvsft")
+    return Path(root) / "file_sha256.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, from the cache while its size and mtime are unchanged."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    cache_path = _digest_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest = cache.get(key) if isinstance(cache, dict) else None
+    if not isinstance(digest, str):
+        digest = sha256_file(path)
+        cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if not k.startswith(f"{path}|")}
+        cache[key] = digest
+        with contextlib.suppress(OSError):  # a read-only cache only costs a recomputation next time
+            atomic_write_text(cache_path, json.dumps(cache, sort_keys=True))
+    _DIGESTS[key] = digest
+    return digest
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json", "generation_config.json")
+
+
+def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> str:
+    """One sha256 over the files of ``folder`` (top level) matching ``patterns``: their names and contents."""
+    folder = Path(folder)
+    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
 def git_commit(repo: str | Path | None = None) -> str | None:
     """The current commit of the repo (``+dirty`` when tracked files changed), or None outside git."""
     repo = Path(repo or Path(__file__).resolve().parent.parent)

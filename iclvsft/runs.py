@@ -24,17 +24,36 @@ def differences(saved: Any, current: Any, path: str = "") -> list[str]:
     return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]
 
 
-def compare_identity(path: Path, identity: dict, keys: Iterable[str] | None = None,
-                     remedy: str = "move the folder away") -> list[str] | None:
-    """What differs between the identity recorded in ``path`` and ``identity`` (only ``keys`` when
-    given); None when ``path`` does not exist. An unreadable file raises :class:`ConfigError`."""
+def read_identity(path: Path, remedy: str = "move the folder away") -> dict | None:
+    """The identity recorded in ``path``; None when there is no such file. An unreadable file raises
+    :class:`ConfigError`."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())["identity"]
+        if not isinstance(saved, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} is unreadable; {remedy}") from None
+    return saved
+
+
+def compare_identity(path: Path, identity: dict, keys: Iterable[str] | None = None,
+                     remedy: str = "move the folder away", per_task: Iterable[str] = ()) -> list[str] | None:
+    """What differs between the identity recorded in ``path`` and ``identity`` (only ``keys`` when
+    given); None when ``path`` does not exist. ``per_task``: keys whose values map task -> value and
+    are compared on the tasks both sides name (a run of other tasks into the folder is the same run
+    for the tasks they share). An unreadable file raises :class:`ConfigError`."""
+    saved = read_identity(path, remedy)
+    if saved is None:
+        return None
     current = json.loads(json.dumps(identity, default=str))  # as it would be written
+    for key in per_task:
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            common = set(old) & set(new)
+            saved = {**saved, key: {t: old[t] for t in common}}
+            current = {**current, key: {t: new[t] for t in common}}
     if keys is not None:
         keys = list(keys)
         saved = {k: saved.get(k) for k in keys}

@@ -40,6 +40,7 @@ from .config import protocol_ft
 from .data import generate, is_up_to_date
 from .errors import ConfigError
 from .evaluate import EvalPlan, evaluate
+from .evaluate.cells import cell_keys
 from .io import provenance, slug, write_json
 from .report import Comparison, FTResult, build_summary, write_report
 from .train import finetune, is_finished
@@ -166,12 +167,14 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     for model in models_of(config) if main_study else []:
         ft_results = [FTResult(r.protocol, r.config["ft"]["method"], r.tasks, r.n_train, r.train_seed,
                                results / "ft_eval" / r.rel / "metrics.json",
-                               _read_json(results / "ft" / r.rel / "summary.json"))
+                               _read_json(results / "ft" / r.rel / "summary.json"),
+                               cell_keys(r.tasks, config["reproduce"]["ft_eval_shots"], config["eval"]["demo_seeds"]))
                       for r in ft_runs if r.model == model]
         rep = config["reproduce"]
         compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"])
         summaries.append(build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
-                                       config["name"] or "default", compare))
+                                       config["name"] or "default", compare,
+                                       cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"])))
     report = write_report(results, summaries, extra)
     timings["total"] = time.perf_counter() - started
     _append_timings(results / "timings.json", started_at, timings)

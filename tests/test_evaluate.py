@@ -127,10 +127,15 @@ def test_outputs_and_resume_after_interruption(data_dir, tmp_path, tiny, monkeyp
     assert (full / "samples.jsonl").read_bytes() == before
     with pytest.raises(ConfigError, match="another run"):
         run_eval(data_dir, full, tiny, limit=3)
-    # Fewer demo seeds on a rerun: only the planned cells count in the metrics.
+    # Fewer demo seeds on a rerun: nothing is dropped from metrics.json (runs into a folder add up);
+    # `requested` names the latest run's cells, and the report picks the cells its config plans.
     fewer = run_eval(data_dir, full, tiny, demo_seeds=[0])
-    assert sorted(fewer["cells"]) == sorted(k for k in metrics["cells"] if "seed=1" not in k)
+    assert sorted(fewer["cells"]) == sorted(metrics["cells"])
+    assert fewer["requested"] == sorted(k for k in metrics["cells"] if "seed=1" not in k)
     assert (full / "samples.jsonl").read_bytes() == before
+    from iclvsft.report.summary import planned_rows
+
+    assert {r["cell"] for r in planned_rows(full / "metrics.json", fewer["requested"])} == set(fewer["requested"])
 
 
 def test_per_item_demos_mode(data_dir, tmp_path, tiny):

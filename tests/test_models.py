@@ -186,8 +186,8 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
         calls.append(gguf)
         out.mkdir()
         (out / "config.json").write_text("{}")
-        (out / "model.safetensors").write_bytes(b"")
-        (out / MARKER_FILE).write_text(json.dumps({"sha256": spec.sha256}))
+        (out / "model.safetensors").write_bytes(b"weights")
+        offline.write_marker(out, {"sha256": spec.sha256})
 
     monkeypatch.setattr(offline, "dequantise", fake_dequantise)
     cache = tmp_path / "cache"
@@ -199,6 +199,38 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(offline, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
     assert ensure_offline_model("fake-model", cache_dir=cache) == folder
     assert len(calls) == 1
+
+
+def test_corrupt_model_cache_is_rebuilt_never_used(tmp_path, monkeypatch):
+    """A cached weights file changed after preparation (same size) is caught by its sha256: on the next
+    load when its mtime moved, by ``verify`` when the mtime was put back; the model is rebuilt."""
+    parts = write_parts(tmp_path, [b"hello world"])
+    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world"))
+    monkeypatch.setattr(offline, "locate_parts", lambda spec: parts)
+    builds = []
+
+    def fake_dequantise(gguf, out, spec):
+        builds.append(1)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+        offline.write_marker(out, {"sha256": spec.sha256})
+
+    monkeypatch.setattr(offline, "dequantise", fake_dequantise)
+    cache = tmp_path / "cache"
+    weights = ensure_offline_model("fake-model", cache_dir=cache) / "model.safetensors"
+    st = weights.stat()
+    weights.write_bytes(b"zeroed!")  # same size, other bytes
+    ensure_offline_model("fake-model", cache_dir=cache)
+    assert len(builds) == 2 and weights.read_bytes() == b"weights"
+    ensure_offline_model("fake-model", cache_dir=cache)  # checked once: its sha256 is cached by size + mtime
+    st = weights.stat()
+    weights.write_bytes(b"zeroed!")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the cheap guard cannot see this one
+    ensure_offline_model("fake-model", cache_dir=cache)
+    assert len(builds) == 2
+    ensure_offline_model("fake-model", cache_dir=cache, verify=True)
+    assert len(builds) == 3 and weights.read_bytes() == b"weights"
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):

@@ -128,3 +128,64 @@ def test_full_disk_is_one_line(monkeypatch, capsys):
         cli.run(main)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "disk is full" in err and "samples.jsonl" in err
+
+
+# --- stale results: the identity covers what a result depends on ------------------------------------
+
+def _evaluate(data, out, tiny, adapter=None, overrides=()):
+    from iclvsft.evaluate import EvalPlan, evaluate
+
+    config = load_config(None, [*SMALL, "model=tiny-random-qwen2", "eval.shots=[0]", "eval.batch_size=4",
+                                "eval.tasks=[expression]", *overrides])
+    return evaluate(EvalPlan(config, data, out, "tiny-random-qwen2", adapter), loaded=tiny, show_progress=False)
+
+
+def test_adapter_changed_in_place_is_another_run(data, tmp_path, tiny):
+    """An adapter retrained under the same path (finetune.py --overwrite) used to return the old
+    adapter's results from the same --out: its weights are now part of the identity, by content."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from iclvsft.models import load_model
+
+    def save_adapter(scale):
+        model = get_peft_model(load_model("tiny-random-qwen2").model, LoraConfig(r=2, target_modules=["q_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(scale)
+        model.save_pretrained(tmp_path / "adapter")
+
+    save_adapter(0.0)
+    loaded = load_model("tiny-random-qwen2", adapter=str(tmp_path / "adapter"))
+    _evaluate(data, tmp_path / "out", loaded, adapter=str(tmp_path / "adapter"))
+    save_adapter(0.5)
+    with pytest.raises(ConfigError, match="adapter_sha256"):
+        _evaluate(data, tmp_path / "out", loaded, adapter=str(tmp_path / "adapter"))
+
+
+def test_other_train_pool_is_another_run(tmp_path, tiny):
+    """Data regenerated with another train pool (the demonstrations) but the same test file used to
+    reuse rows built from the old demonstrations."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(load_config(None, SMALL), a, show_progress=False)
+    generate(load_config(None, [*SMALL, "data.train_pattern=17"]), b, show_progress=False)
+    sha = {d: json.loads((d / "manifest.json").read_text())["tasks"]["expression"]["files"] for d in (a, b)}
+    assert sha[a]["test"]["sha256"] == sha[b]["test"]["sha256"] != "" and sha[a]["train"] != sha[b]["train"]
+    _evaluate(a, tmp_path / "out", tiny)
+    with pytest.raises(ConfigError, match="train_sha256"):
+        _evaluate(b, tmp_path / "out", tiny)
+
+
+def test_runs_into_one_folder_add_up(data, tmp_path, tiny):
+    """Another run into the same folder with other shots or other tasks keeps every earlier cell in
+    metrics.json and table.md (it used to replace them with its own)."""
+    out = tmp_path / "out"
+    first = _evaluate(data, out, tiny)
+    second = _evaluate(data, out, tiny, overrides=["eval.shots=[2]", "eval.demo_seeds=[0]"])
+    assert set(first["cells"]) < set(second["cells"]) == {"expression/k=0", "expression/k=2/seed=0"}
+    third = _evaluate(data, out, tiny, overrides=["eval.tasks=[boolean]"])  # was: "differs in data_sha256"
+    assert set(third["cells"]) == {"expression/k=0", "expression/k=2/seed=0", "boolean/k=0"}
+    assert set(third["identity"]["data_sha256"]) == {"expression", "boolean"}
+    table = (out / "table.md").read_text()
+    assert "| expression | 2 |" in table and "| boolean | 0 |" in table

@@ -34,6 +34,11 @@ def plan_cells(tasks: Sequence[str], shots: Sequence[int], demo_seeds: Sequence[
     return cells
 
 
+def cell_keys(tasks: Sequence[str], shots: Sequence[int], demo_seeds: Sequence[int]) -> tuple[str, ...]:
+    """The keys of :func:`plan_cells` (how samples.jsonl names a row's cell)."""
+    return tuple(c.key for c in plan_cells(tasks, shots, demo_seeds))
+
+
 def max_new_tokens_for(tokenizer, task: Task, answers: Sequence[str], margin: int = 2) -> int:
     """Enough tokens for the longest known answer plus its separator and end of line."""
     longest = max(len(tokenizer(completion_text(task, a), add_special_tokens=False)["input_ids"]) for a in answers)

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from ..data import load_manifest
 from ..errors import ConfigError, DataError
 from ..io import provenance, write_json
-from ..models import load_model
+from ..models import load_model, weights_identity
 from ..prompts import demo_order, per_item_demos
-from ..runs import compare_identity, summarise_differences
+from ..runs import compare_identity, read_identity, summarise_differences
 from .cells import Cell, TaskInputs, items_to_evaluate, plan_cells, task_inputs
 from .evaluator import Evaluator
 from .samples import append_rows, read_samples
@@ -29,6 +29,7 @@ from .tables import write_metrics
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+PER_TASK = ("data_sha256", "train_sha256")  # identity keys compared per task (runs of other tasks add up)
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -70,21 +71,28 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     loaded.model.eval()
     identity = {**core, "dtype": str(loaded.info.get("dtype")),
                 "attn_implementation": loaded.info.get("attn_implementation")}
-    _claim_folder(plan, identity, loaded, state)
+    identity = _claim_folder(plan, identity, loaded, state)
     _run_cells(plan, cells, done, identity, Evaluator(loaded.model, loaded.tokenizer, ev["batch_size"],
                                                       ev["constrained"]), state, show_progress)
     return json.loads((plan.out / "metrics.json").read_text())
 
 
 def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
-    """What identifies the run before the model is loaded (the resolved dtype/attention join later)."""
+    """What identifies the run before the model is loaded (the resolved dtype/attention join later):
+    the weights by content (an adapter retrained in place is another run), the test file and the
+    train pool the demonstrations come from by sha256, the generators' version, every eval setting."""
     cfg, ev = plan.config, plan.config["eval"]
     manifest = load_manifest(plan.data_dir)
+    files = {t: manifest["tasks"][t]["files"] for t in tasks if t in manifest["tasks"]}
     return {
         "model": plan.model_name, "adapter": str(plan.adapter) if plan.adapter else None,
+        "model_sha256": weights_identity(plan.model_name),
+        "adapter_sha256": weights_identity(str(plan.adapter)) if plan.adapter else None,
+        "generator": manifest.get("generator"),
+        "train_sha256": {t: f["train"]["sha256"] for t, f in files.items()},
         "dtype_requested": cfg["dtype"], "attn_requested": cfg["attn_implementation"], "format": cfg["format"],
         "data_seed": manifest.get("seed"),
-        "data_sha256": {t: manifest["tasks"][t]["files"]["test"]["sha256"] for t in tasks if t in manifest["tasks"]},
+        "data_sha256": {t: f["test"]["sha256"] for t, f in files.items()},
         "demo_mode": ev["demo_mode"], "demo_split": ev["demo_split"], "splits": ev["splits"], "limit": ev["limit"],
         "constrained": ev["constrained"], "max_new_tokens": ev["max_new_tokens"],
     }
@@ -92,18 +100,21 @@ def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
 
 def _nothing_left(plan: EvalPlan, core: dict, cells: list[Cell], done: set, tasks: list[str]) -> bool:
     """True when the folder holds this run and every planned (cell, item) row."""
-    if compare_identity(plan.out / RUN_FILE, core, keys=core) != []:
+    if compare_identity(plan.out / RUN_FILE, core, keys=core, per_task=PER_TASK) != []:
         return False
     items_of = {t: items_to_evaluate(plan.data_dir, t, plan.config) for t in tasks}
     return {(c.key, i.id) for c in cells for i in items_of[c.task]} <= done
 
 
-def _claim_folder(plan: EvalPlan, identity: dict, loaded, state) -> None:
-    """Refuse a folder holding another run (on every process, so a refusal stops them all); write run.json."""
-    diff = compare_identity(plan.out / RUN_FILE, identity, remedy="choose another --out or move that folder away")
+def _claim_folder(plan: EvalPlan, identity: dict, loaded, state) -> dict:
+    """Refuse a folder holding another run (on every process, so a refusal stops them all); write
+    run.json with the identity, its per-task hashes covering every task evaluated there so far."""
+    remedy = "choose another --out or move that folder away"
+    diff = compare_identity(plan.out / RUN_FILE, identity, remedy=remedy, per_task=PER_TASK)
     if diff:
-        raise ConfigError(f"{plan.out} holds results of another run (differs in {summarise_differences(diff)}); "
-                          "choose another --out or move that folder away")
+        raise ConfigError(f"{plan.out} holds results of another run (differs in {summarise_differences(diff)}); {remedy}")
+    saved = read_identity(plan.out / RUN_FILE) or {}
+    identity = {**identity, **{k: {**(saved.get(k) or {}), **identity[k]} for k in PER_TASK}}  # every task so far
     if state.is_main_process:
         plan.out.mkdir(parents=True, exist_ok=True)
         write_json(plan.out / RUN_FILE, {"identity": identity, "config": plan.config,
@@ -111,6 +122,7 @@ def _claim_folder(plan: EvalPlan, identity: dict, loaded, state) -> None:
                                           "processes": state.num_processes, "provenance": provenance(),
                                           "argv": sys.argv})
     state.wait_for_everyone()  # every process has read samples.jsonl before the main one appends to it
+    return identity
 
 
 def _run_cells(plan: EvalPlan, cells: list[Cell], done: set, identity: dict, evaluator: Evaluator, state,

@@ -68,13 +68,12 @@ def summarise(rows: Sequence[dict]) -> dict:
 
 
 def write_metrics(out: Path, identity: dict, cells: Sequence[Cell]) -> dict:
-    """metrics.json and table.md from the rows of the planned ``cells`` (rows of cells that an
-    earlier run of the folder planned, e.g. with more demo seeds, stay in samples.jsonl but do not
-    count)."""
-    keys = {c.key for c in cells}
-    rows = [r for r in read_samples(out / "samples.jsonl") if r["cell"] in keys]
+    """metrics.json and table.md over every cell the folder holds: runs into one folder add up (a run
+    with other shots or tasks adds its cells, never drops earlier ones); ``requested`` lists the
+    cells of the latest run (``cells``). The study's report picks its own cells from these."""
+    rows = read_samples(out / "samples.jsonl")
     summary = summarise(rows)
-    metrics = {"identity": identity, "provenance": provenance(), **summary}
+    metrics = {"identity": identity, "provenance": provenance(), "requested": sorted(c.key for c in cells), **summary}
     write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "table.md", render_table(metrics))
     return metrics

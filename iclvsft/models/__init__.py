@@ -3,7 +3,7 @@ GGUF models (``offline``), the in-code test model ``tiny-random-qwen2`` (``tiny`
 dtype / attention choice (``precision``). ``python -m iclvsft.models NAME...`` prepares offline models.
 """
 
-from .loading import LoadedModel, hub_reachable, load_model, offline_model_names
+from .loading import LoadedModel, hub_reachable, load_model, offline_model_names, weights_identity
 from .offline import (
     CACHE_ENV,
     MARKER_FILE,
@@ -72,6 +72,7 @@ __all__ = [
     "pip_install_command",
     "read_marker",
     "resolve_attn_implementation",
+    "weights_identity",
     "resolve_device",
     "resolve_dtype",
     "save_tiny_model",

@@ -18,11 +18,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"offline model names: {', '.join(OFFLINE_MODELS)}")
     parser.add_argument("--cache-dir", default=None,
                         help=f"folder for prepared models (default: {model_cache_root()}, or ${CACHE_ENV}/models)")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every cached file against the sha256 recorded when it was prepared (a "
+                             "mismatch rebuilds the model); without it a file whose size and mtime are unchanged "
+                             "is trusted")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         for name in args.names:
-            print(ensure_offline_model(name, args.cache_dir))
+            print(ensure_offline_model(name, args.cache_dir, verify=args.verify))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

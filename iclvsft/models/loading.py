@@ -116,6 +116,21 @@ def _resolve_source(name: str, cache_dir) -> tuple[str, str, dict[str, Any]]:
     return "hub", name, {}
 
 
+def weights_identity(name: str) -> str | None:
+    """What a run's results depend on in the weights ``name`` names, by content: the pinned GGUF
+    sha256 of an offline model (its cache is verified against it on load), the sha256 of a local
+    folder's weight and config files (a model or adapter saved again in place is another model),
+    None for the tiny model (built from code) and hub ids (no content to hash offline)."""
+    from ..io import folder_sha256
+
+    if name == TINY_MODEL_NAME:
+        return None
+    if name in OFFLINE_MODELS:
+        return f"gguf:{OFFLINE_MODELS[name].sha256}"
+    path = Path(name).expanduser()
+    return f"files:{folder_sha256(path)}" if path.is_dir() else None
+
+
 def _load_pretrained(kind: str, source: str, name: str, dtype: torch.dtype, device: torch.device,
                      attn: str | None):
     """``from_pretrained`` for a folder or hub id; hub failures become a ConfigError listing offline names."""

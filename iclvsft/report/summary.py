@@ -3,7 +3,7 @@ seeds and items, the constant-answer baselines, the paired ICL-vs-FT comparison 
 and N, and the FT rows needed to reach the ICL level."""
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ class FTResult:
     train_seed: int
     metrics_path: Path  # test.py's metrics.json; samples.jsonl beside it
     train_summary: dict = field(default_factory=dict)
+    cells: tuple[str, ...] | None = None  # the cell keys the study planned for this folder (None: all)
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,14 @@ class Comparison:
     protocol: str = ""
 
 
-def planned_rows(metrics_path: Path) -> list[dict]:
-    """The rows of the samples.jsonl beside a metrics.json, for the cells that metrics.json counts
-    (rows of cells an earlier run of the folder planned stay out); [] when there is no metrics.json."""
+def planned_rows(metrics_path: Path, cells: Iterable[str] | None = None) -> list[dict]:
+    """The rows of the samples.jsonl beside a metrics.json, of the cell keys ``cells`` when given (a
+    folder also keeps the cells of earlier runs, e.g. with more demo seeds, which a study whose config
+    plans fewer must not count); [] when there is no metrics.json."""
     if not Path(metrics_path).is_file():
         return []
-    planned = json.loads(Path(metrics_path).read_text()).get("cells")
-    return [r for r in read_samples(Path(metrics_path).parent / "samples.jsonl")
-            if planned is None or r["cell"] in planned]
+    keep = set(cells) if cells is not None else None
+    return [r for r in read_samples(Path(metrics_path).parent / "samples.jsonl") if keep is None or r["cell"] in keep]
 
 
 def _by_cell(rows: list[dict], task: str, k: int | None = None) -> dict[tuple[int, Any], list[dict]]:
@@ -133,8 +134,9 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
 
 
 def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
-                  config_name: str, compare: Comparison = Comparison()) -> dict:
-    icl_rows = planned_rows(icl_metrics) if icl_metrics else []  # each results folder read once
-    ft_runs = [(r, planned_rows(r.metrics_path)) for r in ft_results]
+                  config_name: str, compare: Comparison = Comparison(), icl_cells: Iterable[str] | None = None) -> dict:
+    """``icl_cells`` / ``FTResult.cells``: the cell keys the study planned (None: every cell of the folder)."""
+    icl_rows = planned_rows(icl_metrics, icl_cells) if icl_metrics else []  # each results folder read once
+    ft_runs = [(r, planned_rows(r.metrics_path, r.cells)) for r in ft_results]
     return {"model": model, "config": config_name,
             "tasks": {task: task_summary(task, icl_rows, ft_runs, compare) for task in tasks}}

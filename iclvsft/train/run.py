@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import ConfigError
 from ..io import provenance, write_json
-from ..models import peak_memory_bytes
+from ..models import peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
@@ -49,10 +49,12 @@ def default_out_dir(config: dict) -> Path:
 # --- the output folder ----------------------------------------------------------------------------
 
 def run_identity(config: dict, data_record: dict) -> dict[str, Any]:
-    """What must match for a rerun into the same folder to resume it: model, precision, ft, the rows."""
+    """What must match for a rerun into the same folder to resume it: the base model (by content where it
+    has content to hash), precision, format, ft, the rows (per task the train file's sha256)."""
     ft = {k: v for k, v in config["ft"].items() if k not in NON_SEMANTIC_FT_KEYS}
-    return {"model": config["model"], "dtype": config["dtype"], "attn_implementation": config["attn_implementation"],
-            "format": config["format"], "ft": ft, "rows": data_record}
+    return {"model": config["model"], "model_sha256": weights_identity(config["model"]), "dtype": config["dtype"],
+            "attn_implementation": config["attn_implementation"], "format": config["format"], "ft": ft,
+            "rows": data_record}
 
 
 def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
