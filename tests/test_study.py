@@ -112,3 +112,40 @@ def test_reproduce_script_reuses_everything(tmp_path):
     # Changed FT settings never silently reuse a finished model.
     third = subprocess.run([*args, "ft.learning_rate=0.01"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 2 and "other settings" in third.stderr and "Traceback" not in third.stderr
+
+
+def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
+    """reproduce.py killed with SIGKILL at 5 random moments (seeded) while it works, restarted after
+    each, ends with the report of an uninterrupted run, byte for byte (summary.json too)."""
+    import random
+    import signal
+    import time
+
+    def run(results, **kwargs):
+        cmd = [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(tmp_path / "d"),
+               "--results", str(results), "--quiet", *TINY, "circuits.enabled=false", "reproduce.ft_n_train=[4]",
+               "reproduce.ft_protocol_n_train={authors: [4]}"]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+    def timed(results) -> float:
+        started = time.perf_counter()
+        proc = run(results)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return time.perf_counter() - started
+
+    duration = timed(tmp_path / "ref")
+    overhead = timed(tmp_path / "ref")  # start-up and report, everything reused
+    work = duration - overhead
+    rng = random.Random(15)
+    for n in range(5):
+        # each run is killed before it can finish: together they do at most 5/6 of the work
+        proc = run(tmp_path / "run")
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=overhead + rng.uniform(0.2, 1.0) * work / 6)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, n
+    timed(tmp_path / "run")
+    for name in ("report.md", "summary.json"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
