@@ -116,6 +116,19 @@ def test_unchanged_file_is_not_rewritten(tmp_path):
     assert path.read_text() == "other"
 
 
+def test_truncated_weights_are_one_line(tmp_path, tiny):
+    """A model folder whose safetensors file was cut short (a killed save, a full disk) used to end in a
+    safetensors traceback."""
+    from iclvsft.models import load_model
+
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="truncated or corrupt"):
+        load_model(str(tmp_path / "m"))
+
+
 def test_full_disk_is_one_line(monkeypatch, capsys):
     import errno
 

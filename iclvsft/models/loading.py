@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ConfigError
 from .offline import OFFLINE_MODELS, ensure_offline_model, read_marker
@@ -154,9 +155,10 @@ def _load_pretrained(kind: str, source: str, name: str, dtype: torch.dtype, devi
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False,
                                                   local_files_only=kwargs.get("local_files_only", False))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         if kind != "hub":
-            raise ConfigError(f"could not load model folder {source!r}: {error}") from error
+            raise ConfigError(f"could not load model folder {source!r} ({type(error).__name__}: {error}); a "
+                              "truncated or corrupt weights file: save or train the model again") from error
         reason = hub_note or "the hub did not provide it"
         first_line = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         folder_note = f" No local folder {name!r} exists either." if "/" in name else ""
@@ -201,7 +203,7 @@ def _apply_adapter(model, adapter: str, merge: bool):
         raise ConfigError(f"adapter folder {adapter!r} has no adapter_config.json;{hint}")
     try:
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise ConfigError(f"could not apply adapter {adapter!r} to this model ({error}); was it trained on "
                           f"another base model?") from error
     if merge:
