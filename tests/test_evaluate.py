@@ -138,6 +138,21 @@ def test_outputs_and_resume_after_interruption(data_dir, tmp_path, tiny, monkeyp
     assert {r["cell"] for r in planned_rows(full / "metrics.json", fewer["requested"])} == set(fewer["requested"])
 
 
+def test_every_row_rebuilds_its_prompt(data_dir, tmp_path, tiny):
+    """samples.jsonl keeps the question and demonstration ids: enough to rebuild each prompt exactly
+    (its sha256 is the row's), shared and per-item demonstrations alike, in either format."""
+    from iclvsft.evaluate.evaluator import prompt_sha
+    from iclvsft.evaluate.samples import rebuild_prompt
+
+    run_eval(data_dir, tmp_path / "shared", tiny, shots=[0, 3], demo_seeds=[0], limit=2)
+    run_eval(data_dir, tmp_path / "item", tiny, demo_mode="per_item", shots=[2], demo_seeds=[0], limit=2)
+    for folder in ("shared", "item"):
+        rows = [json.loads(line) for line in (tmp_path / folder / "samples.jsonl").read_text().splitlines()]
+        assert rows and all(len(r["demo_ids"]) == r["k"] for r in rows)
+        for r in rows:
+            assert prompt_sha(rebuild_prompt(r, data_dir)) == r["prompt_sha256"]
+
+
 def test_per_item_demos_mode(data_dir, tmp_path, tiny):
     run_eval(data_dir, tmp_path, tiny, demo_mode="per_item", shots=[2], demo_seeds=[0], limit=4)
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

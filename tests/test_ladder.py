@@ -188,6 +188,10 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     # rung 0 evaluated the authors' prompts and FT rows; rung 4 ours
     rows0 = [json.loads(line) for line in (tmp_path / "r" / "ladder" / "rung0" / "icl" / "samples.jsonl").open()]
     assert {r["answer"] for r in rows0 if r["task"] == "boolean"} <= {"1", "0"}
+    from iclvsft.evaluate.evaluator import prompt_sha
+    from iclvsft.evaluate.samples import rebuild_prompt
+
+    assert all(prompt_sha(rebuild_prompt(r, tmp_path / "data")) == r["prompt_sha256"] for r in rows0)
     assert not (tmp_path / "r" / "ladder" / "rung1").exists()  # scoring-only rungs computed nothing
     # a second run recomputes nothing and writes the same report
     again = run_study(config, tmp_path / "data", tmp_path / "r", show_progress=False,

@@ -46,7 +46,7 @@ class Evaluator:
             labels = self._labels(task, pre, items, prompts, rows, uncached)
         else:
             labels = [None] * len(items)
-        return [self._row(task, i, p, c, lab) for i, p, c, lab in zip(items, prompts, completions, labels)]
+        return [self._row(task, i, p, c, lab, demos) for i, p, c, lab in zip(items, prompts, completions, labels)]
 
     def one_token_labels(self, task: Task, prompts: Sequence[str]) -> list[int] | None:
         """The token of each label when, after every prompt, each label (with its separator) is
@@ -68,13 +68,14 @@ class Evaluator:
                      max_new_tokens: int) -> list[dict]:
         """Each item with its own demonstrations (no shared prefix to cache)."""
         pre = engine.empty_prefix()
-        prompts = [build_prompt(task, i.question, demos_for(i)) for i in items]
+        demo_sets = [demos_for(i) for i in items]
+        prompts = [build_prompt(task, i.question, d) for i, d in zip(items, demo_sets)]
         rows = [engine.encode(self.tokenizer, p) for p in prompts]
         completions, _ = self._generate(pre, rows, [], max_new_tokens)
         labels = [None] * len(items)
         if self.constrained and FORMATS[task.answer_format].labels:
             labels = [self._label_scores(task, pre, [items[n]], [rows[n]], [prompts[n]])[0] for n in range(len(items))]
-        return [self._row(task, i, p, c, lab) for i, p, c, lab in zip(items, prompts, completions, labels)]
+        return [self._row(task, i, p, c, lab, d) for i, p, c, lab, d in zip(items, prompts, completions, labels, demo_sets)]
 
     def _batches(self, indices: Sequence[int], rows: Sequence[Sequence[int]]) -> list[list[int]]:
         """Batches of similar length (less padding); results go back to item order by index."""
@@ -124,10 +125,15 @@ class Evaluator:
         return [dict(zip(labels, flat[i * len(labels):(i + 1) * len(labels)])) for i in range(len(items))]
 
     @staticmethod
-    def _row(task: Task, item: Item, prompt: str, completion: str, label_logprobs: dict | None) -> dict:
+    def _row(task: Task, item: Item, prompt: str, completion: str, label_logprobs: dict | None,
+             demos: Sequence[Item] = ()) -> dict:
+        """One samples.jsonl row. The prompt is kept as what rebuilds it exactly (``question`` as the
+        prompt showed it, ``demo_ids`` in order, the format; :func:`iclvsft.evaluate.samples.rebuild_prompt`)
+        plus its hash, not its text: a 16-shot prompt repeated on every row would multiply the file."""
         s = score(item, completion, task.answer_format)
         row = {
-            "item_id": item.id, "split": item.split, "prompt_sha256": prompt_sha(prompt), "completion": completion,
+            "item_id": item.id, "split": item.split, "format": task.format, "question": item.question,
+            "demo_ids": [d.id for d in demos], "prompt_sha256": prompt_sha(prompt), "completion": completion,
             "answer": item.answer, "shortcut_answer": item.shortcut_answer,
             "strict": s.strict, "lenient": s.lenient, "correct": s.correct, "lenient_correct": s.lenient_correct,
             "invalid": s.invalid, "shortcut": s.shortcut if item.shortcut_answer is not None else None,

@@ -38,3 +38,19 @@ def append_rows(path: Path, rows: Sequence[dict]) -> None:
         f.write("".join(jsonl_line(r) for r in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+def rebuild_prompt(row: dict, data_dir: str | Path, task_params: dict | None = None) -> str:
+    """The exact prompt a samples.jsonl row was scored with: its task's header in the row's format,
+    the demonstrations named by ``demo_ids`` (from the data folder's train pool), then ``question``
+    (``prompt_sha256`` of the result equals the row's)."""
+    from ..data import load_items
+    from ..prompts import build_prompt
+    from ..tasks import get_task, task_in_format
+
+    task = task_in_format(get_task(row["task"], (task_params or {}).get(row["task"])), row.get("format", "ours"))
+    pool = {i.id: i for i in load_items(data_dir, row["task"], "train")}
+    missing = [d for d in row["demo_ids"] if d not in pool]
+    if missing:
+        raise DataError(f"{data_dir}: demonstrations {missing[:3]} are not in the train pool; is this the run's data?")
+    return build_prompt(task, row["question"], [task.present(pool[d]) for d in row["demo_ids"]])
