@@ -170,6 +170,8 @@ class FtConfig:
     keep_checkpoints: bool = option(False, "keep <out>/checkpoints after the run finishes (they hold the optimizer "
                                     "state)")
     logging_steps: int = option(1, "a train_log.jsonl line every N optimizer steps", minimum=1)
+    report_to: str = option("none", "also log training to: none | tensorboard | trackio | wandb | mlflow | ... (the "
+                            "Trainer's report_to; the package must be installed)")
     rows: str = option("prompt", "prompt: a row is the zero-shot evaluation prompt plus its completion | "
                        "authors_train: the authors' training text (format authors only: no header, expression's "
                        "older '+=')", choices=FT_ROWS)

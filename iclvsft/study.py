@@ -44,6 +44,7 @@ from .evaluate.cells import cell_keys
 from .io import provenance, slug, write_json
 from .report import Comparison, FTResult, build_summary, write_report
 from .train import finetune, is_finished
+from .train.run import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,15 @@ def fit_and_evaluate(config: dict, ft_out: Path, eval_out: Path, data_dir: Path,
     adapter = ft_out if (ft_out / "adapter_config.json").is_file() else None
     model_name = config["model"] if adapter else str(ft_out)
     cfg = {**config, "model": model_name}
-    evaluate_fn(EvalPlan(cfg, data_dir, eval_out, model_name, str(adapter) if adapter else None),
-                show_progress=show_progress)
+    metrics = evaluate_fn(EvalPlan(cfg, data_dir, eval_out, model_name, str(adapter) if adapter else None),
+                          show_progress=show_progress)
+    summary = _read_json(ft_out / "summary.json")
+    if isinstance(metrics, dict) and summary:  # the model card gains the zero-shot results
+        results: dict[str, dict[str, str]] = {}
+        for e in metrics.get("by_condition", []):
+            if e["k"] == 0 and e.get("accuracy"):
+                results.setdefault(e["task"], {})[e["split"]] = f"{100 * e['accuracy']['mean']:.1f}"
+        write_model_card(ft_out, config, summary, results)
 
 
 def _append_timings(path: Path, started_at: str, seconds: dict[str, float]) -> None:

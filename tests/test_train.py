@@ -187,10 +187,12 @@ def test_ft_config_checks():
 # training runs
 # ----------------------------------------------------------------------------------------------
 
-def test_loss_falls_on_a_repeated_small_batch(data_dir, tmp_path):
+def test_loss_falls_on_a_repeated_small_batch(data_dir, tmp_path, capfd):
     config = tiny_config("ft.n_train=4", "ft.max_steps=25", "ft.method=full", "ft.learning_rate=0.003",
                          "ft.logging_steps=1")
-    result = train.finetune(config, tmp_path / "run", data_dir, show_progress=False)
+    result = train.finetune(config, tmp_path / "run", data_dir, show_progress=True)
+    printed = "".join(capfd.readouterr())
+    assert "'loss'" not in printed and "loss=" in printed  # the loss on the progress bar, no dict per step
     losses = [e["loss"] for e in log_lines(tmp_path / "run")]
     assert len(losses) == 25
     assert losses[-1] < 0.5 * losses[0], losses
@@ -227,6 +229,27 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
     summary = json.loads((out / train.SUMMARY_FILE).read_text())
     assert summary["steps"] == 4 and summary["provenance"]["versions"]["peft"]
     assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"]["ft"]["n_train"] == 8
+    # the model card is written from the run (not peft's blank template)
+    card = (out / "README.md").read_text()
+    assert "base_model: tiny-random-qwen2" in card and "N = 8 rows per task" in card
+    assert f"final loss {summary['final_loss']}" in card and "learning_rate = " in card
+
+
+def test_adapter_names_a_loadable_base_and_report_to_reaches_the_trainer(tmp_path):
+    """An offline alias is not something peft can load: the saved adapter points at the prepared folder;
+    ft.report_to goes to the Trainer (it was hard-coded to none)."""
+    from iclvsft.train.run import point_adapter_at_base
+    from iclvsft.train.setup import Precision, training_arguments
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "qwen2.5-coder-0.5b-instruct"}))
+    point_adapter_at_base(tmp_path, {"source": "offline", "path": "/cache/models/qwen2.5-coder-0.5b-instruct"})
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "/cache/models/qwen2.5-coder-0.5b-instruct"
+    for value, expected in (("none", []), ("tensorboard", ["tensorboard"])):
+        config = load_config(None, [f"ft.report_to={value}"])
+        args = training_arguments(config, tmp_path, Precision("float32", "float32", False, False), 1,
+                                  torch.device("cpu"))
+        assert args.report_to == expected
 
 
 def test_full_finetune_saves_a_loadable_model(data_dir, tmp_path):

@@ -1,6 +1,7 @@
 """One fine-tuning run into one output folder: identity, resume, training, summary (finetune.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import ConfigError
-from ..io import provenance, write_json
+from ..io import atomic_write_text, provenance, write_json
 from ..models import peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
     CHECKPOINT_DIR,
+    LossProgressCallback,
     Precision,
     TrainLogCallback,
     build_model,
@@ -37,7 +39,7 @@ RUN_CONFIG_FILE = "run_config.json"
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "summary.json"
 # ft keys that change neither the data nor the optimisation: a resumed run may differ in these.
-NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps")
+NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps", "report_to")
 
 
 def default_out_dir(config: dict) -> Path:
@@ -188,6 +190,8 @@ def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path =
     if args.process_index == 0:
         if not ft["keep_checkpoints"]:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        point_adapter_at_base(out, model_info)
+        write_model_card(out, config, summary)
         write_json(out / SUMMARY_FILE, summary)  # last: its presence marks the run finished
         logger.info("finished: %d steps, final loss %s, %.0f s; wrote %s", summary["steps"], summary["final_loss"],
                     summary["wall_seconds"], out)
@@ -239,8 +243,11 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
         trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
                           processing_class=tokenizer, compute_loss_func=loss_func,
                           callbacks=[TrainLogCallback(out / LOG_FILE), *callbacks])
-        if not show_progress:  # without a progress bar the Trainer prints every log dict; train_log.jsonl has them
-            trainer.remove_callback(PrinterCallback)
+        # Each step's log goes to train_log.jsonl (and report_to); the console gets a progress bar with the
+        # loss, not a printed dict per step.
+        trainer.remove_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(LossProgressCallback())
         logger.info("fine-tuning %s (%s, %s) on %d rows of %s: %s tokens, batch %d = %d x %d devices x %d steps",
                     config["model"], ft["method"], precision.dtype, len(features), ",".join(ft["tasks"]),
                     f"{token_stats['tokens']:,}", ft["batch_size"], ft["per_device_batch_size"], args.world_size,
@@ -253,6 +260,51 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
             base_config.use_cache = True  # the saved model generates with a KV cache
         trainer.save_model(str(out))
     return trainer, output, train_seconds
+
+
+def point_adapter_at_base(out: Path, model_info: dict) -> None:
+    """Make a saved adapter name a base that loads anywhere peft looks: an offline name is an alias
+    only this project resolves, so ``base_model_name_or_path`` becomes the prepared cache folder
+    (``AutoPeftModelForCausalLM.from_pretrained(out)`` then works); the alias stays in the model card."""
+    path = out / "adapter_config.json"
+    if not path.is_file() or model_info.get("source") != "offline":
+        return
+    adapter = json.loads(path.read_text())
+    adapter["base_model_name_or_path"] = model_info["path"]
+    atomic_write_text(path, json.dumps(adapter, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(out: Path, config: dict, summary: dict, results: dict | None = None) -> None:
+    """README.md of a fine-tuned model (replacing peft's blank template): what it is, how it was made,
+    from what, and (``results``: task -> {split: accuracy}) how it scored zero-shot."""
+    ft, info = config["ft"], summary["model_info"]
+    base = info.get("name", config["model"])
+    provenance_line = (f"offline GGUF `{info.get('gguf_file')}` (sha256 `{info.get('sha256')}`), dequantised to "
+                       f"`{info.get('path')}`" if info.get("source") == "offline" else f"{info.get('source')}: "
+                       f"`{info.get('path')}`")
+    hyper = {k: ft[k] for k in ("method", "loss_on", "append_eos", "epochs", "max_steps", "learning_rate", "lr_scheduler",
+                                "warmup_steps", "weight_decay", "optimizer", "batch_size", "max_length", "train_seed")}
+    if ft["method"] == "lora":
+        hyper["lora"] = ft["lora"]
+    lines = ["---", f"base_model: {base}", "library_name: " + ("peft" if ft["method"] == "lora" else "transformers"),
+             "tags: [iclvsft, implicit-patterns]", "---", "",
+             f"# {base} fine-tuned on {', '.join(ft['tasks'])} (N = {ft['n_train']} rows per task)", "",
+             "Made by [iclvsft](https://github.com/) `finetune.py`: the ICL-vs-FT study of Yin et al. (EMNLP 2024 "
+             "Findings) on implicit-pattern tasks.", "",
+             f"* **Base model**: `{base}`, {provenance_line}.",
+             f"* **Data**: the first {ft['n_train']} pattern rows of each task's train pool, prompt format "
+             f"`{config['format']}`, rows `{ft['rows']}` (" + ", ".join(
+                 f"{t}: train.jsonl sha256 `{r['train_sha256']}`" for t, r in summary["data"]["tasks"].items()) + ").",
+             "* **Hyper-parameters**: " + ", ".join(f"{k} = {v}" for k, v in hyper.items()) + ".",
+             f"* **Training**: {summary['steps']} optimizer steps, final loss {summary['final_loss']}, "
+             f"precision {summary['precision'].get('dtype')}.", ""]
+    if results:
+        lines += ["## Zero-shot results (strict accuracy, %)", "", "| task | pattern | control |", "|---|---|---|"]
+        lines += [f"| {t} | {r.get('pattern', '–')} | {r.get('control', '–')} |" for t, r in results.items()]
+        lines.append("")
+    lines += ["The full resolved config is in `run_config.json`, the training log in `train_log.jsonl`, the run's "
+              "record in `summary.json`.", ""]
+    atomic_write_text(out / "README.md", "\n".join(lines))
 
 
 def _summary(config, trainer, output, precision, model_info, data_record, token_stats, resume, train_seconds,

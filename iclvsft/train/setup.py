@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 
 from ..errors import ConfigError
 from ..io import atomic_write_text, jsonl_line
@@ -142,7 +142,7 @@ def training_arguments(config: dict, out: Path, precision: Precision, world_size
         data_seed=ft["train_seed"],
         # padding-free batches carry no padding: count every input token; padded ones: the attention mask
         include_num_input_tokens_seen="all" if ft["batching"] == "padding_free" else "non_padding",
-        report_to="none",
+        report_to=ft["report_to"],
         remove_unused_columns=False,
         dataloader_pin_memory=False,
         disable_tqdm=not show_progress,
@@ -152,6 +152,15 @@ def training_arguments(config: dict, out: Path, precision: Precision, world_size
         return TrainingArguments(**kwargs)
     except ValueError as error:  # e.g. an unknown optimizer name, bf16 on hardware without it
         raise ConfigError(f"ft: {error}") from error
+
+
+class LossProgressCallback(ProgressCallback):
+    """transformers' progress bar, with the latest loss on the bar instead of a printed dict per logged
+    step (those go to train_log.jsonl): a study's log stays one line per stage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4g}", refresh=False)
 
 
 class TrainLogCallback(TrainerCallback):
