@@ -210,8 +210,14 @@ class ReproduceConfig:
     compare_n_train: int = option(0, "the FT cell of the verdict: N rows (0: the largest N of compare_protocol)",
                                   minimum=0)
     compare_protocol: str = option("", "the FT protocol of the verdict (empty: the first of ft_protocols)")
+    max_invalid: float = option(0.5, "a compared cell whose share of invalid (unparseable) answers on pattern items "
+                                "exceeds this gives no verdict (the report says why); 1: never", minimum=0)
+    smoke: bool = option(False, "the preset is a smoke test: report.md says at the top that its numbers are no "
+                         "findings")
 
     def check(self, config: dict) -> None:
+        _need(self.max_invalid <= 1, f"reproduce.max_invalid is a share in [0, 1], got {self.max_invalid}")
+        _need(len(set(map(str, self.models))) == len(self.models), f"reproduce.models repeats a model: {self.models}")
         _int_list("reproduce.ft_n_train", self.ft_n_train, 1)
         _int_list("reproduce.ft_train_seeds", self.ft_train_seeds, 0)
         _int_list("reproduce.ft_eval_shots", self.ft_eval_shots, 0)

@@ -172,10 +172,11 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
                                cell_keys(r.tasks, config["reproduce"]["ft_eval_shots"], config["eval"]["demo_seeds"]))
                       for r in ft_runs if r.model == model]
         rep = config["reproduce"]
-        compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"])
+        compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"], rep["max_invalid"])
         summaries.append(build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
                                        config["name"] or "default", compare,
-                                       cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"])))
+                                       cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"]),
+                                       smoke=rep["smoke"]))
     report = write_report(results, summaries, extra)
     timings["total"] = time.perf_counter() - started
     _append_timings(results / "timings.json", started_at, timings)

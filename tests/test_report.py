@@ -66,3 +66,21 @@ def test_verdict_rows_to_match_and_baselines(tmp_path):
     assert "| relation | 50.0 [" in report and "contradicts" in report and "-50.0 [" in report
     assert "answering `Yes` always scores 100.0" in report and "answer_lora: 64" in report
     assert (tmp_path / "out" / "plots" / "relation.png").stat().st_size > 1000
+
+
+def test_mostly_invalid_cell_gives_no_verdict_and_smoke_presets_say_so(tmp_path):
+    """An FT model that printed nothing on most items (the quick preset's relation models: 100% invalid)
+    used to yield "supports the paper's claim"; now the verdict says why it cannot be judged."""
+    silent = lambda split, i: None if i < 15 else "Yes"  # noqa: E731 - 15 of 20 pattern answers unparseable
+    half = lambda split, i: "Yes" if i % 2 else "No"  # noqa: E731
+    icl = folder(tmp_path / "icl", {("relation/k=4/seed=0", 4, 0): half})
+    ft = [FTResult("answer_lora", "lora", ("relation",), 16, 0, folder(tmp_path / "ft", {("relation/k=0", 0, None): silent}))]
+    t = build_summary(["relation"], icl, ft, "m", "test", Comparison())["tasks"]["relation"]
+    assert t["comparison"]["invalid_flagged"] == {"FT": 0.75} and t["verdict"] == "too many invalid answers"
+    assert build_summary(["relation"], icl, ft, "m", "test", Comparison(max_invalid=0.8))["tasks"]["relation"][
+        "verdict"] != "too many invalid answers"  # 75% <= 80%: judged as usual
+    summary = build_summary(["relation"], icl, ft, "m", "test", Comparison(), smoke=True)
+    report = write_report(tmp_path / "out", [summary]).read_text()
+    assert "**Smoke test.**" in report.split("##")[0] and "most answers of a compared cell are unparseable" in report
+    plain = write_report(tmp_path / "out2", [build_summary(["relation"], icl, ft, "m", "test")]).read_text()
+    assert "Smoke test" not in plain

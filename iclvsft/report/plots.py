@@ -19,6 +19,16 @@ def _yerr(stats: list[dict]) -> list[list[float]]:
     return [lo, hi]
 
 
+def _invalid(ax, points: list[tuple[float, dict]], label: str) -> None:
+    """The share of invalid answers on pattern items (a faint dotted line): a low accuracy that is mostly
+    unparseable output reads differently from one of wrong answers."""
+    pts = [(x, (r.get("pattern") or {}).get("invalid")) for x, r in points]
+    pts = [(x, s) for x, s in pts if s]
+    if pts and any(_mean(s) > 0 for _, s in pts):
+        ax.plot([x for x, _ in pts], [100 * _mean(s) for _, s in pts], ":x", color="grey", alpha=0.7, lw=1,
+                label=f"{label} invalid (pattern)")
+
+
 def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
     """Accuracy vs shots and accuracy vs FT rows (log x), pattern and control, per task."""
     import matplotlib
@@ -41,6 +51,7 @@ def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
                   and r[split].get("shortcut_rate")]
             if sc:
                 ax.plot([k for k, _ in sc], [100 * _mean(s) for _, s in sc], ":^", label="ICL shortcut rate (control)")
+        _invalid(ax, [(r["k"], r) for r in t["icl"]], "ICL")
         ax.set_xscale("symlog", linthresh=1)
         shots = sorted({r["k"] for r in t["icl"]})
         if shots:
@@ -52,13 +63,17 @@ def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
         ax.set_ylim(-3, 103)
         ax.legend(fontsize=7)
         ax = axes[1]
-        for protocol in sorted({r["protocol"] for r in t["ft"]}):
+        protocols = sorted({r["protocol"] for r in t["ft"]})
+        for i, protocol in enumerate(protocols):
             rows = sorted((r for r in t["ft"] if r["protocol"] == protocol), key=lambda r: r["n_train"])
+            shift = 1.0 + 0.07 * (i - (len(protocols) - 1) / 2)  # protocols side by side, not on top of each other
             for split, style in (("pattern", "-o"), ("control", "--s")):
                 pts = [(r["n_train"], r[split]["accuracy"]) for r in rows if r.get(split) and r[split].get("accuracy")]
                 if pts:
-                    ax.errorbar([n for n, _ in pts], [100 * _mean(s) for _, s in pts], yerr=_yerr([s for _, s in pts]),
-                                fmt=style, capsize=3, label=f"FT {protocol} {split}")
+                    ax.errorbar([n * shift for n, _ in pts], [100 * _mean(s) for _, s in pts],
+                                yerr=_yerr([s for _, s in pts]), fmt=style, capsize=3, label=f"FT {protocol} {split}",
+                                alpha=0.85)
+            _invalid(ax, [(r["n_train"] * shift, r) for r in rows], f"FT {protocol}")
         if t.get("icl_level") is not None:
             ax.axhline(100 * t["icl_level"], color="grey", lw=1, ls=":",
                        label=f"ICL pattern (k={t['comparison']['shots']})")

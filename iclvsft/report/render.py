@@ -12,7 +12,13 @@ VERDICT_TEXT = {
     "no clear difference": "shows no clear difference between ICL and FT on pattern items (the paired 95% "
                            "interval contains 0)",
     "incomplete": "cannot be judged (the declared ICL or FT cell is missing)",
+    "too many invalid answers": "cannot be judged: most answers of a compared cell are unparseable (invalid share "
+                                "on pattern items above reproduce.max_invalid), so its accuracy says little about "
+                                "what the model learned",
 }
+
+SMOKE = ("> **Smoke test.** This preset checks that the pipeline runs end to end; its models, items and training "
+         "are too small for any number below to be a finding about ICL or FT.")
 
 INTRO = (
     "Accuracy in % (strict parse: the completion must start with the answer), with 95% intervals: Wilson over "
@@ -132,7 +138,10 @@ def protocol_comparison(summary: dict) -> list[str]:
 
 
 def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str] = ()) -> str:
-    lines = [f"# ICL vs FT on implicit patterns: {summary['model']} (config `{summary['config']}`)", "", INTRO, ""]
+    lines = [f"# ICL vs FT on implicit patterns: {summary['model']} (config `{summary['config']}`)", ""]
+    if summary.get("smoke"):
+        lines += [SMOKE, ""]
+    lines += [INTRO, ""]
     lines += headline(summary)
     lines += list(extra_sections)
     for task, t in summary["tasks"].items():

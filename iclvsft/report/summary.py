@@ -38,6 +38,7 @@ class Comparison:
     shots: int = -1
     n_train: int = 0
     protocol: str = ""
+    max_invalid: float = 0.5  # a compared cell with a larger invalid share on pattern items gives no verdict
 
 
 def planned_rows(metrics_path: Path, cells: Iterable[str] | None = None) -> list[dict]:
@@ -121,6 +122,15 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
             diff = paired_difference(matrix[:len(icl)], matrix[len(icl):])
     t["comparison"]["icl_minus_ft"] = diff
     t["verdict"] = verdict(diff)
+    # A side whose answers are mostly unparseable is not a measurement of what it learned: no verdict.
+    icl_cell = next((r for r in t["icl"] if r["k"] == shots), None)
+    ft_cell = next((r for r in t["ft"] if r["protocol"] == protocol and r["n_train"] == n_train), None)
+    invalid = {side: ((cell or {}).get("pattern") or {}).get("invalid") for side, cell in (("ICL", icl_cell),
+                                                                                            ("FT", ft_cell))}
+    flagged = {side: s["mean"] for side, s in invalid.items() if s and s["mean"] > compare.max_invalid}
+    t["comparison"]["invalid_flagged"] = flagged
+    if diff is not None and flagged:
+        t["verdict"] = "too many invalid answers"
 
     # FT rows to reach the ICL level (the declared k's pattern accuracy), per protocol.
     icl_at_k = next((r for r in t["icl"] if r["k"] == shots), None)
@@ -134,9 +144,11 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
 
 
 def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
-                  config_name: str, compare: Comparison = Comparison(), icl_cells: Iterable[str] | None = None) -> dict:
-    """``icl_cells`` / ``FTResult.cells``: the cell keys the study planned (None: every cell of the folder)."""
+                  config_name: str, compare: Comparison = Comparison(), icl_cells: Iterable[str] | None = None,
+                  smoke: bool = False) -> dict:
+    """``icl_cells`` / ``FTResult.cells``: the cell keys the study planned (None: every cell of the folder);
+    ``smoke``: the preset is a smoke test (the report says so at the top)."""
     icl_rows = planned_rows(icl_metrics, icl_cells) if icl_metrics else []  # each results folder read once
     ft_runs = [(r, planned_rows(r.metrics_path, r.cells)) for r in ft_results]
-    return {"model": model, "config": config_name,
+    return {"model": model, "config": config_name, "smoke": smoke,
             "tasks": {task: task_summary(task, icl_rows, ft_runs, compare) for task in tasks}}
