@@ -3,8 +3,10 @@ schema, and clean error exits."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -91,8 +93,19 @@ FILE_SYSTEM_ERRORS = {errno.EACCES: "choose a folder you can write, e.g. another
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a script's main; a project error prints one line and exits 2 instead of a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run a script's main; a project error prints one line and exits 2 instead of a traceback.
+
+    Logging: INFO from the main process only (under ``accelerate launch`` the others log warnings),
+    so a line is not repeated once per process; library progress bars stay off when stderr is not a
+    terminal (a log file gets plain lines from ours, :func:`iclvsft.io.progress`)."""
+    main_process = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        with contextlib.suppress(ImportError):
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
     try:
         sys.exit(main() or 0)
     except IclvsftError as e:

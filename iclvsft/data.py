@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import DataError
-from .io import atomic_write_text, dumps_json, git_commit, read_jsonl, sha256_file, write_jsonl
+from .io import atomic_write_text, dumps_json, git_commit, progress, read_jsonl, sha256_file, write_jsonl
 from .tasks import POOLS, Item, Task, get_task
 
 GENERATE_HINT = "generate the data with `python generate_data.py --out <folder>` (or fix --data)"
@@ -109,7 +109,7 @@ def generate(config: dict, out: str | Path, show_progress: bool = True) -> dict[
         "tasks": {},
     }
     files: dict[str, bytes] = {}
-    with tqdm(total=total, desc="generating items", unit="item", disable=not show_progress) as bar:
+    with progress(total=total, desc="generating items", unit="item", disable=not show_progress) as bar:
         for name, task in tasks.items():
             bar.set_postfix_str(name)
             pools = generate_task(task, config, bar)

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from importlib import metadata
@@ -16,6 +17,21 @@ from typing import Any
 from .errors import DataError
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "gguf")
+
+
+def progress(*args, nested: bool = False, **kwargs):
+    """A tqdm progress bar that suits where stderr goes. On a terminal: tqdm as usual. Elsewhere (a log
+    file, CI): a plain line per update at most every 30 s, and no nested bars (their cursor moves leave
+    escape codes in files)."""
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        if nested:
+            kwargs["disable"] = True
+        kwargs.setdefault("mininterval", 30)
+        kwargs.setdefault("ascii", True)
+        kwargs.setdefault("bar_format", "{l_bar}{bar:20}{r_bar}\n")
+    return tqdm(*args, **kwargs)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -202,3 +202,35 @@ def test_runs_into_one_folder_add_up(data, tmp_path, tiny):
     assert set(third["identity"]["data_sha256"]) == {"expression", "boolean"}
     table = (out / "table.md").read_text()
     assert "| expression | 2 |" in table and "| boolean | 0 |" in table
+
+
+# --- logs a person can read ----------------------------------------------------------------------------
+
+def test_progress_bars_write_plain_lines_off_a_terminal(capsys):
+    from iclvsft.io import progress
+
+    for _ in progress(range(3), desc="outer"):
+        for _ in progress(range(2), desc="inner", nested=True, leave=False):
+            pass
+    err = capsys.readouterr().err
+    assert "outer" in err and "inner" not in err and "\x1b[" not in err  # no cursor moves in a log file
+
+
+def test_info_lines_come_from_the_main_process_only():
+    code = ("import logging, sys; from iclvsft import cli; "
+            "cli.run(lambda: logging.getLogger('iclvsft.x').info('hello from this process') or 0)")
+    import subprocess
+
+    for rank, shown in (("0", True), ("1", False)):
+        env = {**os.environ, "RANK": rank}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and ("hello from this process" in out.stderr) == shown, out.stderr
+
+
+def test_peft_deprecation_warning_is_filtered_once():
+    import warnings
+
+    import iclvsft.models  # noqa: F401 - installs the filter
+
+    assert any(f[0] == "ignore" and f[1] is not None and "is_gradient_checkpointing" in f[1].pattern
+               for f in warnings.filters)

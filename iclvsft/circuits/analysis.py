@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..data import load_items
 from ..engine import build_prefix
 from ..errors import ConfigError, DataError
-from ..io import atomic_write_text, provenance, write_json, write_jsonl
+from ..io import atomic_write_text, progress, provenance, write_json, write_jsonl
 from ..models import load_model
 from ..prompts import demo_order
 from ..prompts import prefix as prompt_prefix
@@ -61,8 +60,8 @@ def run_condition(loaded, state: TaskState, cond: str, demos: Sequence, c: dict,
     started = time.perf_counter()
     pre = build_prefix(model, tokenizer, prompt_prefix(state.task, demos))
     results = []
-    for n, pair in enumerate(tqdm(state.pairs, desc=f"{state.task.name}/{cond}", unit="pair",
-                                  disable=not show_progress)):
+    for n, pair in enumerate(progress(state.pairs, desc=f"{state.task.name}/{cond}", unit="pair",
+                                      disable=not show_progress)):
         tokens = tokenize_pair(tokenizer, state.task, pair, demos)
         if isinstance(tokens, str):
             raise DataError(f"{pair.item_id}: pair unusable under {cond} ({tokens}); was another tokenizer loaded?")

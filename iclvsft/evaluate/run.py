@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from ..data import load_manifest
 from ..errors import ConfigError, DataError
-from ..io import provenance, write_json
+from ..io import progress, provenance, write_json
 from ..models import load_model, weights_identity
 from ..prompts import demo_order, per_item_demos
 from ..runs import compare_identity, read_identity, summarise_differences
@@ -131,7 +130,7 @@ def _run_cells(plan: EvalPlan, cells: list[Cell], done: set, identity: dict, eva
     chunk = ev["batch_size"] * state.num_processes * 2
     quiet = not (show_progress and state.is_main_process)
     by_task: dict[str, TaskInputs] = {}
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=quiet)
+    bar = progress(total=len(cells), desc="cells", unit="cell", disable=quiet)
     for cell in cells:
         bar.set_postfix_str(cell.key)
         if cell.task not in by_task:
@@ -141,7 +140,8 @@ def _run_cells(plan: EvalPlan, cells: list[Cell], done: set, identity: dict, eva
         if todo:
             demos = demo_order(inp.demo_pool, cell.demo_seed, cell.task, cell.k) if cell.k else []
             inp.check_demos(demos, cell)
-            for start in tqdm(range(0, len(todo), chunk), desc=cell.key, unit="chunk", leave=False, disable=quiet):
+            for start in progress(range(0, len(todo), chunk), desc=cell.key, unit="chunk", leave=False, disable=quiet,
+                                  nested=True):
                 part = todo[start:start + chunk]
                 with state.split_between_processes(part) as mine:
                     rows = _score(evaluator, inp, mine, demos, cell, ev["demo_mode"])

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ from .offline import OFFLINE_MODELS, ensure_offline_model, read_marker
 from .params import count_parameters
 from .precision import resolve_attn_implementation, resolve_device, resolve_dtype
 from .tiny import TINY_MODEL_NAME, build_tiny_model, build_tiny_tokenizer
+
+# peft asks every model `getattr(model, "is_gradient_checkpointing", True)`, which transformers 5
+# answers with a FutureWarning (the attribute is deprecated): once per adapter load or training step
+# setup, several times per run, about code that is not ours. Filtered here, where peft models are made.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 logger = logging.getLogger(__name__)
 
