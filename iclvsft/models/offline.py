@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -255,20 +255,11 @@ def _cache_is_valid(folder: Path, spec: OfflineModel, full: bool = False) -> boo
     return True
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX ``flock``), so parallel processes dequantise a model only once."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking, the atomic rename still protects the cache
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _file_lock(path: Path):
+    """An exclusive lock (``filelock``, in the lock already), so parallel processes dequantise a model only once."""
+    from filelock import FileLock
+
+    return FileLock(str(path))
 
 
 def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None, verify: bool = False) -> Path:
