@@ -53,7 +53,7 @@ def test_default_pools_counts_and_zero_overlap(full_data):
 def test_same_config_same_bytes(full_data):
     _, out1, _, out2 = full_data
     files = sorted(p.relative_to(out1) for p in out1.rglob("*") if p.is_file())
-    assert len(files) == 13
+    assert len(files) == 14  # 6 tasks x 2 pools, manifest.json, README.md (the dataset card)
     for rel in files:
         assert (out1 / rel).read_bytes() == (out2 / rel).read_bytes(), rel
 
@@ -192,3 +192,26 @@ def test_generate_data_script(tmp_path):
     assert r.returncode == 2 and "did you mean 'train_pattern'" in r.stderr
     r = run_script("--help")
     assert r.returncode == 0 and "--seed" in r.stdout and "KEY=VALUE" in r.stdout
+
+
+def test_data_folder_is_a_dataset(make_data, tmp_path):
+    """One schema for every task (meta as a JSON string), a dataset card whose front matter lets
+    datasets load the folder (all tasks, or one), save_to_disk, and items that read back unchanged."""
+    from datasets import load_dataset
+
+    from iclvsft.data import load_items
+
+    data = make_data(SMALL)
+    card = (data / "README.md").read_text()
+    assert card.startswith("---\n") and "config_name: all" in card and "`split`: `pattern` or `control`" in card
+    everything = load_dataset(str(data))
+    manifest = json.loads((data / "manifest.json").read_text())
+    for pool in ("train", "test"):
+        assert everything[pool].num_rows == sum(t["files"][pool]["rows"] for t in manifest["tasks"].values())
+        assert set(everything[pool]["task"]) == set(manifest["tasks"])
+    one = load_dataset(str(data), "expression")
+    row = one["test"][0]
+    item = load_items(data, "expression", "test")[0]
+    assert row["id"] == item.id and json.loads(row["meta"]) == item.meta and isinstance(item.meta, dict)
+    everything.save_to_disk(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "dataset_dict.json").is_file()

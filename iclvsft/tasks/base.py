@@ -7,6 +7,7 @@ A task (reasoning-gym style) is one file with a config dataclass (with ``validat
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,6 +40,12 @@ class Item:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.FIELDS}
 
+    def to_row(self) -> dict[str, Any]:
+        """The item as a line of train.jsonl / test.jsonl: ``meta`` as a JSON string (sorted keys), so
+        every task's rows share one schema of plain string columns and ``datasets.load_dataset`` reads
+        all tasks at once (meta's fields differ per task)."""
+        return {**self.to_dict(), "meta": json.dumps(self.meta, sort_keys=True, separators=(",", ":"))}
+
     @classmethod
     def from_dict(cls, row: Any, where: str = "row") -> Item:
         """Build an item from a decoded JSON row, with a clear error for a corrupt one."""
@@ -57,9 +64,15 @@ class Item:
             raise DataError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
         if row["shortcut_answer"] is not None and not isinstance(row["shortcut_answer"], str):
             raise DataError(f"{where}: shortcut_answer must be a string or null")
-        if not isinstance(row["meta"], dict):
-            raise DataError(f"{where}: meta must be an object")
-        return cls(**{k: row[k] for k in cls.FIELDS})
+        meta = row["meta"]
+        if isinstance(meta, str):  # the file form (to_row)
+            try:
+                meta = json.loads(meta)
+            except ValueError:
+                meta = None
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: meta must be a JSON object (or a string holding one)")
+        return cls(**{**{k: row[k] for k in cls.FIELDS}, "meta": meta})
 
 
 @dataclass
