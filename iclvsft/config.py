@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .tasks import FORMATS, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
+from .tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
 
 ALL_TASKS = list(TASKS)
 
@@ -299,6 +299,9 @@ class Config:
     format: str = option("ours", "prompt format of ICL prompts, FT rows and scoring: ours (each task file's header "
                          "and question) | authors (their release's headers, question and label formats and fixed "
                          "token budgets; expression, relation, boolean, algebra)", choices=FORMATS)
+    prompt_style: str = option("raw", "raw: the prompt template's text as is | chat: the same text as the user's "
+                               "message of the tokenizer's chat template, the answer as the assistant's reply (ICL, FT "
+                               "and scoring alike; instruct models)", choices=PROMPT_STYLES)
     attn_implementation: str = option("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa) | sdpa | "
                                       "eager", choices=ATTN_IMPLEMENTATIONS)
     eval: EvalConfig = section(EvalConfig, "evaluation (test.py)")

@@ -38,12 +38,17 @@ def demonstration(task: Task, item: Item) -> str:
 def prefix(task: Task, demos: Sequence[Item] = ()) -> str:
     """Header plus demonstrations: the part of an ICL prompt shared by every query (KV-cacheable)."""
     sep = demo_separator(task)
-    return f"{task.header}\n" + "".join(demonstration(task, d) + sep for d in demos)
+    return f"{task.prompt_start}{task.header}\n" + "".join(demonstration(task, d) + sep for d in demos)
+
+
+def query(task: Task, question: str) -> str:
+    """What follows the shared prefix: the question (then, in the chat style, the end of the user's turn)."""
+    return question + task.prompt_end
 
 
 def build_prompt(task: Task, question: str, demos: Sequence[Item] = ()) -> str:
     """The full prompt for ``question``: zero-shot when ``demos`` is empty, k-shot ICL otherwise."""
-    return prefix(task, demos) + question
+    return prefix(task, demos) + query(task, question)
 
 
 def ft_row(task: Task, item: Item) -> dict[str, str]:

@@ -176,7 +176,8 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
         summaries.append(build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
                                        config["name"] or "default", compare,
                                        cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"]),
-                                       smoke=rep["smoke"]))
+                                       smoke=rep["smoke"], prompt_style=config["prompt_style"],
+                                       prompt_format=config["format"]))
     report = write_report(results, summaries, extra)
     timings["total"] = time.perf_counter() - started
     _append_timings(results / "timings.json", started_at, timings)

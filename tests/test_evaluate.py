@@ -231,3 +231,47 @@ def test_one_token_labels_scored_from_the_generation_pass(data_dir, tiny, monkey
         assert a["constrained"] == b["constrained"]
         for label in ("Y", "N"):
             assert a["label_logprobs"][label] == pytest.approx(b["label_logprobs"][label], abs=1e-4)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_prompt_style_for_icl_ft_and_scoring(data_dir, tmp_path):
+    """prompt_style chat: the whole prompt is the user's message of the chat template and the answer the
+    assistant's reply, in evaluation (cached = uncached, rows rebuild their prompt) and FT rows alike; a
+    model without a template is refused in one line."""
+    from iclvsft.evaluate.evaluator import Evaluator, prompt_sha
+    from iclvsft.evaluate.samples import rebuild_prompt
+    from iclvsft.models import load_model
+    from iclvsft.prompts import build_prompt, demo_order
+    from iclvsft.tasks import get_task, task_view
+    from iclvsft.train import select_rows
+
+    loaded = load_model("tiny-random-qwen2")
+    with pytest.raises(ConfigError, match="chat template"):
+        task_view(get_task("expression"), "ours", "chat", loaded.tokenizer)
+    loaded.tokenizer.chat_template = CHAT_TEMPLATE
+    task = task_view(get_task("expression"), "ours", "chat", loaded.tokenizer)
+    prompt = build_prompt(task, "(1+2)+(3-3)*(1+1+1-2)=")
+    assert prompt.startswith("<|im_start|>user\nCompute the value") and prompt.endswith("=<|im_end|>\n<|im_start|>assistant\n")
+    out = tmp_path / "chat"
+    evaluate(EvalPlan(eval_config(shots=[0, 3], demo_seeds=[0], limit=3, tasks=["expression", "boolean"])
+                      | {"prompt_style": "chat"}, data_dir, out, "tiny-random-qwen2", None), loaded=loaded,
+             show_progress=False)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(r["prompt_style"] == "chat" for r in rows)
+    assert all(prompt_sha(rebuild_prompt(r, data_dir, tokenizer=loaded.tokenizer)) == r["prompt_sha256"] for r in rows)
+    # the KV-cached prefix path gives what whole prompts give
+    from iclvsft.data import load_items
+
+    items = load_items(data_dir, "expression", "test")[:4]
+    demos = demo_order(load_items(data_dir, "expression", "train", split="pattern"), 0, "expression", 3)
+    ev = Evaluator(loaded.model, loaded.tokenizer, batch_size=4)
+    cached = [r["completion"] for r in ev.run(task, items, demos, 6)]
+    assert cached == [r["completion"] for r in ev.run(task, items, demos, 6, use_cache=False)]
+    # FT rows: the same prompt, the answer as the reply
+    rows_ft, _ = select_rows(data_dir, ["expression"], 2, style="chat", tokenizer=loaded.tokenizer)
+    item = load_items(data_dir, "expression", "train", split="pattern")[0]
+    assert rows_ft[0]["prompt"] == build_prompt(task, item.question)
+    assert rows_ft[0]["completion"] == item.answer + "\n"

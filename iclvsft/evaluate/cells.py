@@ -9,7 +9,7 @@ from pathlib import Path
 from ..data import load_items, normalise_question
 from ..errors import DataError
 from ..prompts import completion_text
-from ..tasks import Item, Task, get_task, task_in_format
+from ..tasks import Item, Task, get_task, task_view
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class TaskInputs:
 def task_inputs(data_dir: Path, name: str, cfg: dict, tokenizer) -> TaskInputs:
     """The task in the config's prompt format, with its items and demonstrations shown in that format."""
     ev = cfg["eval"]
-    task = task_in_format(get_task(name, cfg["data"]["task_params"].get(name)), cfg["format"])
+    task = task_view(get_task(name, cfg["data"]["task_params"].get(name)), cfg["format"], cfg["prompt_style"], tokenizer)
     test = [task.present(i) for i in load_items(data_dir, name, "test")]
     train = [task.present(i) for i in load_items(data_dir, name, "train")]
     max_new = (ev["max_new_tokens"] or task.max_new_tokens

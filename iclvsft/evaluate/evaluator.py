@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from .. import engine
 from ..errors import DataError
-from ..prompts import build_prompt, prefix
+from ..prompts import build_prompt, prefix, query
 from ..scoring import FORMATS, score, substring_match
 from ..tasks import Item, Task
 
@@ -29,7 +29,7 @@ class Evaluator:
         prompts = [build_prompt(task, i.question, demos) for i in items]
         if use_cache:
             pre = engine.build_prefix(self.model, self.tokenizer, prefix(task, demos))
-            suffixes = engine.split_suffixes(self.tokenizer, pre, [i.question for i in items])
+            suffixes = engine.split_suffixes(self.tokenizer, pre, [query(task, i.question) for i in items])
         else:
             pre, suffixes = engine.empty_prefix(), [None] * len(items)
         # Rows whose joint tokenization crosses the prefix boundary (and every row without the
@@ -132,7 +132,8 @@ class Evaluator:
         plus its hash, not its text: a 16-shot prompt repeated on every row would multiply the file."""
         s = score(item, completion, task.answer_format)
         row = {
-            "item_id": item.id, "split": item.split, "format": task.format, "question": item.question,
+            "item_id": item.id, "split": item.split, "format": task.format, "prompt_style": task.prompt_style,
+            "question": item.question,
             "demo_ids": [d.id for d in demos], "prompt_sha256": prompt_sha(prompt), "completion": completion,
             "answer": item.answer, "shortcut_answer": item.shortcut_answer,
             "strict": s.strict, "lenient": s.lenient, "correct": s.correct, "lenient_correct": s.lenient_correct,

@@ -90,6 +90,7 @@ def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
         "generator": manifest.get("generator"),
         "train_sha256": {t: f["train"]["sha256"] for t, f in files.items()},
         "dtype_requested": cfg["dtype"], "attn_requested": cfg["attn_implementation"], "format": cfg["format"],
+        "prompt_style": cfg["prompt_style"],
         "data_seed": manifest.get("seed"),
         "data_sha256": {t: f["test"]["sha256"] for t, f in files.items()},
         "demo_mode": ev["demo_mode"], "demo_split": ev["demo_split"], "splits": ev["splits"], "limit": ev["limit"],

@@ -40,15 +40,16 @@ def append_rows(path: Path, rows: Sequence[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def rebuild_prompt(row: dict, data_dir: str | Path, task_params: dict | None = None) -> str:
+def rebuild_prompt(row: dict, data_dir: str | Path, task_params: dict | None = None, tokenizer=None) -> str:
     """The exact prompt a samples.jsonl row was scored with: its task's header in the row's format,
     the demonstrations named by ``demo_ids`` (from the data folder's train pool), then ``question``
-    (``prompt_sha256`` of the result equals the row's)."""
+    (``prompt_sha256`` of the result equals the row's). A chat-style row needs the model's ``tokenizer``."""
     from ..data import load_items
     from ..prompts import build_prompt
-    from ..tasks import get_task, task_in_format
+    from ..tasks import get_task, task_view
 
-    task = task_in_format(get_task(row["task"], (task_params or {}).get(row["task"])), row.get("format", "ours"))
+    task = task_view(get_task(row["task"], (task_params or {}).get(row["task"])), row.get("format", "ours"),
+                     row.get("prompt_style", "raw"), tokenizer)
     pool = {i.id: i for i in load_items(data_dir, row["task"], "train")}
     missing = [d for d in row["demo_ids"] if d not in pool]
     if missing:

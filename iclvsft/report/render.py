@@ -141,6 +141,10 @@ def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str]
     lines = [f"# ICL vs FT on implicit patterns: {summary['model']} (config `{summary['config']}`)", ""]
     if summary.get("smoke"):
         lines += [SMOKE, ""]
+    style = summary.get("prompt_style", "raw")
+    how = "the model's chat template (the prompt as the user's message)" if style == "chat" else "raw text"
+    lines += [f"Prompts: {how} (`prompt_style: {style}`), format `{summary.get('format', 'ours')}`, for ICL, FT and "
+              "scoring alike.", ""]
     lines += [INTRO, ""]
     lines += headline(summary)
     lines += list(extra_sections)

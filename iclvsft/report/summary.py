@@ -145,10 +145,10 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
 
 def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
                   config_name: str, compare: Comparison = Comparison(), icl_cells: Iterable[str] | None = None,
-                  smoke: bool = False) -> dict:
+                  smoke: bool = False, prompt_style: str = "raw", prompt_format: str = "ours") -> dict:
     """``icl_cells`` / ``FTResult.cells``: the cell keys the study planned (None: every cell of the folder);
     ``smoke``: the preset is a smoke test (the report says so at the top)."""
     icl_rows = planned_rows(icl_metrics, icl_cells) if icl_metrics else []  # each results folder read once
     ft_runs = [(r, planned_rows(r.metrics_path, r.cells)) for r in ft_results]
-    return {"model": model, "config": config_name, "smoke": smoke,
+    return {"model": model, "config": config_name, "smoke": smoke, "prompt_style": prompt_style, "format": prompt_format,
             "tasks": {task: task_summary(task, icl_rows, ft_runs, compare) for task in tasks}}

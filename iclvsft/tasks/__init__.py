@@ -12,7 +12,7 @@ from .base import POOLS, SPLITS, Draw, Item, Task, TaskConfig
 from .boolean import BooleanTask
 from .code import CodeTask
 from .expression import ExpressionTask
-from .formats import FORMATS, AuthorsFormat, FormattedTask, task_in_format
+from .formats import FORMATS, PROMPT_STYLES, AuthorsFormat, ChatView, FormattedTask, task_in_format, task_view
 from .parity import ParityTask
 from .relation import RelationTask
 
@@ -45,5 +45,5 @@ def parse_task_list(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-__all__ = ["FORMATS", "TASKS", "POOLS", "SPLITS", "AuthorsFormat", "Draw", "FormattedTask", "Item", "Task", "TaskConfig",
-           "corruption_kinds", "get_task", "parse_task_list", "task_in_format"]
+__all__ = ["FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat", "ChatView", "Draw", "FormattedTask",
+           "Item", "Task", "TaskConfig", "corruption_kinds", "get_task", "parse_task_list", "task_in_format", "task_view"]

@@ -164,6 +164,9 @@ class Task:
     format: ClassVar[str] = "ours"
     answer_end: ClassVar[str] = "\n"  # a completion ends with a newline (then eos when ft.append_eos)
     max_new_tokens: ClassVar[int] = 0  # 0: the longest train answer + a margin (evaluate.cells)
+    prompt_style: ClassVar[str] = "raw"  # raw text; ``chat``: inside the tokenizer's chat template (formats.ChatView)
+    prompt_start: ClassVar[str] = ""  # text before the header (chat: the template up to the user's message)
+    prompt_end: ClassVar[str] = ""  # text after the query (chat: the end of the user's turn, the assistant's start)
     substring_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: TaskConfig | dict | None = None):

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from .base import Item, Task
 
 FORMATS = ("ours", "authors")
+PROMPT_STYLES = ("raw", "chat")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,43 @@ class FormattedTask:
         """The authors' training text for ``item`` (no header), split before the answer."""
         prompt, completion = self._task.authors_train_row(item)
         return {"prompt": prompt, "completion": completion}
+
+
+class ChatView:
+    """A task (in any format) whose whole prompt, header and demonstrations included, is the user's
+    message of ``tokenizer``'s chat template, and whose answer is the assistant's reply. The template
+    is rendered once around a marker and split there, so the prompt stays ``prompt_start + header +
+    demonstrations`` (one KV-cacheable prefix) ``+ question + prompt_end``."""
+
+    MARK = "\x00iclvsft-user-message\x00"
+    prompt_style = "chat"
+    answer_sep = ""  # the reply starts the assistant's turn: no separator before the answer
+
+    def __init__(self, task, tokenizer):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("prompt_style chat needs a tokenizer with a chat template; this model has none: use "
+                              "prompt_style=raw")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": self.MARK}], tokenize=False,
+                                                 add_generation_prompt=True)
+        if rendered.count(self.MARK) != 1:
+            raise ConfigError("the tokenizer's chat template does not show the user's message verbatim; use "
+                              "prompt_style=raw")
+        self._task = task
+        self.prompt_start, self.prompt_end = rendered.split(self.MARK)
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+
+def task_view(task: Task, fmt: str = "ours", style: str = "raw", tokenizer=None):
+    """``task`` in prompt format ``fmt`` and prompt style ``style`` (config keys ``format`` and
+    ``prompt_style``; ``chat`` needs the model's tokenizer)."""
+    view = task_in_format(task, fmt)
+    if style == "raw":
+        return view
+    if style == "chat":
+        return ChatView(view, tokenizer)
+    raise ConfigError(f"unknown prompt_style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
 
 def task_in_format(task: Task, fmt: str) -> Task | FormattedTask:

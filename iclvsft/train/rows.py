@@ -18,19 +18,20 @@ from ..config import BATCHING, LOSS_ON
 from ..data import load_items, load_manifest
 from ..errors import ConfigError, DataError
 from ..prompts import ft_row
-from ..tasks import get_task, parse_task_list, task_in_format
+from ..tasks import get_task, parse_task_list, task_view
 
 logger = logging.getLogger(__name__)
 
 
 def select_rows(data_dir: str | Path, tasks: Sequence[str], n_train: int, seed: int = 0,
-                task_params: dict | None = None, fmt: str = "ours",
-                row_text: str = "prompt") -> tuple[list[dict[str, str]], dict[str, Any]]:
+                task_params: dict | None = None, fmt: str = "ours", row_text: str = "prompt", style: str = "raw",
+                tokenizer=None) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The first ``n_train`` pattern rows of each task as ``{id, task, prompt, completion}``.
 
     ``fmt`` is the prompt format (``ours`` | ``authors``); ``row_text`` (``ft.rows``) is ``prompt``
     (a row is the zero-shot evaluation prompt plus its completion) or ``authors_train`` (the authors'
-    training text, which is not their evaluation prompt: no header, expression's ``+=``).
+    training text, which is not their evaluation prompt: no header, expression's ``+=``); ``style``
+    (``prompt_style``) ``chat`` wraps each row's prompt in ``tokenizer``'s chat template.
 
     One task keeps file order (the Trainer shuffles each epoch); several are concatenated and
     shuffled with ``seed``. Also returns a record of where the rows came from (per task: the train
@@ -41,7 +42,7 @@ def select_rows(data_dir: str | Path, tasks: Sequence[str], n_train: int, seed: 
     rows: list[dict[str, str]] = []
     record: dict[str, Any] = {"tasks": {}}
     for name in tasks:
-        task = task_in_format(get_task(name, (task_params or {}).get(name)), fmt)
+        task = task_view(get_task(name, (task_params or {}).get(name)), fmt, style, tokenizer)
         items = load_items(data_dir, name, "train", split="pattern")
         if len(items) < n_train:
             raise DataError(f"{name}: {Path(data_dir) / name / 'train.jsonl'} holds {len(items)} pattern rows, "

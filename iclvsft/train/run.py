@@ -55,7 +55,8 @@ def run_identity(config: dict, data_record: dict) -> dict[str, Any]:
     has content to hash), precision, format, ft, the rows (per task the train file's sha256)."""
     ft = {k: v for k, v in config["ft"].items() if k not in NON_SEMANTIC_FT_KEYS}
     return {"model": config["model"], "model_sha256": weights_identity(config["model"]), "dtype": config["dtype"],
-            "attn_implementation": config["attn_implementation"], "format": config["format"], "ft": ft,
+            "attn_implementation": config["attn_implementation"], "format": config["format"],
+            "prompt_style": config["prompt_style"], "ft": ft,
             "rows": data_record}
 
 
@@ -180,6 +181,9 @@ def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path =
                                                  "out": str(out)})
 
     model, tokenizer, model_info = build_model(config, precision, args.device, sharded=sharded)
+    if config["prompt_style"] != "raw":  # the rows' text needs the model's chat template
+        rows, _ = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"], config["data"]["task_params"],
+                              config["format"], ft["rows"], style=config["prompt_style"], tokenizer=tokenizer)
     features, token_stats = tokenize_rows(rows, tokenizer, loss_on=ft["loss_on"], max_length=ft["max_length"],
                                           append_eos=ft["append_eos"])
     trainer, output, train_seconds = _train(config, out, args, model, tokenizer, model_info, features, token_stats,
