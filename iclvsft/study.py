@@ -120,19 +120,26 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
 
     tasks = list(config["eval"]["tasks"] or config["data"]["tasks"])
     ft_runs = plan_ft(config)
-    for model in models_of(config):
+    main_study = config["reproduce"]["icl"] or bool(ft_runs)  # a ladder preset may have neither
+    summaries: list[dict] = []
+    models = models_of(config) if main_study else []
+    for n, model in enumerate(models):  # one model at a time: a partial report after each
         if config["reproduce"]["icl"]:
             t0 = time.perf_counter()
             cfg = _eval_config(config, model, tasks, config["eval"]["shots"])
             evaluate_fn(EvalPlan(cfg, data_dir, results / "icl" / slug(model), model, None), show_progress=show_progress)
             timings[f"icl/{slug(model)}"] = time.perf_counter() - t0
-
-    for run in ft_runs:
-        t0 = time.perf_counter()
-        cfg = _eval_config(run.config, run.model, list(run.tasks), config["reproduce"]["ft_eval_shots"])
-        fit_and_evaluate(cfg, results / "ft" / run.rel, results / "ft_eval" / run.rel, data_dir, show_progress,
-                         finetune_fn, evaluate_fn)
-        timings[f"ft/{run.rel}"] = time.perf_counter() - t0
+        for run in (r for r in ft_runs if r.model == model):
+            t0 = time.perf_counter()
+            cfg = _eval_config(run.config, run.model, list(run.tasks), config["reproduce"]["ft_eval_shots"])
+            fit_and_evaluate(cfg, results / "ft" / run.rel, results / "ft_eval" / run.rel, data_dir, show_progress,
+                             finetune_fn, evaluate_fn)
+            timings[f"ft/{run.rel}"] = time.perf_counter() - t0
+        summaries.append(_model_summary(config, results, tasks, ft_runs, model))
+        left = len(models) - n - 1
+        if left or config["circuits"]["enabled"] or config["ladder"]["rungs"]:
+            write_report(results, summaries, [PARTIAL.format(done=n + 1, total=len(models), left=", ".join(
+                models[n + 1:]) or "none", more=" and the analyses after them" if not left else "")])
 
     extra: list[str] = []
     if config["circuits"]["enabled"]:
@@ -163,25 +170,29 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
                             f"(config `{config['name'] or 'default'}`)\n")
         timings["ladder"] = time.perf_counter() - t0
 
-    summaries = []
-    main_study = config["reproduce"]["icl"] or bool(ft_runs)  # a ladder preset may have neither
-    for model in models_of(config) if main_study else []:
-        ft_results = [FTResult(r.protocol, r.config["ft"]["method"], r.tasks, r.n_train, r.train_seed,
-                               results / "ft_eval" / r.rel / "metrics.json",
-                               _read_json(results / "ft" / r.rel / "summary.json"),
-                               cell_keys(r.tasks, config["reproduce"]["ft_eval_shots"], config["eval"]["demo_seeds"]))
-                      for r in ft_runs if r.model == model]
-        rep = config["reproduce"]
-        compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"], rep["max_invalid"])
-        summaries.append(build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
-                                       config["name"] or "default", compare,
-                                       cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"]),
-                                       smoke=rep["smoke"], prompt_style=config["prompt_style"],
-                                       prompt_format=config["format"]))
     report = write_report(results, summaries, extra)
     timings["total"] = time.perf_counter() - started
     _append_timings(results / "timings.json", started_at, timings)
     return report
+
+
+PARTIAL = ("## Partial report\n\nThe study is still running: {done} of {total} models done (left: {left}){more}. This "
+           "file is rewritten after each model and once more at the end.\n")
+
+
+def _model_summary(config: dict, results: Path, tasks: list[str], ft_runs: list[FTRun], model: str) -> dict:
+    """The report's numbers for one model, from its ICL folder and its FT evaluation folders."""
+    rep = config["reproduce"]
+    ft_results = [FTResult(r.protocol, r.config["ft"]["method"], r.tasks, r.n_train, r.train_seed,
+                           results / "ft_eval" / r.rel / "metrics.json",
+                           _read_json(results / "ft" / r.rel / "summary.json"),
+                           cell_keys(r.tasks, rep["ft_eval_shots"], config["eval"]["demo_seeds"]))
+                  for r in ft_runs if r.model == model]
+    compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"], rep["max_invalid"])
+    return build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
+                         config["name"] or "default", compare,
+                         cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"]),
+                         smoke=rep["smoke"], prompt_style=config["prompt_style"], prompt_format=config["format"])
 
 
 def fit_and_evaluate(config: dict, ft_out: Path, eval_out: Path, data_dir: Path, show_progress: bool = True,

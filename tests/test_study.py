@@ -149,3 +149,30 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
     timed(tmp_path / "run")
     for name in ("report.md", "summary.json"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_partial_report_after_each_model(tmp_path):
+    """A study of several models has a current report.md after each finished model, so a failure late
+    in a long run still leaves the finished models' numbers; the final report replaces it."""
+    from iclvsft.evaluate import evaluate
+    from iclvsft.models import load_model
+
+    second = tmp_path / "tiny-copy"
+    loaded = load_model("tiny-random-qwen2")
+    loaded.model.save_pretrained(second)
+    loaded.tokenizer.save_pretrained(second)
+    config = load_config(ROOT / "configs" / "quick.yaml", [*TINY, "circuits.enabled=false", "reproduce.ft_n_train=[4]",
+                                                           "reproduce.ft_protocols={answer_lora: {}}",
+                                                           f"reproduce.models=[tiny-random-qwen2, {second}]"])
+    seen = []
+
+    def watching(plan, **kwargs):
+        if plan.model_name.startswith(str(second)) or plan.model_name == str(second):
+            report = tmp_path / "r" / "report.md"
+            seen.append(report.is_file() and "1 of 2 models done" in report.read_text())
+        return evaluate(plan, **kwargs)
+
+    final = run_study(config, tmp_path / "d", tmp_path / "r", show_progress=False, evaluate_fn=watching)
+    assert seen and all(seen)
+    text = final.read_text()
+    assert "Partial report" not in text and text.count("# ICL vs FT on implicit patterns") == 2
