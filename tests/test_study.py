@@ -176,3 +176,6 @@ def test_partial_report_after_each_model(tmp_path):
     assert seen and all(seen)
     text = final.read_text()
     assert "Partial report" not in text and text.count("# ICL vs FT on implicit patterns") == 2
+    # several models: accuracy vs model size, a table row per task and model, and its plot
+    assert "## Accuracy vs model size" in text and "| expression | tiny-random-qwen2 | " in text
+    assert (tmp_path / "r" / "plots" / "sizes.png").is_file()

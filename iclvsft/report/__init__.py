@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import atomic_write_text, slug, write_json
-from .plots import plot
-from .render import protocol_comparison, render
+from .plots import plot, plot_sizes
+from .render import protocol_comparison, render, size_table
 from .summary import Comparison, FTResult, build_summary, condition, task_summary
 
 
@@ -22,9 +22,13 @@ def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str]
         plots = plot(summary, out_dir / sub)
         parts.append(render(summary, {t: [str(Path(sub) / Path(p).name) for p in ps] for t, ps in plots.items()},
                             protocol_comparison(summary)))
+    sizes = size_table(summaries)
+    if sizes:
+        path = plot_sizes(summaries, out_dir / "plots")
+        sizes += [f"![accuracy vs model size](plots/{Path(path).name})", ""]
     write_json(out_dir / "summary.json", {"models": summaries})
     report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(parts) + "".join(f"{s}\n" for s in extra_sections))
+    atomic_write_text(report, "\n".join(parts + sizes) + "".join(f"{s}\n" for s in extra_sections))
     return report
 
 

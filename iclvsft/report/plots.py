@@ -29,6 +29,49 @@ def _invalid(ax, points: list[tuple[float, dict]], label: str) -> None:
                 label=f"{label} invalid (pattern)")
 
 
+def plot_sizes(summaries: list[dict], out_dir: Path) -> str:
+    """Pattern accuracy vs parameters (log x), one panel per task: the best ICL cell and each FT
+    protocol at its largest N, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = sorted(summaries, key=lambda s: (s.get("n_params") or 0, s["model"]))
+    tasks = list(order[0]["tasks"])
+    xs = [s.get("n_params") or (i + 1) for i, s in enumerate(order)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.6), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        series: dict[str, list] = {}
+        for s in order:
+            t = s["tasks"][task]
+            cells = [r for r in t["icl"] if (r.get("pattern") or {}).get("accuracy")]
+            best = max(cells, key=lambda r: r["pattern"]["accuracy"]["mean"], default=None)
+            series.setdefault("ICL (best k)", []).append(best["pattern"]["accuracy"] if best else None)
+            for protocol in sorted({r["protocol"] for r in t["ft"]}):
+                rows = [r for r in t["ft"] if r["protocol"] == protocol and (r.get("pattern") or {}).get("accuracy")]
+                top = max(rows, key=lambda r: r["n_train"], default=None)
+                series.setdefault(f"FT {protocol} (largest N)", []).append(top["pattern"]["accuracy"] if top else None)
+        for i, (label, stats) in enumerate(series.items()):
+            pts = [(x * (1 + 0.06 * (i - (len(series) - 1) / 2)), st) for x, st in zip(xs, stats) if st]
+            if pts:
+                ax.errorbar([x for x, _ in pts], [100 * _mean(st) for _, st in pts], yerr=_yerr([st for _, st in pts]),
+                            fmt="-o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_title(task)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pattern accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "sizes.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:
     """Accuracy vs shots and accuracy vs FT rows (log x), pattern and control, per task."""
     import matplotlib

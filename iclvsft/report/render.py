@@ -137,6 +137,38 @@ def protocol_comparison(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def _best_icl(t: dict) -> tuple[int | None, dict | None]:
+    """The ICL cell with the highest pattern accuracy (a descriptive maximum, not a verdict's cell)."""
+    cells = [r for r in t["icl"] if (r.get("pattern") or {}).get("accuracy")]
+    best = max(cells, key=lambda r: (r["pattern"]["accuracy"]["mean"], -r["k"]), default=None)
+    return (best["k"], best["pattern"]["accuracy"]) if best else (None, None)
+
+
+def size_table(summaries: list[dict]) -> list[str]:
+    """Accuracy vs model size: per task and model, the best ICL cell and FT at each N (pattern items)."""
+    if len(summaries) < 2:
+        return []
+    order = sorted(summaries, key=lambda s: (s.get("n_params") or 0, s["model"]))
+    cols = sorted({(r["protocol"], r["n_train"]) for s in order for t in s["tasks"].values() for r in t["ft"]})
+    lines = ["## Accuracy vs model size", "",
+             "Pattern accuracy in % [95%]: the best ICL cell (its k; a maximum over k, so optimistic: descriptive "
+             "only) and each FT protocol at each N, per model, smallest first. Verdicts stay per model, above.", "",
+             "| task | model | parameters | best ICL (k) | " + " | ".join(f"FT {p} N={n}" for p, n in cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    tasks = list(order[0]["tasks"])
+    for task in tasks:
+        for s in order:
+            t = s["tasks"].get(task)
+            if t is None:
+                continue
+            k, acc = _best_icl(t)
+            ft = {(r["protocol"], r["n_train"]): (r.get("pattern") or {}).get("accuracy") for r in t["ft"]}
+            params = f"{s['n_params'] / 1e6:,.0f}M" if s.get("n_params") else "–"
+            lines.append(f"| {task} | {s['model']} | {params} | {fmt_ci(acc)} ({k if k is not None else '–'}) | "
+                         + " | ".join(fmt_ci(ft.get(c)) for c in cols) + " |")
+    return lines + [""]
+
+
 def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str] = ()) -> str:
     lines = [f"# ICL vs FT on implicit patterns: {summary['model']} (config `{summary['config']}`)", ""]
     if summary.get("smoke"):

@@ -150,5 +150,8 @@ def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[F
     ``smoke``: the preset is a smoke test (the report says so at the top)."""
     icl_rows = planned_rows(icl_metrics, icl_cells) if icl_metrics else []  # each results folder read once
     ft_runs = [(r, planned_rows(r.metrics_path, r.cells)) for r in ft_results]
+    n_params = next((r.train_summary.get("model_info", {}).get("n_params") for r in ft_results
+                     if r.train_summary.get("model_info", {}).get("n_params")), None)
     return {"model": model, "config": config_name, "smoke": smoke, "prompt_style": prompt_style, "format": prompt_format,
+            "n_params": n_params,
             "tasks": {task: task_summary(task, icl_rows, ft_runs, compare) for task in tasks}}
