@@ -24,6 +24,12 @@ def differences(saved: Any, current: Any, path: str = "") -> list[str]:
     return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]
 
 
+# Identity keys added after runs were recorded, with the value every run recorded before the key existed
+# necessarily had (before prompt_style, every prompt was raw text): a saved identity lacking one reads as
+# that value. Content hashes never get a default: a run recorded without one cannot be vouched for.
+ADDED_KEYS = {"prompt_style": "raw"}
+
+
 def read_identity(path: Path, remedy: str = "move the folder away") -> dict | None:
     """The identity recorded in ``path``; None when there is no such file. An unreadable file raises
     :class:`ConfigError`."""
@@ -35,7 +41,7 @@ def read_identity(path: Path, remedy: str = "move the folder away") -> dict | No
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} is unreadable; {remedy}") from None
-    return saved
+    return {**ADDED_KEYS, **saved}
 
 
 def compare_identity(path: Path, identity: dict, keys: Iterable[str] | None = None,

@@ -44,8 +44,9 @@ def test_relation_boolean_algebra_authors_text():
 
     boo = task_in_format(get_task("boolean"), "authors")
     item = Item("b", "boolean", "pattern", "((True) or (False)) and False =", "False", "False", {})
-    assert boo.present(item).question == "((True) or (False)) and False\n The result is:"
-    assert boo.present(item).answer == "0" and boo.train_row(item)["completion"] == " 0"
+    assert boo.present(item).question == "((True) or (False)) and False\n The result is: "  # 1 token: the digit
+    assert boo.present(item).answer == "0" and boo.train_row(item) == {
+        "prompt": "((True) or (False)) and False\n The result is:", "completion": " 0"}
 
     alg = task_in_format(get_task("algebra"), "authors")
     item = _item("algebra")
@@ -88,7 +89,8 @@ def test_ft_rows_follow_the_format(make_data):
     matched, _ = select_rows(data, ["boolean"], 2, fmt="authors")
     assert ours[0]["prompt"].startswith("Compute the value") and ours[0]["completion"].endswith("\n")
     assert theirs[0]["prompt"].endswith("+=") and "\n" not in theirs[0]["prompt"]
-    assert matched[0]["prompt"].startswith("Here are some boolean expressions") and matched[0]["completion"] in (" 1", " 0")
+    assert matched[0]["prompt"].startswith("Here are some boolean expressions") and matched[0]["prompt"].endswith(": ")
+    assert matched[0]["completion"] in ("1", "0")
 
 
 # --- scoring and selection, by hand ---------------------------------------------------------------

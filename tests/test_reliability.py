@@ -234,3 +234,14 @@ def test_peft_deprecation_warning_is_filtered_once():
 
     assert any(f[0] == "ignore" and f[1] is not None and "is_gradient_checkpointing" in f[1].pattern
                for f in warnings.filters)
+
+
+def test_identity_recorded_before_a_key_existed(tmp_path):
+    """A run recorded before prompt_style existed was raw by construction: it matches a raw run, not a
+    chat one; a content hash is never assumed."""
+    from iclvsft.runs import compare_identity
+
+    (tmp_path / "run.json").write_text(json.dumps({"identity": {"model": "m"}}))
+    assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "raw"}) == []
+    assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "chat"}) != []
+    assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "raw", "model_sha256": "x"}) != []

@@ -102,18 +102,23 @@ class BooleanTask(Task):
     authors_format = AuthorsFormat(
         header="Here are some boolean expressions, you need to directly tell me the result. If it is true, print True, "
                "else print False. Here are some examples: ",
-        answer_sep=" ", multiline=True, answer_format="bit", max_new_tokens=1)
+        answer_sep="", multiline=True, answer_format="bit", max_new_tokens=1)
 
     def authors_item(self, item: Item) -> Item:
-        """The expression, a newline, `` The result is:`` then 1 or 0 (though their header asks for True/False)."""
+        """The expression, a newline, `` The result is: `` then 1 or 0 (though their header asks for True/False).
+
+        The query ends with the space, as algebra's ends with ``b = ``: their budget is one new token, and
+        Qwen's tokenizer writes `` 1`` as two tokens (the space, then the digit), so a query without the
+        space could never be answered within it."""
         bit = {"True": "1", "False": "0"}
-        question = item.question.removesuffix(" =") + "\n The result is:"
+        question = item.question.removesuffix(" =") + "\n The result is: "
         shortcut = bit[item.shortcut_answer] if item.shortcut_answer is not None else None
         return dataclasses.replace(item, question=question, answer=bit[item.answer], shortcut_answer=shortcut)
 
     def authors_train_row(self, item: Item) -> tuple[str, str]:
+        """Their training text, ``<expression>\n The result is: 1``, split before the answer's space."""
         shown = self.authors_item(item)
-        return shown.question, " " + shown.answer
+        return shown.question.removesuffix(" "), " " + shown.answer
 
     def _groups(self, rng) -> str:
         c = self.config
