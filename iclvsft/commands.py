@@ -285,7 +285,9 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
 
     Writes results/<config name>/report.md (plus summary.json, plots/, and one folder per stage) and
     prints the headline table. Resumable: kill it at any moment and rerun the same command; finished
-    cells and fine-tuning runs are reused, unfinished ones continue.
+    cells and fine-tuning runs are reused, unfinished ones continue. With --plan (or --dry-run) it
+    only prints every cell and run with its estimated peak memory and time against this machine's
+    memory (or the --plan-* one), and what would fit where a run does not.
     """
     p = _parser(_doc(reproduce_main), prog)
     p.add_argument("--data", default=None, help="the data folder; default data/<config name>")
@@ -294,10 +296,33 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
                    help="start over: delete --results (a reproduce folder) and regenerate --data if it holds data "
                         "made with other settings; without it finished work is reused and other settings refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--plan", "--dry-run", dest="plan", action="store_true",
+                   help="print every ICL cell and FT run the config implies, with estimated peak memory and time "
+                        "against this machine's memory (or the --plan-* machine), and what would fit where a run "
+                        "does not; exit without doing any work")
+    p.add_argument("--plan-gpus", type=int, default=None, metavar="N",
+                   help="with --plan: plan for N GPUs (0: CPU only) instead of this machine's")
+    p.add_argument("--plan-gpu-gib", type=float, default=None, metavar="GIB",
+                   help="with --plan: memory of each planned GPU in GiB (default: what this machine's GPU has free)")
+    p.add_argument("--plan-host-gib", type=float, default=None, metavar="GIB",
+                   help="with --plan: host RAM in GiB (default: this machine's; CPU runs and ZeRO-3 offload use it)")
     args = _parse(p, argv)
     config = cli.resolve(args)
     name = config["name"] or "default"
     data, results = Path(args.data or f"data/{name}"), Path(args.results or f"results/{name}")
+
+    stated = [flag for flag, value in (("--plan-gpus", args.plan_gpus), ("--plan-gpu-gib", args.plan_gpu_gib),
+                                       ("--plan-host-gib", args.plan_host_gib)) if value is not None]
+    if stated and not args.plan:
+        raise ConfigError(f"{', '.join(stated)}: only with --plan (the --plan-* options describe a machine to plan "
+                          "for; a real run plans for the machine it runs on)")
+    if args.plan:
+        from .plan import Invocation, detect_machine, plan_study, render_plan
+
+        machine = detect_machine(args.plan_gpus, args.plan_gpu_gib, args.plan_host_gib)
+        how = Invocation(args.config_given, data, tuple(args.overrides))
+        print(render_plan(plan_study(config, machine, results, how)), end="")
+        return 0
 
     from .study import run_study
 

@@ -108,6 +108,10 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
     timings: dict[str, float] = {}
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    from .plan import Invocation, check_plan  # a run that cannot fit here: one line, exit 2, before any work
+
+    check_plan(config, results=results, invocation=Invocation(
+        f"configs/{config['name']}.yaml" if config["name"] else None, data_dir))
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "config.json", {"config": config, "provenance": provenance()})
 

@@ -88,17 +88,29 @@ def flash_attn_available() -> bool:
     return True
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def resolve_attn_implementation(attn_implementation: str = "auto", device: torch.device | str = "cpu",
-                                dtype: torch.dtype = torch.float32) -> str | None:
+                                dtype: torch.dtype = torch.float32, *,
+                                autocast_dtype: torch.dtype | None = None) -> str | None:
     """The ``attn_implementation`` passed to transformers.
 
-    ``auto``: ``flash_attention_2`` on CUDA in bf16/fp16 when ``flash_attn`` is importable; otherwise
-    ``None``, which lets transformers pick SDPA (or eager for a model without SDPA support). The
-    implementation actually used is read back from the model and recorded in ``LoadedModel.info``.
+    ``dtype`` is the weights' dtype; ``autocast_dtype`` the dtype autocast computes in when the run
+    uses autocast (full fine-tuning: fp32 master weights under bf16/fp16 autocast). FlashAttention-2
+    needs half-precision q/k/v: they are half when the weights are, or when autocast runs in half
+    precision (transformers' ``flash_attention_forward`` casts fp32 q/k/v to the autocast dtype,
+    ``integrations.flash_attention.get_target_dtype``), so either one being bf16/fp16 is enough.
+
+    ``auto``: ``flash_attention_2`` on CUDA with half-precision attention inputs when ``flash_attn`` is
+    importable; otherwise ``None``, which lets transformers pick SDPA (or eager for a model without
+    SDPA support). The implementation actually used is read back from the model and recorded in
+    ``LoadedModel.info``.
     """
+    compute = autocast_dtype if autocast_dtype in HALF_DTYPES else dtype
     if attn_implementation in (None, "auto"):
         device = torch.device(device)
-        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flash_attn_available():
+        if device.type == "cuda" and compute in HALF_DTYPES and flash_attn_available():
             return "flash_attention_2"
         return None
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -107,8 +119,9 @@ def resolve_attn_implementation(attn_implementation: str = "auto", device: torch
     if attn_implementation == "flash_attention_2":
         if torch.device(device).type != "cuda":
             raise ConfigError("attn_implementation flash_attention_2 needs a CUDA device; use sdpa or auto")
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ConfigError("attn_implementation flash_attention_2 needs dtype bf16 or fp16")
+        if compute not in HALF_DTYPES:
+            raise ConfigError("attn_implementation flash_attention_2 needs dtype bf16 or fp16 (half-precision "
+                              "weights, or half-precision autocast over fp32 weights); use sdpa or auto for fp32")
         if not flash_attn_available():
             raise ConfigError("attn_implementation flash_attention_2 needs the flash_attn package "
                               "(pip install flash-attn --no-build-isolation); or use sdpa / auto")

@@ -2,6 +2,7 @@
 callback that keeps train_log.jsonl."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from ..errors import ConfigError
 from ..io import atomic_write_text, jsonl_line
 from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 # Attention implementations that honour position-id packing (block-diagonal mask / varlen kernels).
@@ -55,27 +58,87 @@ def plan_precision(config: dict, device) -> Precision:
     return Precision(name, load, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
 
 
+@dataclass(frozen=True)
+class ModelPlan:
+    """How :func:`build_model` loads a model for training, decided before anything is loaded (a pure
+    function of the config, the precision, the device and the launcher: :func:`plan_model`)."""
+
+    load_dtype: str  # what load_model loads the weights in
+    cast_to: str | None  # the dtype the loaded model is cast to; None: leave it (DeepSpeed manages it)
+    autocast: str | None  # the dtype the Trainer's autocast computes in (bf16 / fp16), None without autocast
+    attn: str | None  # the attention the model trains with; None: transformers' default (SDPA, or eager)
+    attn_at_load: str  # the attn_implementation passed to load_model
+    switch_attn: bool  # set_attn_implementation(attn) once the weights are loaded
+    note: str = ""  # one line for the log when the choice needs explaining
+
+
+def plan_model(config: dict, precision: Precision, device, sharded: bool = False,
+               deepspeed_zero3: bool = False) -> ModelPlan:
+    """Load dtype, attention and autocast of a training run; nothing is loaded.
+
+    The attention is decided from the dtype the attention kernel **computes** in, after the weights'
+    dtype is known: full FT keeps fp32 master weights and runs under bf16 (or fp16) autocast, where
+    q/k/v reach the kernel in half precision (transformers' flash-attention integration casts fp32
+    q/k/v to the autocast dtype: ``integrations.flash_attention.get_target_dtype``), so
+    FlashAttention-2 is valid there. load_model checks attention against the **load** dtype (for
+    inference, where no autocast runs), so such a run loads with the default kernel and switches to
+    FlashAttention-2 once loaded (``set_attn_implementation``), as runs loaded on the CPU already did.
+
+    ``deepspeed_zero3``: DeepSpeed's bf16/fp16 engine holds the module in half precision and the fp32
+    master copy in its optimizer partitions, so the weights load in the training dtype and are not
+    cast (a ``.to()`` on ZeRO-3-partitioned parameters would only touch their empty placeholders).
+    """
+    device = torch.device(device)
+    compute = getattr(torch, precision.dtype)
+    autocast = precision.dtype if (precision.bf16 or precision.fp16) else None
+    if deepspeed_zero3:
+        load, cast_to = precision.dtype, None
+    else:
+        load, cast_to = precision.load_dtype, precision.load_dtype
+    autocast_dtype = getattr(torch, autocast) if autocast and not deepspeed_zero3 else None
+    attn = resolve_attn_implementation(config["attn_implementation"], device, getattr(torch, load),
+                                       autocast_dtype=autocast_dtype)
+    load_device = "cpu" if sharded or device.type != "cuda" else "cuda"
+    # load_model accepts flash_attention_2 only for a CUDA load in half precision (inference rules)
+    switch = attn == "flash_attention_2" and (load_device == "cpu" or getattr(torch, load) != compute)
+    note = ""
+    if switch and getattr(torch, load) == torch.float32:
+        note = (f"attention: flash_attention_2 under {autocast} autocast over fp32 master weights (transformers "
+                f"casts q/k/v to {autocast} for the kernel); loaded with the default kernel, switched after loading")
+    return ModelPlan(load_dtype=load, cast_to=cast_to, autocast=autocast if not deepspeed_zero3 else None,
+                     attn=attn, attn_at_load="auto" if switch or attn is None else attn, switch_attn=switch,
+                     note=note)
+
+
+def _deepspeed_zero3() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers always has it
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def build_model(config: dict, precision: Precision, device, sharded: bool = False):
     """Load the model for training: LoRA-wrapped (peft) or all parameters trainable.
 
     ``device``: where training runs. Sharded runs (FSDP, DeepSpeed ZeRO-3) load on CPU and let the
-    Trainer place the shards. FlashAttention-2 is switched on after loading when the weights are
-    loaded on CPU (models.load_model accepts it only for a CUDA device).
+    Trainer place the shards. Load dtype and attention come from :func:`plan_model`: FlashAttention-2
+    is switched on after loading when the weights are loaded on CPU or in fp32 (load_model accepts it
+    only for a CUDA load in half precision).
     """
     ft = config["ft"]
     device = torch.device(device)
-    load_dtype = getattr(torch, precision.load_dtype)
-    attn = resolve_attn_implementation(config["attn_implementation"], device,
-                                       getattr(torch, precision.dtype))
+    plan = plan_model(config, precision, device, sharded=sharded, deepspeed_zero3=sharded and _deepspeed_zero3())
     load_device = "cpu" if sharded or device.type != "cuda" else str(device)
-    switch_later = attn == "flash_attention_2" and load_device == "cpu"
-    loaded = load_model(config["model"], dtype=precision.load_dtype, device=load_device,
-                        attn_implementation="auto" if switch_later or attn is None else attn)
+    loaded = load_model(config["model"], dtype=plan.load_dtype, device=load_device,
+                        attn_implementation=plan.attn_at_load)
     model = loaded.model
-    if switch_later:
-        model.set_attn_implementation("flash_attention_2")
-    if model.dtype != load_dtype:
-        model = model.to(load_dtype)
+    if plan.switch_attn:
+        model.set_attn_implementation(plan.attn)
+    if plan.note:
+        logger.info(plan.note)
+    if plan.cast_to is not None and model.dtype != getattr(torch, plan.cast_to):
+        model = model.to(getattr(torch, plan.cast_to))
     model.config.use_cache = False
     attn_used = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if ft["batching"] == "padding_free" and attn_used not in PACKING_SAFE_ATTENTION:
@@ -94,7 +157,7 @@ def build_model(config: dict, precision: Precision, device, sharded: bool = Fals
         for param in model.parameters():
             param.requires_grad_(True)
     model.train()
-    info = dict(loaded.info, attn_implementation=attn_used, load_dtype=precision.load_dtype,
+    info = dict(loaded.info, attn_implementation=attn_used, load_dtype=plan.load_dtype, autocast=plan.autocast,
                 trainable_params=count_parameters(model, trainable_only=True), total_params=count_parameters(model))
     return model, loaded.tokenizer, info
 
