@@ -266,9 +266,8 @@ def test_requirements_files_match_registry(pytestconfig):
                  if line.startswith("# ") and "==" in line and " " not in line[2:].strip()])
 
     assert pins("requirements-models-test.txt")[0] == OFFLINE_MODELS["smollm2-135m-instruct"].requirements
-    study, optional = pins("requirements-models-study.txt")
-    assert study == OFFLINE_MODELS["qwen2.5-coder-0.5b-instruct"].requirements
-    assert optional == OFFLINE_MODELS["qwen2.5-coder-1.5b-instruct"].requirements
+    assert pins("requirements-models-study.txt")[0] == OFFLINE_MODELS["qwen2.5-coder-0.5b-instruct"].requirements
+    assert pins("requirements-models-scale.txt")[0] == OFFLINE_MODELS["qwen2.5-coder-1.5b-instruct"].requirements
 
 
 def test_cli_reports_errors(pytestconfig):

@@ -125,13 +125,17 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
         cmd = [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(tmp_path / "d"),
                "--results", str(results), "--quiet", *TINY, "circuits.enabled=false", "reproduce.ft_n_train=[4]",
                "reproduce.ft_protocol_n_train={authors: [4]}"]
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+        log = (tmp_path / "stderr.log").open("w")  # a file, not a pipe: a full pipe would stall the child
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, **kwargs)
+
+    def stderr() -> str:
+        return (tmp_path / "stderr.log").read_text()[-3000:]
 
     def timed(results) -> float:
         started = time.perf_counter()
         proc = run(results)
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, stderr()
         return time.perf_counter() - started
 
     duration = timed(tmp_path / "ref")
@@ -139,13 +143,15 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
     work = duration - overhead
     rng = random.Random(15)
     for n in range(5):
-        # each run is killed before it can finish: together they do at most 5/6 of the work
+        # Killed at a random moment of start-up or of the work; the work parts are small (1/15 each), so
+        # the runs together do at most a third of it even if the machine got twice as fast meanwhile.
         proc = run(tmp_path / "run")
-        with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(timeout=overhead + rng.uniform(0.2, 1.0) * work / 6)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, n
+        try:
+            proc.wait(timeout=rng.uniform(0.5, 1.0) * overhead + rng.uniform(0.0, 1.0) * work / 15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"run {n} ended on its own (rc {proc.returncode}): {stderr()}"
     timed(tmp_path / "run")
     for name in ("report.md", "summary.json"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

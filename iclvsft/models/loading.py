@@ -5,6 +5,7 @@ hub id (see :func:`load_model`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,10 +27,16 @@ from .params import count_parameters
 from .precision import resolve_attn_implementation, resolve_device, resolve_dtype
 from .tiny import TINY_MODEL_NAME, build_tiny_model, build_tiny_tokenizer
 
-# peft asks every model `getattr(model, "is_gradient_checkpointing", True)`, which transformers 5
-# answers with a FutureWarning (the attribute is deprecated): once per adapter load or training step
-# setup, several times per run, about code that is not ours. Filtered here, where peft models are made.
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+@contextlib.contextmanager
+def quiet_peft_deprecation():
+    """peft asks every model ``getattr(model, "is_gradient_checkpointing", True)``, which transformers 5
+    answers with a FutureWarning (the attribute is deprecated): on every adapter made or loaded, about
+    code that is not ours. Silenced around exactly those calls (a module-level filter would be lost to
+    any caller that resets the warning filters)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +215,8 @@ def _apply_adapter(model, adapter: str, merge: bool):
                 else " pass the folder finetune.py wrote with --method lora")
         raise ConfigError(f"adapter folder {adapter!r} has no adapter_config.json;{hint}")
     try:
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        with quiet_peft_deprecation():
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise ConfigError(f"could not apply adapter {adapter!r} to this model ({error}); was it trained on "
                           f"another base model?") from error

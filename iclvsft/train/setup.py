@@ -16,6 +16,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from ..errors import ConfigError
 from ..io import atomic_write_text, jsonl_line
 from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
+from ..models.loading import quiet_peft_deprecation
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def build_model(config: dict, precision: Precision, device, sharded: bool = Fals
         peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                  target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
         try:
-            model = get_peft_model(model, peft_config)
+            with quiet_peft_deprecation():
+                model = get_peft_model(model, peft_config)
         except ValueError as error:  # e.g. a target module name the model does not have
             raise ConfigError(f"ft.lora: {error}") from error
     else:
