@@ -42,6 +42,7 @@ from .errors import ConfigError
 from .evaluate import EvalPlan, evaluate
 from .evaluate.cells import cell_keys
 from .io import provenance, slug, write_json
+from .models import release_memory
 from .report import Comparison, FTResult, build_summary, write_report
 from .train import finetune, is_finished
 from .train.run import write_model_card
@@ -132,6 +133,7 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
             t0 = time.perf_counter()
             cfg = _eval_config(config, model, tasks, config["eval"]["shots"])
             evaluate_fn(EvalPlan(cfg, data_dir, results / "icl" / slug(model), model, None), show_progress=show_progress)
+            release_memory()
             timings[f"icl/{slug(model)}"] = time.perf_counter() - t0
         for run in (r for r in ft_runs if r.model == model):
             t0 = time.perf_counter()
@@ -207,11 +209,13 @@ def fit_and_evaluate(config: dict, ft_out: Path, eval_out: Path, data_dir: Path,
     if not is_finished(config, ft_out, data_dir):
         log.info("fine-tuning %s", ft_out)
         finetune_fn(config, ft_out, data_dir, show_progress=show_progress)
+        release_memory()  # the trained model's memory, before the evaluation loads it again
     adapter = ft_out if (ft_out / "adapter_config.json").is_file() else None
     model_name = config["model"] if adapter else str(ft_out)
     cfg = {**config, "model": model_name}
     metrics = evaluate_fn(EvalPlan(cfg, data_dir, eval_out, model_name, str(adapter) if adapter else None),
                           show_progress=show_progress)
+    release_memory()
     summary = _read_json(ft_out / "summary.json")
     if isinstance(metrics, dict) and summary:  # the model card gains the zero-shot results
         results: dict[str, dict[str, str]] = {}

@@ -138,19 +138,27 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
         assert proc.returncode == 0, stderr()
         return time.perf_counter() - started
 
-    duration = timed(tmp_path / "ref")
-    overhead = timed(tmp_path / "ref")  # start-up and report, everything reused
-    work = duration - overhead
+    def state(folder) -> set:
+        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()} \
+            if folder.exists() else set()
+
+    timed(tmp_path / "ref")
     rng = random.Random(15)
+    out = tmp_path / "run"
     for n in range(5):
-        # Killed at a random moment of start-up or of the work; the work parts are small (1/15 each), so
-        # the runs together do at most a third of it even if the machine got twice as fast meanwhile.
-        proc = run(tmp_path / "run")
-        try:
-            proc.wait(timeout=rng.uniform(0.5, 1.0) * overhead + rng.uniform(0.0, 1.0) * work / 15)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
+        # Killed at a seeded random moment within half a second of its first write (the first sign of
+        # work: a row, a checkpoint, a log line), so each run does a little of the study and is killed
+        # wherever that moment falls (in a write, a training step, a save...).
+        before, proc = state(out), run(out)
+        delay, written_at = rng.uniform(0.0, 0.5), None
+        while proc.poll() is None:
+            if written_at is None and state(out) != before:
+                written_at = time.perf_counter()
+            if written_at is not None and time.perf_counter() - written_at >= delay:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, f"run {n} ended on its own (rc {proc.returncode}): {stderr()}"
     timed(tmp_path / "run")
     for name in ("report.md", "summary.json"):
