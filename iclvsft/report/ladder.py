@@ -13,23 +13,12 @@ from typing import Any
 from ..evaluate.cells import cell_keys
 from ..evaluate.tables import aligned
 from ..metrics import baselines, fmt_ci, fmt_pct, paired_difference, verdict
-from .summary import condition, planned_rows
+from .plots import _mean, _yerr, panels, save_panels
+from .summary import condition, planned_rows, seeds_by_k
 
 # (accuracy metric, shortcut metric, per-row field) under each scoring
 SCORING = {"strict": ("accuracy", "shortcut_rate", "correct"),
            "substring": ("substring_accuracy", "substring_shortcut_rate", "substring_correct")}
-
-
-def _seeds(rows: list[dict], task: str) -> dict[int, list[list[dict]]]:
-    """k -> one list of rows per demo seed, for ``task``."""
-    cells: dict[tuple[int, Any], list[dict]] = {}
-    for r in rows:
-        if r["task"] == task:
-            cells.setdefault((r["k"], r["demo_seed"]), []).append(r)
-    out: dict[int, list[list[dict]]] = {}
-    for (k, _seed), part in sorted(cells.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        out.setdefault(k, []).append(part)
-    return out
 
 
 def _side(seeds: list[list[dict]], scoring: str) -> dict:
@@ -58,9 +47,9 @@ def select_icl(by_k: dict[int, list[list[dict]]], select: str, fixed_k: int, fie
 
 def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str, select: str, fixed_k: int) -> dict:
     _, _, field = SCORING[scoring]
-    by_k = _seeds(icl_rows, task)
+    by_k = seeds_by_k(icl_rows, task)
     k = select_icl(by_k, select, fixed_k, field)
-    ft_seeds = _seeds(ft_rows, task).get(0, [])
+    ft_seeds = seeds_by_k(ft_rows, task).get(0, [])
     out: dict[str, Any] = {"k": k, "icl": _side(by_k[k], scoring) if k is not None else None,
                            "ft": _side(ft_seeds, scoring) if ft_seeds else None, "icl_minus_ft": None}
     if k is not None and ft_seeds:
@@ -154,33 +143,18 @@ def ladder_section(summary: dict, plot_dir: Path, link_prefix: str = "") -> str:
 
 def plot_ladder(summary: dict, out_dir: Path) -> str:
     """Pattern accuracy of ICL and FT per rung, one panel per task, with 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     rungs = summary["rungs"]
     tasks = list(rungs[0]["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), sharey=True, squeeze=False)
+    fig, axes = panels(len(tasks), width=3.6)
     xs = [r["index"] for r in rungs]
     for ax, task in zip(axes[0], tasks):
         for side, offset, style in (("icl", -0.08, "-o"), ("ft", 0.08, "-s")):
-            stats = [(r["tasks"][task][side] or {}).get("pattern") for r in rungs]
-            ys = [100 * s["mean"] if s else float("nan") for s in stats]
-            err = [[100 * (s["mean"] - s["ci95"][0]) if s else 0 for s in stats],
-                   [100 * (s["ci95"][1] - s["mean"]) if s else 0 for s in stats]]
-            ax.errorbar([x + offset for x in xs], ys, yerr=err, fmt=style, capsize=3,
-                        label="ICL (reported k)" if side == "icl" else "FT zero-shot")
+            stats = [(r["tasks"][task][side] or {}).get("pattern") or {} for r in rungs]
+            ax.errorbar([x + offset for x in xs], [100 * _mean(s) for s in stats], yerr=_yerr(stats), fmt=style,
+                        capsize=3, label="ICL (reported k)" if side == "icl" else "FT zero-shot")
         ax.set_title(task)
         ax.set_xticks(xs)
         ax.set_xlabel("rung")
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("pattern accuracy (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "ladder.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_panels(fig, axes, out_dir / "ladder.png", legend_size=8)

@@ -19,6 +19,29 @@ def _yerr(stats: list[dict]) -> list[list[float]]:
     return [lo, hi]
 
 
+def panels(n: int, width: float = 3.8):
+    """A figure of ``n`` panels side by side sharing the y axis (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, n, figsize=(width * n, 3.6), sharey=True, squeeze=False)
+
+
+def save_panels(fig, axes, path: Path, legend_size: int = 7) -> str:
+    """Label the first panel's y axis (pattern accuracy), add its legend, write ``path``, close."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].set_ylabel("pattern accuracy (%)")
+    axes[0][0].legend(fontsize=legend_size)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def _invalid(ax, points: list[tuple[float, dict]], label: str) -> None:
     """The share of invalid answers on pattern items (a faint dotted line): a low accuracy that is mostly
     unparseable output reads differently from one of wrong answers."""
@@ -32,16 +55,10 @@ def _invalid(ax, points: list[tuple[float, dict]], label: str) -> None:
 def plot_sizes(summaries: list[dict], out_dir: Path) -> str:
     """Pattern accuracy vs parameters (log x), one panel per task: the best ICL cell and each FT
     protocol at its largest N, with 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     order = sorted(summaries, key=lambda s: (s.get("n_params") or 0, s["model"]))
     tasks = list(order[0]["tasks"])
     xs = [s.get("n_params") or (i + 1) for i, s in enumerate(order)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.6), sharey=True, squeeze=False)
+    fig, axes = panels(len(tasks))
     for ax, task in zip(axes[0], tasks):
         series: dict[str, list] = {}
         for s in order:
@@ -63,13 +80,7 @@ def plot_sizes(summaries: list[dict], out_dir: Path) -> str:
         ax.set_title(task)
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("pattern accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "sizes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_panels(fig, axes, out_dir / "sizes.png")
 
 
 def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:

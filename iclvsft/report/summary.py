@@ -60,6 +60,14 @@ def _by_cell(rows: list[dict], task: str, k: int | None = None) -> dict[tuple[in
     return out
 
 
+def seeds_by_k(rows: list[dict], task: str) -> dict[int, list[list[dict]]]:
+    """``k -> one list of rows per demo seed`` of ``task``, in (k, seed) order."""
+    out: dict[int, list[list[dict]]] = {}
+    for (k, _seed), part in sorted(_by_cell(rows, task).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        out.setdefault(k, []).append(part)
+    return out
+
+
 def condition(seeds: list[list[dict]]) -> dict[str, Any]:
     """Every metric of one condition (a list of seeds' rows on the same items): per split, the mean
     and the seeds-then-items interval; on control items, the label-bias-corrected shortcut measure."""
@@ -80,9 +88,7 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
                  compare: Comparison) -> dict:
     """One task's part of the summary, from the ICL folder's rows and each FT folder's rows."""
     t: dict[str, Any] = {"icl": [], "ft": [], "baselines": {}}
-    icl_seeds: dict[int, list[list[dict]]] = {}
-    for (k, _seed), rows in sorted(_by_cell(icl_rows, task).items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        icl_seeds.setdefault(k, []).append(rows)
+    icl_seeds = seeds_by_k(icl_rows, task)
     for k, seeds in sorted(icl_seeds.items()):
         t["icl"].append({"k": k, **condition(seeds)})
     items = next(iter(icl_seeds.values()), [[]])[0]
