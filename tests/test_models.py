@@ -175,14 +175,16 @@ def test_ensure_offline_model_corrupt_parts_leave_no_cache(tmp_path, monkeypatch
     assert leftovers(cache) == []
 
 
-def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
-    parts = write_parts(tmp_path, [b"hello ", b"world"])
-    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world"))
+def fake_offline_model(tmp_path, monkeypatch, chunks: list[bytes]) -> list:
+    """Register "fake-model" (its parts ``chunks``) with a dequantise that writes a tiny model folder and
+    records each GGUF it was given; returns that record."""
+    parts = write_parts(tmp_path, chunks)
+    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"".join(chunks)))
     monkeypatch.setattr(offline, "locate_parts", lambda spec: parts)
     calls = []
 
     def fake_dequantise(gguf, out, spec):
-        assert gguf.read_bytes() == b"hello world" and gguf.name == "fake.gguf"
+        assert gguf.read_bytes() == b"".join(chunks)
         calls.append(gguf)
         out.mkdir()
         (out / "config.json").write_text("{}")
@@ -190,10 +192,16 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
         offline.write_marker(out, {"sha256": spec.sha256})
 
     monkeypatch.setattr(offline, "dequantise", fake_dequantise)
+    return calls
+
+
+def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
+    calls = fake_offline_model(tmp_path, monkeypatch, [b"hello ", b"world"])
     cache = tmp_path / "cache"
     (cache / ".fake-model.build-killed").mkdir(parents=True)  # left by a killed run
     folder = ensure_offline_model("fake-model", cache_dir=cache)
     assert folder == cache / "fake-model" and (folder / "config.json").is_file()
+    assert calls[0].name == "fake.gguf"
     assert leftovers(cache) == ["fake-model"]          # build folder and assembled GGUF are gone
     assert not calls[0].exists()
     monkeypatch.setattr(offline, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
@@ -204,19 +212,7 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
 def test_corrupt_model_cache_is_rebuilt_never_used(tmp_path, monkeypatch):
     """A cached weights file changed after preparation (same size) is caught by its sha256: on the next
     load when its mtime moved, by ``verify`` when the mtime was put back; the model is rebuilt."""
-    parts = write_parts(tmp_path, [b"hello world"])
-    monkeypatch.setitem(OFFLINE_MODELS, "fake-model", fake_spec("fake-model", b"hello world"))
-    monkeypatch.setattr(offline, "locate_parts", lambda spec: parts)
-    builds = []
-
-    def fake_dequantise(gguf, out, spec):
-        builds.append(1)
-        out.mkdir()
-        (out / "config.json").write_text("{}")
-        (out / "model.safetensors").write_bytes(b"weights")
-        offline.write_marker(out, {"sha256": spec.sha256})
-
-    monkeypatch.setattr(offline, "dequantise", fake_dequantise)
+    builds = fake_offline_model(tmp_path, monkeypatch, [b"hello world"])
     cache = tmp_path / "cache"
     weights = ensure_offline_model("fake-model", cache_dir=cache) / "model.safetensors"
     st = weights.stat()

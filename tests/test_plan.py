@@ -134,29 +134,30 @@ def measure_step(folder: Path, method: str, dtype: str, rows: int = 2, tokens: i
             "saved": sum(saved.values()), "tokens": rows * tokens, "half": half}
 
 
+def measured_and_estimated(folder, method: str, dtype: str) -> tuple[dict, dict, float]:
+    """One real training step's tensors, the formula's parts for the same shape, and the formula's
+    estimate of what the forward pass keeps for the backward pass: the autocast copies of the weights,
+    the activations, and the fp32 log-softmax of the loss (4 of LOGIT_BYTES' 12 bytes; the rest is
+    transient at the start of the backward pass)."""
+    measured = measure_step(folder, method, dtype)
+    est = train_memory(plan.model_shape(str(folder)), method, tokens=measured["tokens"],
+                       logit_positions=measured["tokens"], half=dtype != "fp32", optimizer="adamw_torch_fused",
+                       cuda=False).parts
+    return measured, est, est["autocast_copies"] + est["activations"] + est["logits"] * 4 / plan.LOGIT_BYTES
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_estimate_matches_the_tensors_of_a_training_step(mini_folder, method):
-    measured = measure_step(mini_folder, method, "bf16")
-    shape = plan.model_shape(str(mini_folder))
-    est = train_memory(shape, method, tokens=measured["tokens"], logit_positions=measured["tokens"],
-                       half=True, optimizer="adamw_torch_fused", cuda=False).parts
+    measured, est, saved_estimate = measured_and_estimated(mini_folder, method, "bf16")
     # exact parts: the formula's bytes per parameter
     for part in ("weights", "gradients", "optimizer"):
         assert est[part] == pytest.approx(measured[part], rel=0.01), part
-    # what the forward pass keeps for the backward pass: the autocast copies of the weights, the
-    # activations, and the fp32 log-softmax of the loss (4 of LOGIT_BYTES' 12 bytes; the rest is
-    # transient at the start of the backward pass)
-    saved_estimate = est["autocast_copies"] + est["activations"] + est["logits"] * 4 / plan.LOGIT_BYTES
     assert saved_estimate == pytest.approx(measured["saved"], rel=TOLERANCE), (saved_estimate, measured["saved"])
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fp32_estimate_is_an_upper_bound(mini_folder, method):
-    measured = measure_step(mini_folder, method, "fp32")
-    shape = plan.model_shape(str(mini_folder))
-    est = train_memory(shape, method, tokens=measured["tokens"], logit_positions=measured["tokens"],
-                       half=False, optimizer="adamw_torch_fused", cuda=False).parts
-    saved_estimate = est["autocast_copies"] + est["activations"] + est["logits"] * 4 / plan.LOGIT_BYTES
+    measured, _, saved_estimate = measured_and_estimated(mini_folder, method, "fp32")
     assert measured["saved"] <= saved_estimate <= 2.5 * measured["saved"]
 
 
