@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import DEFAULTS, load_config, schema_field
+from .config import DEFAULTS, load_config, nest, schema_field
 from .errors import IclvsftError
 
 OVERRIDES_HELP = ("config overrides as dotted KEY=VALUE pairs, values parsed as YAML, applied after --config "
@@ -75,14 +75,8 @@ def add_config_flag(p: argparse.ArgumentParser, flag: str, key: str) -> None:
 def resolve(args: argparse.Namespace) -> dict:
     """Config = defaults < --config file < KEY=VALUE overrides < the config options that were given."""
     named = {k.removeprefix("config:"): v for k, v in vars(args).items() if k.startswith("config:") and v is not None}
-    extra = [_nest(k.split("."), v) for k, v in named.items()]
+    extra = [nest(k, v) for k, v in named.items()]
     return load_config(args.config, [*args.overrides, *extra])
-
-
-def _nest(keys: list[str], value: Any) -> Any:
-    for key in reversed(keys):
-        value = {key: value}
-    return value
 
 
 FILE_SYSTEM_ERRORS = {errno.EACCES: "choose a folder you can write, e.g. another --out",

@@ -405,10 +405,14 @@ def parse_override(text: str) -> dict:
             value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()) else value
         except ValueError:
             pass
-    out: dict = value
-    for part in reversed(key.strip().split(".")):
-        out = {part: out}
-    return out
+    return nest(key.strip(), value)
+
+
+def nest(dotted: str, value: Any) -> dict:
+    """``("data.seed", 3)`` -> ``{"data": {"seed": 3}}``: a dotted key as the nested mapping ``merge`` takes."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str | dict] = ()) -> dict:

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import merge, validate
+from .config import merge, nest, validate
 from .errors import ConfigError
 
 
@@ -40,13 +40,6 @@ class Rung:
         return list(self.config["ladder"]["tasks"])
 
 
-def _nest(dotted: str, value) -> dict:
-    out = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
 def rung_configs(config: dict) -> list[tuple[dict, dict]]:
     """(rung entry, resolved config) per rung, each rung's ``set`` applied over the previous rung's
     config; every one validated like a config file, so a bad key fails before any work."""
@@ -54,7 +47,7 @@ def rung_configs(config: dict) -> list[tuple[dict, dict]]:
     current["ladder"] = {**current["ladder"], "rungs": []}
     for n, rung in enumerate(config["ladder"]["rungs"]):
         for key, value in (rung.get("set") or {}).items():
-            current = merge(current, _nest(str(key), value), f"ladder.rungs[{n}] ({rung['name']})")
+            current = merge(current, nest(str(key), value), f"ladder.rungs[{n}] ({rung['name']})")
         validate(current)
         out.append((rung, copy.deepcopy(current)))
     return out
