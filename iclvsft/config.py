@@ -210,6 +210,8 @@ class ReproduceConfig:
     compare_n_train: int = option(0, "the FT cell of the verdict: N rows (0: the largest N of compare_protocol)",
                                   minimum=0)
     compare_protocol: str = option("", "the FT protocol of the verdict (empty: the first of ft_protocols)")
+    compare_train_seeds: list = option([], "train seeds of the verdict's FT cell (compare_protocol at compare_n_train), "
+                                       "which the verdict combines; empty: ft_train_seeds")
     max_invalid: float = option(0.5, "a compared cell whose share of invalid (unparseable) answers on pattern items "
                                 "exceeds this gives no verdict (the report says why); 1: never", minimum=0)
     smoke: bool = option(False, "the preset is a smoke test: report.md says at the top that its numbers are no "
@@ -220,6 +222,10 @@ class ReproduceConfig:
         _need(len(set(map(str, self.models))) == len(self.models), f"reproduce.models repeats a model: {self.models}")
         _int_list("reproduce.ft_n_train", self.ft_n_train, 1)
         _int_list("reproduce.ft_train_seeds", self.ft_train_seeds, 0)
+        if self.compare_train_seeds:
+            _int_list("reproduce.compare_train_seeds", self.compare_train_seeds, 0)
+        _need(len(set(self.compare_train_seeds)) == len(self.compare_train_seeds),
+              f"reproduce.compare_train_seeds repeats a seed: {self.compare_train_seeds}")
         _int_list("reproduce.ft_eval_shots", self.ft_eval_shots, 0)
         for name, values in self.ft_protocol_n_train.items():
             _int_list(f"reproduce.ft_protocol_n_train.{name}", values, 1)
@@ -248,7 +254,8 @@ class CircuitsConfig:
     batch_size: int = option(32, "patched copies per forward pass in activation patching", minimum=1)
     dtype: str = option("fp32", "the analysis' precision; fp32 because bf16 logits near 20 are 0.125 apart, "
                         "coarser than many effects; \"\" = the top-level dtype")
-    adapter: str = option("", "the FT condition's adapter folder, \"{task}\" replaced by the task (e.g. "
+    adapter: str = option("", "the FT condition's fine-tuned folder (a LoRA adapter or a fully fine-tuned model), "
+                          "\"{task}\" replaced by the task (e.g. "
                           "runs/ft-{task}-256); empty: no FT condition")
     bootstrap: int = option(1000, "bootstrap resamples of the items for the 95% intervals (0: none)", minimum=0)
     top_k: int = option(20, "components compared by the top-k overlap", minimum=1)

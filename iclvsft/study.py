@@ -80,9 +80,14 @@ def plan_ft(config: dict) -> list[FTRun]:
             if unknown:
                 raise ConfigError(f"reproduce: protocol {protocol!r} uses tasks {unknown} that data.tasks does not generate")
             groups = [tuple(ft["tasks"])] if ft["tasks"] else [(t,) for t in tasks]
+            ns = rep["ft_protocol_n_train"].get(protocol) or rep["ft_n_train"]
+            compared = protocol == (rep["compare_protocol"] or next(iter(rep["ft_protocols"])))
+            compared_n = rep["compare_n_train"] or max(ns)
             for group in groups:
-                for n in rep["ft_protocol_n_train"].get(protocol) or rep["ft_n_train"]:
-                    for seed in rep["ft_train_seeds"]:
+                for n in ns:
+                    seeds = rep["compare_train_seeds"] if compared and n == compared_n and rep["compare_train_seeds"] \
+                        else rep["ft_train_seeds"]
+                    for seed in seeds:
                         cfg = copy.deepcopy(config)
                         cfg["model"] = model
                         cfg["ft"] = {**ft, "tasks": list(group), "n_train": n, "train_seed": seed}
@@ -162,7 +167,8 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
                 if not cfg["circuits"]["adapter"]:
                     cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
                 result = analyze(cfg, data_dir, out, show_progress=show_progress)
-            extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/"))
+            extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/",
+                                        base_invalid=_zero_shot_invalid(summaries, model)))
             timings[f"circuits/{slug(model)}"] = time.perf_counter() - t0
 
     if config["ladder"]["rungs"]:
@@ -242,6 +248,19 @@ def _circuit_adapter(results: Path, ft_runs: list[FTRun], model: str) -> str:
     first = single[0].protocol
     best = max((r for r in single if r.protocol == first), key=lambda r: (r.n_train, -r.train_seed))
     return str(results / "ft" / slug(model) / first / "{task}" / f"n{best.n_train}-s{best.train_seed}")
+
+
+def _zero_shot_invalid(summaries: list[dict], model: str) -> dict[str, float]:
+    """Per task, the base model's zero-shot (k = 0) invalid share on pattern items, from the study's summary."""
+    out = {}
+    for s in summaries:
+        if s["model"] == model:
+            for task, t in s["tasks"].items():
+                zero = next((r for r in t["icl"] if r["k"] == 0), None)
+                share = (((zero or {}).get("pattern") or {}).get("invalid") or {}).get("mean")
+                if share is not None:
+                    out[task] = share
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -289,6 +289,40 @@ def test_analysis_end_to_end_with_adapter(data_dir, tmp_path, expression):
     assert "ICL - FT" in (out / "circuits.md").read_text()
 
 
+def test_a_fully_fine_tuned_model_is_accepted_and_gives_the_merged_adapters_maps(data_dir, tmp_path):
+    """circuits.adapter may name a full fine-tuned model folder: the same weights as base + merged adapter
+    give the same FT map."""
+    from peft import PeftModel
+
+    adapter = train_tiny_lora(data_dir, tmp_path / "adapter", steps=2)
+    base = load_model("tiny-random-qwen2")
+    merged = PeftModel.from_pretrained(base.model, adapter).merge_and_unload()
+    merged.save_pretrained(tmp_path / "full")
+    base.tokenizer.save_pretrained(tmp_path / "full")
+    common = [*SMALL, "model=tiny-random-qwen2", "circuits.tasks=[expression]", "circuits.n_items=3", "circuits.shots=2",
+              "circuits.bootstrap=0"]
+    maps = {}
+    for name, path in (("adapter", adapter), ("full", tmp_path / "full")):
+        result = analyze(load_config(None, [*common, f"circuits.adapter={path}"]), data_dir, tmp_path / f"out-{name}",
+                         show_progress=False)
+        maps[name] = np.array(result["tasks"]["expression"]["conditions"]["ft"]["map"])
+    np.testing.assert_allclose(maps["full"], maps["adapter"], rtol=1e-4, atol=1e-6)
+
+
+def test_shift_reading_uses_the_split_half_noise_reference():
+    from iclvsft.circuits.report import _verdict
+
+    diff = {"ci95": [0.05, 0.2]}  # ICL's shift minus FT's: interval above 0
+    assert _verdict(diff, False) == "ICL shifts more (supports the claim)"
+    assert _verdict(diff, False, {"icl": {"value": 0.3}, "ft": {"value": 0.15}}, reference=0.2).startswith("ICL shifts")
+    # ICL's shift (0.18) is no larger than two halves of the base items are apart (0.2): inside the noise
+    assert _verdict(diff, False, {"icl": {"value": 0.18}, "ft": {"value": 0.05}}, reference=0.2).startswith(
+        "no clear difference (the larger shift is within")
+    # top-k overlap is a similarity: FT moved further when ICL - FT > 0; FT's overlap 0.5 < the halves' 0.7
+    assert _verdict({"ci95": [0.1, 0.3]}, True, {"icl": {"value": 0.8}, "ft": {"value": 0.5}}, 0.7).startswith("FT")
+    assert _verdict({"ci95": [0.1, 0.3]}, True, {"icl": {"value": 0.9}, "ft": {"value": 0.75}}, 0.7).startswith("no")
+
+
 def test_config_and_cli_errors(data_dir, root):
     with pytest.raises(ConfigError, match="'control' is not defined for 'code'"):
         load_config(None, ["circuits.tasks=[code]", "circuits.corruption=control"])
@@ -299,7 +333,7 @@ def test_config_and_cli_errors(data_dir, root):
     with pytest.raises(ConfigError, match="n_items"):
         load_config(None, ["circuits.n_items=0"])
     cfg = load_config(None, ["circuits.adapter=/nonexistent/{task}"])
-    with pytest.raises(ConfigError, match="adapter_config.json"):
+    with pytest.raises(ConfigError, match="neither a LoRA adapter"):
         adapter_for(cfg, "expression")
     help_text = subprocess.run([sys.executable, str(root / "analyze_circuits.py"), "--help"], capture_output=True,
                                text=True, cwd=root, timeout=60).stdout

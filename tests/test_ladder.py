@@ -10,6 +10,7 @@ from iclvsft.errors import ConfigError
 from iclvsft.ladder import plan_ladder
 from iclvsft.prompts import build_prompt, completion_text
 from iclvsft.report.ladder import rung_task, select_icl
+from iclvsft.report.summary import judge
 from iclvsft.scoring import score, substring_match
 from iclvsft.tasks import Item, get_task, task_in_format
 from iclvsft.train import select_rows
@@ -117,17 +118,33 @@ def test_select_icl_takes_the_best_k_or_the_fixed_one():
 
 
 def test_rung_numbers_by_hand():
-    """ICL right on 4 of 4 pattern items only by substring, FT right on all: under substring scoring
-    the paired difference is 0; under strict, ICL 0/4 vs FT 4/4 (-100)."""
-    icl = [_row("t", 4, "pattern", False, item=n, substring=True) for n in range(4)]
-    ft = [_row("t", 0, "pattern", True, item=n) for n in range(4)]
+    """ICL right on 8 of 8 pattern items only by substring, FT right on all: under substring scoring
+    the paired difference is 0; under strict, ICL 0/8 vs FT 8/8 (-100, McNemar p = 2 / 2^8)."""
+    icl = [_row("t", 4, "pattern", False, item=n, substring=True) for n in range(8)]
+    ft = [_row("t", 0, "pattern", True, item=n) for n in range(8)]
     for r in ft:
         r["demo_seed"] = None
     sub = rung_task("t", icl, ft, "substring", "max", 16)
     strict = rung_task("t", icl, ft, "strict", "max", 16)
     assert sub["k"] == 4 and sub["icl"]["pattern"]["mean"] == 1.0 and sub["icl_minus_ft"]["diff"] == 0.0
     assert strict["icl"]["pattern"]["mean"] == 0.0 and strict["icl_minus_ft"]["diff"] == -1.0
+    assert strict["icl_minus_ft"]["p"] == 2 / 2 ** 8
     assert strict["verdict"] == "contradicts" and sub["verdict"] == "no clear difference"
+    # 4 items only: McNemar p = 0.125, no verdict either way
+    assert rung_task("t", icl[:4], ft[:4], "strict", "max", 16)["verdict"] == "no clear difference"
+
+
+def test_a_rung_whose_fine_tuned_model_is_mostly_invalid_gives_no_verdict():
+    """The old ladder's rungs 1-3: FT never ends its answer, every completion unparseable under the
+    strict parse, yet substring scoring counts it right. Under the study's max_invalid rule: no verdict."""
+    icl = [_row("t", 4, "pattern", n < 2, item=n) for n in range(8)]
+    ft = [{**_row("t", 0, "pattern", False, item=n, substring=True), "demo_seed": None, "invalid": True,
+           "strict": None} for n in range(8)]
+    rung = rung_task("t", icl, ft, "substring", "max", 16, max_invalid=0.5)
+    assert rung["ft"]["invalid"]["mean"] == 1.0 and rung["invalid_flagged"] == {"FT": 1.0}
+    assert rung["verdict"] == "no verdict (invalid)"
+    assert judge([rung]) == 0 and rung["verdict"] == "no verdict (invalid)"  # not in the family either
+    assert rung_task("t", icl, ft, "substring", "max", 16, max_invalid=1.0)["verdict"] == "contradicts"
 
 
 # --- the preset and the runner ----------------------------------------------------------------------

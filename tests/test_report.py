@@ -2,7 +2,9 @@
 import json
 from pathlib import Path
 
-from iclvsft.metrics import wilson
+import pytest
+
+from iclvsft.metrics import Z95, wilson
 from iclvsft.report import Comparison, FTResult, build_summary, write_report
 
 N = 20  # pattern items (and as many control items)
@@ -46,10 +48,14 @@ def test_verdict_rows_to_match_and_baselines(tmp_path):
     diff = t["comparison"]["icl_minus_ft"]
     assert diff["a"] == 0.5 and diff["b"] == 1.0 and diff["diff"] == -0.5 and diff["ci95"][1] < 0
     assert t["verdict"] == "contradicts"
-    # ICL level 0.5: N=16 scores 0/20 (Wilson upper 0.161 < 0.5), N=64 and 256 score 20/20
+    # two ICL seeds that agree: FT alone right on 10 seed-averaged items -> exact p = 2 * 0.5^10; the rule's p
+    # is the larger of that and the seeds-and-items t-test's
+    assert diff["p_exact_items"] == 2 * 0.5 ** 10 and diff["p"] >= diff["p_exact_items"]
+    assert "p_adjusted" not in t["comparison"]  # judged, as one family, when the report is written
     ft16 = next(r for r in t["ft"] if r["n_train"] == 16)
     assert ft16["pattern"]["accuracy"]["ci95"] == list(wilson(0, N))
-    assert t["ft_rows_to_match_icl"] == {"answer_lora": 64}
+    # every pattern answer is "Yes": a constant scores 100%, so ICL's 50% cannot be matched meaningfully
+    assert t["ft_rows_to_match_icl"] == {"answer_lora": "not defined"}
     # the constant "Yes" (the shortcut) scores 100% on pattern, 0% on control; its balanced shortcut measure is 0.5
     assert t["baselines"]["pattern"]["majority_accuracy"] == 1.0
     assert t["baselines"]["control"]["majority_answer"] == "No"
@@ -59,12 +65,16 @@ def test_verdict_rows_to_match_and_baselines(tmp_path):
 
     # the same FT cell compared with itself is "no clear difference"
     same = build_summary(["relation"], icl, ft, "m", "test", Comparison(shots=0, n_train=16))
-    assert same["tasks"]["relation"]["comparison"]["icl_minus_ft"]["ci95"] == [0.0, 0.0]
+    d = same["tasks"]["relation"]["comparison"]["icl_minus_ft"]
+    # no discordant item of 20: Tango's interval is +-z^2 / (20 + z^2)
+    assert d["diff"] == 0 and d["p"] == 1.0 and d["ci95"][1] == -d["ci95"][0] == pytest.approx(Z95 ** 2 / (20 + Z95 ** 2))
     assert same["tasks"]["relation"]["verdict"] == "no clear difference"
 
     report = write_report(tmp_path / "out", [summary]).read_text()
+    assert t["comparison"]["p_adjusted"] == diff["p"] and t["comparison"]["family"] == 1  # a family of one
     assert "| relation | 50.0 [" in report and "contradicts" in report and "-50.0 [" in report
-    assert "answering `Yes` always scores 100.0" in report and "answer_lora: 64" in report
+    assert "answering `Yes` always scores 100.0" in report and "answer_lora: not defined" in report
+    assert "Holm-adjusted over the family of this report's verdicts (1 comparison: its tasks)" in report
     assert (tmp_path / "out" / "plots" / "relation.png").stat().st_size > 1000
 
 
@@ -76,11 +86,41 @@ def test_mostly_invalid_cell_gives_no_verdict_and_smoke_presets_say_so(tmp_path)
     icl = folder(tmp_path / "icl", {("relation/k=4/seed=0", 4, 0): half})
     ft = [FTResult("answer_lora", "lora", ("relation",), 16, 0, folder(tmp_path / "ft", {("relation/k=0", 0, None): silent}))]
     t = build_summary(["relation"], icl, ft, "m", "test", Comparison())["tasks"]["relation"]
-    assert t["comparison"]["invalid_flagged"] == {"FT": 0.75} and t["verdict"] == "too many invalid answers"
+    assert t["comparison"]["invalid_flagged"] == {"FT": 0.75} and t["verdict"] == "no verdict (invalid)"
     assert build_summary(["relation"], icl, ft, "m", "test", Comparison(max_invalid=0.8))["tasks"]["relation"][
-        "verdict"] != "too many invalid answers"  # 75% <= 80%: judged as usual
+        "verdict"] != "no verdict (invalid)"  # 75% <= 80%: judged as usual
     summary = build_summary(["relation"], icl, ft, "m", "test", Comparison(), smoke=True)
     report = write_report(tmp_path / "out", [summary]).read_text()
     assert "**Smoke test.**" in report.split("##")[0] and "most answers of a compared cell are unparseable" in report
+    assert "no verdict (invalid): FT 75.0% invalid" in report  # the cause, named
+    assert summary["tasks"]["relation"]["verdict"] == "no verdict (invalid)" and summary["family"]["size"] == 0
     plain = write_report(tmp_path / "out2", [build_summary(["relation"], icl, ft, "m", "test")]).read_text()
     assert "Smoke test" not in plain
+
+
+def test_holm_over_every_verdict_of_a_report(tmp_path):
+    """Two models in one report (a size sweep): one family. ICL right on 6 more items than FT alone gives
+    p = 0.031 (supports at 5%); with a second comparison at p = 1, Holm doubles it: no clear difference."""
+    six = lambda split, i: "Yes" if i < 6 else "No"  # noqa: E731
+    none = lambda split, i: "No"  # noqa: E731
+    icl = folder(tmp_path / "icl", {("relation/k=4/seed=0", 4, 0): six})
+    ft = [FTResult("answer_lora", "lora", ("relation",), 16, 0, folder(tmp_path / "ft", {("relation/k=0", 0, None): none}))]
+    one = build_summary(["relation"], icl, ft, "m1", "test", Comparison())
+    assert one["tasks"]["relation"]["comparison"]["icl_minus_ft"]["p"] == 2 * 0.5 ** 6
+    write_report(tmp_path / "a", [one])
+    assert one["tasks"]["relation"]["verdict"] == "supports"
+    twin = folder(tmp_path / "ft_same", {("relation/k=0", 0, None): six})  # FT answering exactly as ICL: p = 1
+    same = build_summary(["relation"], icl, [FTResult("answer_lora", "lora", ("relation",), 16, 0, twin)], "m2", "test")
+    two = build_summary(["relation"], icl, ft, "m1", "test", Comparison())
+    write_report(tmp_path / "b", [two, same])
+    assert two["tasks"]["relation"]["comparison"]["p_adjusted"] == 2 * 2 * 0.5 ** 6
+    assert two["tasks"]["relation"]["verdict"] == "no clear difference" and two["family"]["size"] == 2
+
+
+def test_a_task_the_preset_does_not_fine_tune_says_so_and_is_not_in_the_family(tmp_path):
+    half = lambda split, i: "Yes" if i % 2 else "No"  # noqa: E731
+    icl = folder(tmp_path / "icl", {("relation/k=4/seed=0", 4, 0): half})
+    summary = build_summary(["relation"], icl, [], "m", "test", Comparison())
+    report = write_report(tmp_path / "out", [summary]).read_text()
+    assert summary["tasks"]["relation"]["verdict"] == "ICL only" and summary["family"]["size"] == 0
+    assert "the preset fine-tunes no model on this task" in report

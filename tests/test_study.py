@@ -193,3 +193,16 @@ def test_partial_report_after_each_model(tmp_path):
     # several models: accuracy vs model size, a table row per task and model, and its plot
     assert "## Accuracy vs model size" in text and "| expression | tiny-random-qwen2 | " in text
     assert (tmp_path / "r" / "plots" / "sizes.png").is_file()
+
+
+def test_the_verdicts_ft_cell_gets_its_own_train_seeds():
+    """reproduce.compare_train_seeds: three optimisation runs at the declared cell (protocol, N), one elsewhere."""
+    config = load_config(None, ["reproduce.ft_tasks=[expression,relation]", "reproduce.ft_n_train=[16,256]",
+                                "reproduce.ft_train_seeds=[0]", "reproduce.compare_train_seeds=[0,1,2]",
+                                "reproduce.ft_protocols={answer_lora: {}, other: {learning_rate: 1.0e-4}}"])
+    seeds = {}
+    for r in plan_ft(config):
+        seeds.setdefault((r.protocol, r.tasks, r.n_train), []).append(r.train_seed)
+    assert seeds[("answer_lora", ("expression",), 256)] == [0, 1, 2] == seeds[("answer_lora", ("relation",), 256)]
+    assert seeds[("answer_lora", ("expression",), 16)] == [0] and seeds[("other", ("expression",), 256)] == [0]
+    assert load_config(ROOT / "configs" / "cpu.yaml")["reproduce"]["compare_train_seeds"] == [0, 1, 2]

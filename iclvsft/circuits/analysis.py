@@ -30,14 +30,23 @@ log = logging.getLogger(__name__)
 
 
 def adapter_for(config: dict, task: str) -> str | None:
-    """The FT condition's adapter folder for ``task`` (``{task}`` in circuits.adapter is replaced)."""
+    """The FT condition's fine-tuned folder for ``task`` (``{task}`` in circuits.adapter is replaced): a
+    LoRA adapter (adapter_config.json) or a fully fine-tuned model (config.json)."""
     pattern = config["circuits"]["adapter"]
     if not pattern:
         return None
     path = pattern.replace("{task}", task)
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise ConfigError(f"circuits.adapter: {path} holds no adapter_config.json (finetune.py --out writes one)")
+    if not any((Path(path) / name).is_file() for name in ("adapter_config.json", "config.json")):
+        raise ConfigError(f"circuits.adapter: {path} holds neither a LoRA adapter (adapter_config.json) nor a fully "
+                          "fine-tuned model (config.json); finetune.py --out writes one of them")
     return path
+
+
+def load_fine_tuned(config: dict, path: str, **load_kw):
+    """The FT condition's model: the base with the adapter merged, or the fully fine-tuned model itself."""
+    if (Path(path) / "adapter_config.json").is_file():
+        return load_model(config["model"], adapter=path, merge_adapter=True, **load_kw)
+    return load_model(path, **load_kw)
 
 
 @dataclass
@@ -171,7 +180,7 @@ def analyze(config: dict, data_dir: str | Path, out: str | Path, show_progress: 
     for name, state in states.items():
         if adapters[name] is None:
             continue
-        ft = load_model(config["model"], adapter=adapters[name], merge_adapter=True, **load_kw)
+        ft = load_fine_tuned(config, adapters[name], **load_kw)
         model_info[f"ft/{name}"] = ft.info
         run_condition(ft, state, "ft", [], c, show_progress)
         del ft

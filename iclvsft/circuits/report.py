@@ -20,12 +20,20 @@ def _ordered(by_condition: dict) -> list[tuple[str, Any]]:
     return [(c, by_condition[c]) for c in CONDITIONS if c in by_condition]
 
 
-def _verdict(diff: dict, similarity: bool) -> str:
-    """Whether a paired ICL - FT difference supports the paper's claim (ICL shifts more than FT)."""
+def _verdict(diff: dict, similarity: bool, shifts: dict[str, dict] | None = None, reference: float | None = None) -> str:
+    """Whether a paired ICL - FT difference supports the paper's claim (ICL shifts more than FT). A shift
+    that is no larger than the split-half noise reference (base vs base on two halves of the items) is
+    not a shift: then "no clear difference", whatever the interval says."""
     lo, hi = diff.get("ci95") or (None, None)
     if lo is None or hi is None:
         return "no interval"
     icl_more, ft_more = (hi < 0, lo > 0) if similarity else (lo > 0, hi < 0)
+    if (icl_more or ft_more) and reference is not None and shifts:
+        mover = shifts.get("icl" if icl_more else "ft") or {}
+        value = mover.get("value")
+        beyond = value is not None and (value < reference if similarity else value > reference)
+        if not beyond:
+            return "no clear difference (the larger shift is within the base-vs-base noise)"
     if icl_more:
         return "ICL shifts more (supports the claim)"
     if ft_more:
@@ -42,8 +50,8 @@ def _row(*cells: str) -> str:
 
 def _shift_table(s: dict) -> list[str]:
     """Each condition's distance from base, ICL - FT, the split-half reference and the verdicts."""
-    lines = ["", _row("shift from base", "1 - cosine", "normalised L1", f"top-{s['top_k']} overlap"),
-             "|---|---|---|---|"]
+    lines = ["", _row("shift from base", "cosine distance (1 − cosine similarity, 0-2)", "normalised L1 (0-2)",
+                      f"top-{s['top_k']} overlap (1 = same)"), "|---|---|---|---|"]
     for cond, e in _ordered(s["conditions"]):
         lines.append(_row(cond, *(_fmt(e[name]) for name in SHIFT_METRICS)))
     if "icl_minus_ft" in s:
@@ -53,10 +61,16 @@ def _shift_table(s: dict) -> list[str]:
         lines.append(_row("base vs base, two halves of the items (reference)",
                           *(f"{h[k]['median']:.3f}" if h[k]["median"] is not None else "–" for k in SHIFT_METRICS)))
     if "icl_minus_ft" in s:
+        half = s.get("split_half_base") or {}
+
+        def reading(name: str) -> str:
+            shifts = {cond: e[name] for cond, e in s["conditions"].items()}
+            return _verdict(s["icl_minus_ft"][name], name == "topk_overlap", shifts, (half.get(name) or {}).get("median"))
+
         lines += ["", "ICL - FT is the paired difference of the two shifts (for the top-k overlap, a similarity, "
-                      "a negative difference means ICL moved further from base). Per metric: "
-                      + "; ".join(f"{name}: {_verdict(s['icl_minus_ft'][name], name == 'topk_overlap')}"
-                                  for name in SHIFT_METRICS) + "."]
+                      "a negative difference means ICL moved further from base); the reference row is the noise "
+                      "floor: a shift no larger than it is not read as one. Per metric: "
+                      + "; ".join(f"{name}: {reading(name)}" for name in SHIFT_METRICS) + "."]
     return lines
 
 
@@ -76,9 +90,11 @@ def _skipped_line(skipped: dict[str, int]) -> str:
     return text + "."
 
 
-def report_section(result: dict, link_prefix: str = "") -> str:
+def report_section(result: dict, link_prefix: str = "", base_invalid: dict[str, float] | None = None) -> str:
     """A markdown section (for the reproduce report and circuits.md) from circuits.json's content;
-    heatmap links (relative to the results folder) get ``link_prefix`` in front."""
+    heatmap links (relative to the results folder) get ``link_prefix`` in front. ``base_invalid``: per
+    task, the base model's zero-shot invalid share on pattern items (from the study), to say where the
+    shift partly measures learning the answer format."""
     grid = result["grid"]
     lines = ["## Circuit shift", "",
              f"Model {result['model']}; method {result['method']}; corruption {result['corruption']} on "
@@ -97,6 +113,11 @@ def report_section(result: dict, link_prefix: str = "") -> str:
                               _fmt(e["effect"], 2)))
         if t.get("shift"):
             lines += _shift_table(t["shift"])
+        share = (base_invalid or {}).get(task)
+        if share is not None and share > 0.5:
+            lines += ["", f"Zero-shot, {100 * share:.0f}% of the base model's answers on pattern items are invalid "
+                          "(not in the task's answer format): the shift from base partly measures learning the "
+                          "answer format, not only the pattern."]
         agree = {cond: e["agreement"] for cond, e in _ordered(t["conditions"]) if "agreement" in e}
         if agree:
             lines += ["", _agreement_line(agree)]

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 def _flat(a: np.ndarray) -> np.ndarray:
     """Maps [..., layers, columns] -> [..., layers * columns]."""
     a = np.asarray(a, dtype=np.float64)
-    return a.reshape(*a.shape[:-2], -1)
+    return a.reshape(*a.shape[:-2], a.shape[-2] * a.shape[-1])  # explicit size: also for zero resamples
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -11,11 +11,13 @@ from pathlib import Path
 from ..io import atomic_write_text, slug, write_json
 from .plots import plot, plot_sizes
 from .render import protocol_comparison, render, size_table
-from .summary import Comparison, FTResult, build_summary, condition, task_summary
+from .summary import Comparison, FTResult, build_summary, condition, judge_summaries, task_summary
 
 
 def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str] = ()) -> Path:
-    """report.md (one part per model), summary.json and plots/ under ``out_dir``."""
+    """report.md (one part per model), summary.json and plots/ under ``out_dir``. Every verdict of the
+    report is judged here, as one family (Holm over all models and tasks)."""
+    judge_summaries(summaries)
     parts = []
     for summary in summaries:
         sub = "plots" if len(summaries) == 1 else f"plots/{slug(summary['model'])}"
@@ -32,4 +34,5 @@ def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str]
     return report
 
 
-__all__ = ["Comparison", "FTResult", "build_summary", "condition", "plot", "render", "task_summary", "write_report"]
+__all__ = ["Comparison", "FTResult", "build_summary", "condition", "judge_summaries", "plot", "render", "task_summary",
+           "write_report"]

@@ -12,9 +12,9 @@ from typing import Any
 
 from ..evaluate.cells import cell_keys
 from ..evaluate.tables import aligned
-from ..metrics import baselines, fmt_ci, fmt_pct, paired_difference, verdict
+from ..metrics import baselines, fmt_ci, fmt_pct, paired_difference
 from .plots import _mean, _yerr, panels, save_panels
-from .summary import condition, planned_rows, seeds_by_k
+from .summary import condition, invalid_flagged, judge, planned_rows, preliminary_verdict, seeds_by_k
 
 # (accuracy metric, shortcut metric, per-row field) under each scoring
 SCORING = {"strict": ("accuracy", "shortcut_rate", "correct"),
@@ -45,7 +45,8 @@ def select_icl(by_k: dict[int, list[list[dict]]], select: str, fixed_k: int, fie
     return best_k
 
 
-def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str, select: str, fixed_k: int) -> dict:
+def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str, select: str, fixed_k: int,
+              max_invalid: float = 1.0) -> dict:
     _, _, field = SCORING[scoring]
     by_k = seeds_by_k(icl_rows, task)
     k = select_icl(by_k, select, fixed_k, field)
@@ -58,7 +59,11 @@ def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str
         ids, matrix = aligned(icl_p + ft_p, field)
         if ids:
             out["icl_minus_ft"] = paired_difference(matrix[:len(icl_p)], matrix[len(icl_p):])
-    out["verdict"] = verdict(out["icl_minus_ft"])
+    # the study's rule: a side over the invalid limit (strict parse, on pattern items) gives no verdict
+    out["invalid_flagged"] = invalid_flagged({"ICL": {"pattern": {"invalid": (out["icl"] or {}).get("invalid")}},
+                                              "FT": {"pattern": {"invalid": (out["ft"] or {}).get("invalid")}}},
+                                             max_invalid)
+    out["verdict"] = preliminary_verdict(out["icl_minus_ft"], out["invalid_flagged"])  # final once judged
     items = next(iter(by_k.values()), [[]])[0]
     out["baselines"] = {s: baselines([r["answer"] for r in items if r["split"] == s],
                                      [r["shortcut_answer"] for r in items if r["split"] == s])
@@ -80,8 +85,11 @@ def ladder_summary(rungs: list, config: dict) -> dict:
             "index": rung.index, "name": rung.name, "why": rung.why, "changes": rung.changes,
             "scoring": lad["scoring"], "icl_select": lad["icl_select"],
             "folders": {"icl": str(rung.icl_dir), "ft": {"+".join(g): str(d) for g, _, d, _ in rung.ft}},
-            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad["scoring"], lad["icl_select"], lad["fixed_k"])
-                      for t in rung.tasks}})
+            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad["scoring"], lad["icl_select"], lad["fixed_k"],
+                                   config["reproduce"]["max_invalid"]) for t in rung.tasks}})
+    # every verdict of the ladder is one family (Holm)
+    out["family"] = {"size": judge([t for r in out["rungs"] for t in r["tasks"].values()]), "alpha": 0.05,
+                     "correction": "Holm"}
     return out
 
 
@@ -96,7 +104,13 @@ def _diff(d: dict | None) -> str:
     return f"{100 * d['diff']:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"
 
 
-SHORT_VERDICT = {"supports": "ICL > FT", "contradicts": "FT > ICL", "no clear difference": "≈", "incomplete": "–"}
+def _adjusted(t: dict) -> str:
+    p = t.get("p_adjusted")
+    return "" if p is None else f", p<sub>Holm</sub> {p:.2g}" if p >= 0.001 else ", p<sub>Holm</sub> <0.001"
+
+
+SHORT_VERDICT = {"supports": "ICL > FT", "contradicts": "FT > ICL", "no clear difference": "≈", "incomplete": "–",
+                 "no verdict (invalid)": "no verdict: invalid", "ICL only": "–"}
 
 
 def ladder_section(summary: dict, plot_dir: Path, link_prefix: str = "") -> str:
@@ -105,16 +119,20 @@ def ladder_section(summary: dict, plot_dir: Path, link_prefix: str = "") -> str:
     lines = ["## From the authors' setup to ours", "",
              "Rung 0 is the authors' setup; each next rung changes one factor, cumulatively, and ends at our protocol. "
              "Every rung reports ICL and FT on the same test items under that rung's scoring and ICL selection. "
-             "*ICL > FT* (the paper's claim) or *FT > ICL* where the paired 95% interval of ICL − FT on pattern items "
-             "excludes 0, *≈* where it contains 0. A rung that changes only how results are read reuses the earlier "
-             "rung's completions.", ""]
+             "*ICL > FT* (the paper's claim) or *FT > ICL* where the study's exact paired test of ICL − FT on pattern "
+             "items rejects at 5% after Holm's correction over every verdict of this ladder "
+             f"({summary.get('family', {}).get('size', 0)} comparisons), *≈* where it does not; "
+             "*no verdict: invalid* where a compared cell's invalid share on "
+             "pattern items (strict parse) exceeds reproduce.max_invalid: such a cell is not a measurement of what was "
+             "learned, whatever the scoring. A rung that changes only how results are read reuses the earlier rung's "
+             "completions.", ""]
     if summary.get("shortened"):
         lines += [f"Shortened to run on this machine: {summary['shortened']}", ""]
     lines += ["| rung | change | scoring, ICL cell | " + " | ".join(f"{t}: ICL − FT (verdict)" for t in tasks) + " |",
               "|---|---|---|" + "---|" * len(tasks)]
     for r in rungs:
         sel = "best k" if r["icl_select"] == "max" else "fixed k"
-        cells = [f"{_diff(t['icl_minus_ft'])} ({SHORT_VERDICT[t['verdict']]})" for t in r["tasks"].values()]
+        cells = [f"{_diff(t['icl_minus_ft'])} ({SHORT_VERDICT[t['verdict']]}{_adjusted(t)})" for t in r["tasks"].values()]
         lines.append(f"| {r['index']} | {r['name']} | {r['scoring']}, {sel} | " + " | ".join(cells) + " |")
     lines += ["", "Pattern accuracy, control accuracy and shortcut rate on control, in % (95% intervals in "
               "ladder.json), for the ICL cell (k) and the fine-tuned model:", "",

@@ -7,15 +7,29 @@ from pathlib import Path
 from ..metrics import fmt_ci, fmt_pct
 
 VERDICT_TEXT = {
-    "supports": "supports the paper's claim: ICL beats FT on pattern items (paired 95% interval above 0)",
-    "contradicts": "contradicts the paper's claim: FT beats ICL on pattern items (paired 95% interval below 0)",
-    "no clear difference": "shows no clear difference between ICL and FT on pattern items (the paired 95% "
-                           "interval contains 0)",
+    "supports": "supports the paper's claim: ICL beats FT on pattern items (the exact paired test rejects after "
+                "Holm's correction over the report's verdicts)",
+    "contradicts": "contradicts the paper's claim: FT beats ICL on pattern items (the exact paired test rejects "
+                   "after Holm's correction over the report's verdicts)",
+    "no clear difference": "shows no clear difference between ICL and FT on pattern items (the exact paired test, "
+                           "Holm-corrected, does not reject)",
     "incomplete": "cannot be judged (the declared ICL or FT cell is missing)",
-    "too many invalid answers": "cannot be judged: most answers of a compared cell are unparseable (invalid share "
-                                "on pattern items above reproduce.max_invalid), so its accuracy says little about "
-                                "what the model learned",
+    "ICL only": "has no verdict: the preset fine-tunes no model on this task (ICL only)",
+    "no verdict (invalid)": "gives no verdict: most answers of a compared cell are unparseable (invalid share on "
+                            "pattern items above reproduce.max_invalid), so its accuracy says little about what the "
+                            "model learned",
 }
+
+RULE = ("**Verdict rule.** ICL − FT on the same pattern items. The test: McNemar's exact test on the discordant items "
+        "when each side has one seed; with several seeds (demo sets for ICL, train seeds for FT), the larger p of the "
+        "exact paired test of the seed-averaged items and a t-test whose variance adds each side's variance between "
+        "seeds. *supports* / *contradicts* the paper only when that p, Holm-adjusted over the family of this report's "
+        "verdicts ({family}), is below {alpha}; a compared cell with more than reproduce.max_invalid invalid answers on "
+        "pattern items gives *no verdict (invalid)* and is not in the family. Interval: Tango's score interval for "
+        "paired proportions (one seed a side), else the hull of the seeds-and-items t-interval and the score interval "
+        "of the seed-averaged items. *FT rows to reach ICL*: the smallest N at which FT is not significantly worse "
+        "than the ICL cell (the same exact test, uncorrected) and stays so for every larger N; *not defined* when the "
+        "ICL cell's interval does not clear what a constant answer scores.")
 
 SMOKE = ("> **Smoke test.** This preset checks that the pipeline runs end to end; its models, items and training "
          "are too small for any number below to be a finding about ICL or FT.")
@@ -35,8 +49,23 @@ def _diff(d: dict | None) -> str:
     if not d:
         return "–"
     lo, hi = d["ci95"]
-    extra = f", McNemar p = {d['mcnemar_p']:.3g}" if "mcnemar_p" in d else ""
-    return f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{extra}"
+    return f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def _verdict_cell(t: dict) -> str:
+    """The verdict, with its cause when a compared cell is over the invalid limit."""
+    flagged = t["comparison"].get("invalid_flagged") or {}
+    if t["verdict"] == "no verdict (invalid)" and flagged:
+        return t["verdict"] + ": " + ", ".join(f"{side} {fmt_pct(share)}% invalid" for side, share in flagged.items())
+    return t["verdict"]
+
+
+def _match(n: int | str | None) -> str:
+    return str(n) if n is not None else "not reached"
 
 
 def _balanced(c: dict | None) -> str:
@@ -49,23 +78,29 @@ def _cell(r: dict | None) -> dict:
 
 
 def headline(summary: dict) -> list[str]:
+    family = summary.get("family") or {}
+    size = family.get("size", 0)
+    scope = "all models' tasks" if family.get("models", 1) > 1 else "its tasks"
     lines = ["## Headline", "",
              "ICL and FT compared on the same pattern items at cells fixed by the config before scoring "
              "(rule under each task); *best* cells are not used, since a maximum over cells is optimistic.", "",
-             "| task | ICL (k) pattern | FT (protocol, N) pattern | ICL − FT, paired [95%] | verdict "
+             RULE.format(family=f"{size} comparison{'s' if size != 1 else ''}: {scope}",
+                         alpha=family.get("alpha", 0.05)), "",
+             "| task | ICL (k, seeds) pattern | FT (protocol, N, seeds) pattern | ICL − FT [95%] | p | p (Holm) | verdict "
              "| shortcut, balanced: ICL / FT | FT rows to reach ICL |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for task, t in summary["tasks"].items():
         comp = t["comparison"]
         icl = next((r for r in t["icl"] if r["k"] == comp["shots"]), None)
         ft = next((r for r in t["ft"] if r["protocol"] == comp["protocol"] and r["n_train"] == comp["n_train"]), None)
-        icl_s = f"{fmt_ci(_cell(_cell(icl).get('pattern')).get('accuracy'))} (k={comp['shots']})" if icl else "–"
-        ft_s = (f"{fmt_ci(_cell(_cell(ft).get('pattern')).get('accuracy'))} ({comp['protocol']}, N={comp['n_train']})"
-                if ft else "–")
-        match = ", ".join(f"{p}: {n if n is not None else 'not reached'}"
-                          for p, n in t["ft_rows_to_match_icl"].items()) or "–"
-        lines.append(f"| {task} | {icl_s} | {ft_s} | {_diff(comp['icl_minus_ft'])} | {t['verdict']} | "
-                     f"{_balanced(icl)} / {_balanced(ft)} | {match} |")
+        icl_s = (f"{fmt_ci(_cell(_cell(icl).get('pattern')).get('accuracy'))} (k={comp['shots']}, "
+                 f"{icl.get('n_seeds', 1)})" if icl else "–")
+        ft_s = (f"{fmt_ci(_cell(_cell(ft).get('pattern')).get('accuracy'))} ({comp['protocol']}, N={comp['n_train']}, "
+                f"{len(ft.get('train_seeds', []))})" if ft else "–")
+        match = ", ".join(f"{p}: {_match(n)}" for p, n in t["ft_rows_to_match_icl"].items()) or "–"
+        d = comp.get("icl_minus_ft")
+        lines.append(f"| {task} | {icl_s} | {ft_s} | {_diff(d)} | {_p((d or {}).get('p'))} | "
+                     f"{_p(comp.get('p_adjusted'))} | {_verdict_cell(t)} | {_balanced(icl)} / {_balanced(ft)} | {match} |")
     return lines + [""]
 
 
@@ -182,7 +217,9 @@ def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str]
     lines += list(extra_sections)
     for task, t in summary["tasks"].items():
         comp = t["comparison"]
-        lines += [f"## {task}", "", f"This run {VERDICT_TEXT[t['verdict']]}. Compared cells: ICL k={comp['shots']} "
+        cause = _verdict_cell(t)[len(t["verdict"]):].lstrip(": ")
+        lines += [f"## {task}", "", f"This run {VERDICT_TEXT[t['verdict']]}{f' ({cause})' if cause else ''}. "
+                  f"Compared cells: ICL k={comp['shots']} "
                   f"vs FT {comp['protocol']} N={comp['n_train']} ({comp['rule']}).", ""]
         lines += baseline_lines(t)
         if t["icl"]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..evaluate.samples import read_samples
 from ..evaluate.tables import aligned, split_metrics
-from ..metrics import baselines, paired_difference, rows_to_match, shortcut_balanced, verdict
+from ..metrics import ALPHA, baselines, holm, paired_difference, rows_to_match, shortcut_balanced, verdict
 
 SPLITS = ("pattern", "control")
 
@@ -116,37 +116,82 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
     protocol = compare.protocol or next((r["protocol"] for r in t["ft"]), "")
     ns = sorted(r["n_train"] for r in t["ft"] if r["protocol"] == protocol)
     n_train = compare.n_train or (ns[-1] if ns else 0)
-    key = next(((p, m, n) for (p, m, n) in ft_seeds if p == protocol and n == n_train), None)
     t["comparison"] = {"shots": shots, "protocol": protocol, "n_train": n_train, "rule": (
         "declared in the config as reproduce.compare_*, before scoring" if compare.shots >= 0 and compare.n_train else
         "the largest k of the ICL sweep and the largest N of the protocol, fixed by the config before scoring")}
-    diff = None
-    if shots in icl_seeds and key is not None:
-        icl = _split(icl_seeds[shots], "pattern")
-        ids, matrix = aligned(icl + _split([rows for _, rows in ft_seeds[key]], "pattern"), "correct")
-        if ids:  # the pattern items both sides scored, in the same order
-            diff = paired_difference(matrix[:len(icl)], matrix[len(icl):])
-    t["comparison"]["icl_minus_ft"] = diff
-    t["verdict"] = verdict(diff)
+    icl_pattern = _split(icl_seeds[shots], "pattern") if shots in icl_seeds else None
+
+    def icl_minus_ft(key: tuple[str, str, int]) -> dict | None:
+        if icl_pattern is None or key not in ft_seeds:
+            return None
+        ids, matrix = aligned(icl_pattern + _split([rows for _, rows in ft_seeds[key]], "pattern"), "correct")
+        # the pattern items both sides scored, in the same order
+        return paired_difference(matrix[:len(icl_pattern)], matrix[len(icl_pattern):]) if ids else None
+
+    key = next(((p, m, n) for (p, m, n) in ft_seeds if p == protocol and n == n_train), None)
+    t["comparison"]["icl_minus_ft"] = diff = icl_minus_ft(key) if key else None
     # A side whose answers are mostly unparseable is not a measurement of what it learned: no verdict.
     icl_cell = next((r for r in t["icl"] if r["k"] == shots), None)
     ft_cell = next((r for r in t["ft"] if r["protocol"] == protocol and r["n_train"] == n_train), None)
-    invalid = {side: ((cell or {}).get("pattern") or {}).get("invalid") for side, cell in (("ICL", icl_cell),
-                                                                                            ("FT", ft_cell))}
-    flagged = {side: s["mean"] for side, s in invalid.items() if s and s["mean"] > compare.max_invalid}
-    t["comparison"]["invalid_flagged"] = flagged
-    if diff is not None and flagged:
-        t["verdict"] = "too many invalid answers"
+    t["comparison"]["invalid_flagged"] = invalid_flagged({"ICL": icl_cell, "FT": ft_cell}, compare.max_invalid)
+    if not t["ft"]:
+        t["comparison"]["icl_only"] = True  # the preset fine-tunes no model on this task
+    t["verdict"] = preliminary_verdict(diff, t["comparison"]["invalid_flagged"], t["comparison"].get("icl_only", False))
 
-    # FT rows to reach the ICL level (the declared k's pattern accuracy), per protocol.
-    icl_at_k = next((r for r in t["icl"] if r["k"] == shots), None)
-    level = icl_at_k["pattern"]["accuracy"]["mean"] if icl_at_k and icl_at_k.get("pattern") else None
-    t["ft_rows_to_match_icl"] = {
-        p: rows_to_match([(r["n_train"], (r.get("pattern") or {}).get("accuracy")) for r in t["ft"]
-                          if r["protocol"] == p], level) if level is not None else None
-        for p in sorted({r["protocol"] for r in t["ft"]})}
-    t["icl_level"] = level
+    # FT rows to match the ICL cell: the smallest N not significantly worse, for good (metrics.rows_to_match).
+    icl_acc = ((icl_cell or {}).get("pattern") or {}).get("accuracy")
+    base = (t["baselines"].get("pattern") or {}).get("majority_accuracy")
+    t["ft_rows_to_match_icl"] = {}
+    for name in sorted({r["protocol"] for r in t["ft"]}):
+        points = [(n, icl_minus_ft((p, m, n))) for (p, m, n) in ft_seeds if p == name]
+        t["ft_rows_to_match_icl"][name] = rows_to_match(points, icl_acc, base)
+    t["icl_level"] = icl_acc["mean"] if icl_acc else None
     return t
+
+
+def invalid_flagged(cells: dict[str, dict | None], max_invalid: float, field: str = "invalid") -> dict[str, float]:
+    """The compared cells (side -> condition()) whose invalid share on pattern items exceeds ``max_invalid``."""
+    shares = {side: (((cell or {}).get("pattern") or {}).get(field) or {}).get("mean") for side, cell in cells.items()}
+    return {side: share for side, share in shares.items() if share is not None and share > max_invalid}
+
+
+NO_VERDICT_INVALID = "no verdict (invalid)"
+
+
+def preliminary_verdict(diff: dict | None, flagged: dict[str, float], icl_only: bool = False) -> str:
+    """The verdict before the family is known (raw p); :func:`judge` makes it final."""
+    if diff is not None and flagged:
+        return NO_VERDICT_INVALID
+    return "ICL only" if diff is None and icl_only else verdict(diff)
+
+
+def judge(comparisons: list[dict], alpha: float = ALPHA) -> int:
+    """The verdicts of one report, as one family: Holm's adjustment over every comparison that gets a
+    verdict (those with a paired difference and no side over the invalid limit), then each verdict at
+    ``alpha`` from its adjusted p. Each dict needs ``icl_minus_ft`` and ``invalid_flagged`` and gets
+    ``p_adjusted``, ``family`` and ``verdict``. Returns the family size."""
+    tested = [c for c in comparisons if c.get("icl_minus_ft") and not c.get("invalid_flagged")]
+    adjusted = holm([c["icl_minus_ft"]["p"] for c in tested])
+    for c, p in zip(tested, adjusted):
+        c["p_adjusted"], c["family"] = p, len(tested)
+        c["verdict"] = verdict(c["icl_minus_ft"], p, alpha)
+    for c in comparisons:
+        if c not in tested:
+            c["p_adjusted"], c["family"] = None, len(tested)
+            c["verdict"] = preliminary_verdict(c.get("icl_minus_ft"), c.get("invalid_flagged") or {}, c.get("icl_only", False))
+    return len(tested)
+
+
+def judge_summaries(summaries: list[dict], alpha: float = ALPHA) -> int:
+    """:func:`judge` over every task of every model of a report (the main study, the size sweep)."""
+    tasks = [t for s in summaries for t in s["tasks"].values()]
+    comparisons = [t["comparison"] for t in tasks]
+    family = judge(comparisons, alpha)
+    for t in tasks:
+        t["verdict"] = t["comparison"]["verdict"]
+    for s in summaries:
+        s["family"] = {"size": family, "alpha": alpha, "correction": "Holm", "models": len(summaries)}
+    return family
 
 
 def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
