@@ -3,9 +3,11 @@
 * One run's accuracy: the Wilson interval over items (scipy).
 * Several seeds (demo sets or train seeds) on the same items: a two-stage bootstrap that resamples
   seeds, then items, so the interval carries both sources of variance.
-* ICL vs FT on the same items: the exact paired test (McNemar's with one seed a side, the sign-flip
-  test of seed-averaged items with several), Holm-adjusted over a report's verdicts; the interval of
-  the difference is Tango's score interval (one seed a side) or the paired seeds-then-items bootstrap.
+* ICL vs FT on the same items (the verdict rule): McNemar's exact test with one seed a side; with
+  several, the larger p of the exact sign-flip test of the seed-averaged items and a seeds-and-items
+  t-test; Holm-adjusted over a report's verdicts (report.summary.judge). The interval of the
+  difference: Tango's score interval (one seed a side), else the hull of the t-interval and the score
+  interval of the seed-averaged items. Coverage and type-I error: tests/test_verdict_coverage.py.
 * Baselines: what a constant answer scores, so a rate can be read against label bias.
 """
 from __future__ import annotations
@@ -77,7 +79,7 @@ def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
       (conditional on the seeds drawn) and the seeds-and-items t-test (:func:`seeds_items_test`, which
       also carries the variance between seeds); the interval is the hull of that t-test's and the
       score interval of the seed-averaged discordant items.
-    Both are checked by simulation in tests/test_metrics.py (coverage, type-I error)."""
+    Both are checked by simulation in tests/test_verdict_coverage.py (coverage, type-I error)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"paired comparison needs the same items: {a.shape[1]} vs {b.shape[1]}")

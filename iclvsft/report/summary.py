@@ -175,8 +175,9 @@ def judge(comparisons: list[dict], alpha: float = ALPHA) -> int:
     for c, p in zip(tested, adjusted):
         c["p_adjusted"], c["family"] = p, len(tested)
         c["verdict"] = verdict(c["icl_minus_ft"], p, alpha)
+    tested_ids = {id(c) for c in tested}
     for c in comparisons:
-        if c not in tested:
+        if id(c) not in tested_ids:
             c["p_adjusted"], c["family"] = None, len(tested)
             c["verdict"] = preliminary_verdict(c.get("icl_minus_ft"), c.get("invalid_flagged") or {}, c.get("icl_only", False))
     return len(tested)
