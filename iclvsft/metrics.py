@@ -54,7 +54,8 @@ def _resampled_means(matrix: np.ndarray, items: np.ndarray, rng: np.random.Gener
 
 def seed_item_interval(matrix: Sequence[Sequence[float]], n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
     """Mean and 95% interval of a (seeds x items) matrix of per-item scores: one seed gives the
-    Wilson interval over items; several, the percentile interval of a seeds-then-items bootstrap."""
+    Wilson interval over items; several, the percentile interval of a seeds-then-items bootstrap,
+    widened where needed to the Wilson interval of the seed-averaged score over the items."""
     m = np.asarray(matrix, dtype=float)
     n_seeds, n_items = m.shape
     mean = float(m.mean()) if m.size else float("nan")
@@ -66,7 +67,13 @@ def seed_item_interval(matrix: Sequence[Sequence[float]], n_boot: int = N_BOOT, 
         return {**out, "ci95": list(wilson(int(m.sum()), n_items))}
     rng = np.random.default_rng(seed)
     means = _resampled_means(m, rng.integers(0, n_items, size=(n_boot, n_items)), rng)
-    return {**out, "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]}
+    lo, hi = float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    if set(np.unique(m)) <= {0.0, 1.0}:
+        # Never narrower than one seed's Wilson interval over the items: where every seed scores every
+        # item alike (all right, say) the bootstrap has no width, yet n items cannot show 100% exactly.
+        w_lo, w_hi = wilson(int(round(mean * n_items)), n_items)
+        lo, hi = min(lo, w_lo), max(hi, w_hi)
+    return {**out, "ci95": [lo, hi]}
 
 
 def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict:

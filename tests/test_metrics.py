@@ -32,7 +32,8 @@ def test_wilson_interval_by_hand():
 def test_seed_item_interval_carries_item_and_seed_variance():
     one = seed_item_interval([[1, 0, 1, 1, 0, 1, 0, 1, 1, 1]])  # one seed: the Wilson interval of 7/10
     assert one["mean"] == 0.7 and one["ci95"] == list(wilson(7, 10))
-    assert seed_item_interval([[1] * 8, [1] * 8])["ci95"] == [1.0, 1.0]
+    # two seeds right on every item: the bootstrap alone says [1, 1]; 8 items cannot show that: Wilson's 8/8
+    assert seed_item_interval([[1] * 8, [1] * 8])["ci95"] == list(wilson(8, 8))
     # Two demo sets that disagree completely: every item is 1 under one, 0 under the other. Resampling
     # seeds gives 0, 0.5 or 1 (probabilities 1/4, 1/2, 1/4): the interval must span [0, 1].
     split = seed_item_interval([[1] * 10, [0] * 10])

@@ -37,7 +37,8 @@ SMOKE = ("> **Smoke test.** This preset checks that the pipeline runs end to end
 INTRO = (
     "Accuracy in % (strict parse: the completion must start with the answer), with 95% intervals: Wilson over "
     "items for one seed; with several seeds (demo sets for ICL, train seeds for FT) a bootstrap that resamples "
-    "seeds, then items, so the interval carries both. *Shortcut (control)*: share of control predictions equal "
+    "seeds, then items, so the interval carries both (never narrower than the Wilson interval of the seed-averaged "
+    "score over the items). *Shortcut (control)*: share of control predictions equal "
     "to the shortcut answer. *Shortcut, balanced*: on control items, the mean over the shortcut's labels of "
     "P(prediction = that label | the shortcut says it): a constant answer scores 50 whatever the label balance, "
     "following the shortcut 100, computing the answer 0; \"–\" where the control items' shortcut has one label "
