@@ -82,10 +82,8 @@ class DataConfig:
     test_control: int = option(200, "test control items per task (ignored by tasks without a control split)",
                                minimum=0)
     task_params: dict = option({}, "per-task generation parameters, e.g. {expression: {z_terms: [2, 3]}}")
-    distribution: str = option("ours", "what the generators draw: ours (task_params) or authors (the authors' training "
-                               "file for train, their evaluation-time generators for test, their need_false items "
-                               "for control; expression, relation, boolean and algebra only; docs/authors-data.md)",
-                               choices=DISTRIBUTIONS)
+    distribution: str = option("ours", "what the generators draw: ours, or authors (their training file, evaluation-time "
+                               "generators and need_false items; docs/authors-data.md)", choices=DISTRIBUTIONS)
 
     def check(self, config: dict) -> None:
         self.tasks = parse_task_list(self.tasks)
