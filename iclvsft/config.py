@@ -22,6 +22,7 @@ import yaml
 
 from .errors import ConfigError
 from .tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
+from .tasks.base import DISTRIBUTIONS, check_distribution
 
 ALL_TASKS = list(TASKS)
 
@@ -81,9 +82,13 @@ class DataConfig:
     test_control: int = option(200, "test control items per task (ignored by tasks without a control split)",
                                minimum=0)
     task_params: dict = option({}, "per-task generation parameters, e.g. {expression: {z_terms: [2, 3]}}")
+    distribution: str = option("ours", "what the generators draw: ours, or authors (their training file, evaluation-time "
+                               "generators and need_false items; docs/authors-data.md)", choices=DISTRIBUTIONS)
 
     def check(self, config: dict) -> None:
         self.tasks = parse_task_list(self.tasks)
+        for task in self.tasks:
+            check_distribution(get_task(task), self.distribution)
         for task, params in self.task_params.items():
             _need(params is None or isinstance(params, dict),
                   f"data.task_params.{task} must be a mapping of that task's parameters, got {params!r}")

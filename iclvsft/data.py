@@ -42,7 +42,7 @@ def pool_sizes(config: dict, task: Task, pool: str) -> dict[str, int]:
 
 
 def generate_pool(task: Task, seed: int, pool: str, split: str, n: int, seen: set[str],
-                  progress: tqdm | None = None) -> list[Item]:
+                  progress: tqdm | None = None, distribution: str = "ours") -> list[Item]:
     """``n`` items whose normalised questions are not in ``seen`` (which is updated)."""
     items: list[Item] = []
     index, limit = 0, 20 * n + 1000
@@ -50,7 +50,7 @@ def generate_pool(task: Task, seed: int, pool: str, split: str, n: int, seen: se
         if index >= limit:
             raise DataError(f"{task.name}/{pool}/{split}: only {len(items)} distinct questions in {limit} draws "
                             f"(asked for {n}); lower the pool size or widen data.task_params.{task.name}")
-        item = task.make_item(seed, pool, split, index)
+        item = task.make_item(seed, pool, split, index, distribution)
         index += 1
         key = normalise_question(item.question)
         if key in seen:
@@ -71,6 +71,8 @@ def check_items(task: Task, items: list[Item]) -> None:
         if fmt.strict(item.answer) != item.answer:
             raise DataError(f"{item.id}: gold answer {item.answer!r} is not in canonical {fmt.name} form")
         same = item.shortcut_answer == item.answer
+        if item.meta.get("distribution") == "authors":  # their splits do not keep ours (docs/authors-data.md)
+            continue
         if (item.split == "pattern") != same:
             raise DataError(f"{item.id}: shortcut_answer {item.shortcut_answer!r} vs answer {item.answer!r} "
                             f"breaks the {item.split} split's definition")
@@ -80,13 +82,13 @@ def check_items(task: Task, items: list[Item]) -> None:
 
 
 def generate_task(task: Task, config: dict, progress: tqdm | None = None) -> dict[str, list[Item]]:
-    seed = config["data"]["seed"]
+    seed, distribution = config["data"]["seed"], config["data"].get("distribution", "ours")
     seen: set[str] = set()
     pools = {}
     for pool in POOLS:  # train first: test items skip every train question
         items = []
         for split, n in pool_sizes(config, task, pool).items():
-            items += generate_pool(task, seed, pool, split, n, seen, progress)
+            items += generate_pool(task, seed, pool, split, n, seen, progress, distribution)
         check_items(task, items)
         pools[pool] = items
     return pools
@@ -107,7 +109,7 @@ def generate(config: dict, out: str | Path, show_progress: bool = True) -> dict[
         "generator": GENERATOR,
         "git_commit": git_commit(),
         "seed": data["seed"],
-        "data_config": {k: v for k, v in data.items() if k != "task_params"},
+        "data_config": data_config(data),
         "tasks": {},
     }
     files: dict[str, bytes] = {}
@@ -183,10 +185,17 @@ def dataset_card(manifest: dict[str, Any], tasks: dict[str, Task]) -> str:
     return "\n".join(lines)
 
 
+def data_config(data: dict) -> dict[str, Any]:
+    """The data section as the manifest records it: without task_params (recorded per task), and without
+    ``distribution`` when it is the default ``ours``, so default data keeps its bytes."""
+    return {k: v for k, v in data.items()
+            if k != "task_params" and not (k == "distribution" and v == "ours")}
+
+
 def planned_manifest_key(config: dict) -> dict[str, Any]:
     """What decides the bytes of a data folder: the data section with each task's resolved params."""
     data = config["data"]
-    return {"seed": data["seed"], "data_config": {k: v for k, v in data.items() if k != "task_params"},
+    return {"seed": data["seed"], "data_config": data_config(data),
             "params": {n: get_task(n, data["task_params"].get(n)).config.to_dict() for n in data["tasks"]}}
 
 

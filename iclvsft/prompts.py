@@ -21,6 +21,8 @@ from .tasks import Item, Task
 
 
 def demo_separator(task: Task) -> str:
+    if task.demo_sep is not None:  # the authors' own separators (tasks.formats.AuthorsFormat)
+        return task.demo_sep
     return "\n\n" if task.multiline else "\n"
 
 

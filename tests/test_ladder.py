@@ -39,7 +39,7 @@ def test_relation_boolean_algebra_authors_text():
     item = Item("r", "relation", "control", "B is connected with A.\nZ is connected with C.\nAre A and Z connected?",
                 "No", "Yes", {})
     shown = rel.present(item)
-    assert shown.question == "B is connected with A\nZ is connected with C\n\n So 'the city A and Z is connected' is"
+    assert shown.question == "B is connected with A\nZ is connected with C\n\n So 'the city A and Z is connected' is "
     assert (shown.answer, shown.shortcut_answer, shown.id, shown.split) == ("False", "True", "r", "control")
     assert rel.train_row(item)["completion"] == " False" and rel.max_new_tokens == 2
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .algebra import AlgebraTask
-from .base import POOLS, SPLITS, Draw, Item, Task, TaskConfig
+from .base import DISTRIBUTIONS, POOLS, SPLITS, Draw, Item, Task, TaskConfig, check_distribution
 from .boolean import BooleanTask
 from .code import CodeTask
 from .expression import ExpressionTask
@@ -45,5 +45,6 @@ def parse_task_list(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-__all__ = ["FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat", "ChatView", "Draw", "FormattedTask",
-           "Item", "Task", "TaskConfig", "corruption_kinds", "get_task", "parse_task_list", "task_in_format", "task_view"]
+__all__ = ["DISTRIBUTIONS", "FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat", "ChatView", "Draw",
+           "FormattedTask", "Item", "Task", "TaskConfig", "check_distribution", "corruption_kinds", "get_task",
+           "parse_task_list", "task_in_format", "task_view"]

@@ -15,6 +15,8 @@ two") gives the *correct* answer on control too, because all three equations sha
 No answer-level shortcut exists to measure, so control items carry ``shortcut_answer = None`` and
 the shortcut rate is reported as not applicable for this task; pattern vs control accuracy is still
 the comparison that shows whether a model relies on the redundancy.
+
+The authors' distribution (``data.distribution: authors``, docs/authors-data.md): ``generate_authors``.
 """
 from __future__ import annotations
 
@@ -58,9 +60,10 @@ class AlgebraTask(Task):
     answer_format = "pair"
     corruptions = ("answer",)
     answer_prefix = "a = "
-    # Their header for algebra is not in the part of their scripts we have: ours stands in.
-    authors_format = AuthorsFormat(header="Solve each system of equations for a and b.", answer_sep="", multiline=True,
-                                   answer_format="int", max_new_tokens=1)
+    authors_format = AuthorsFormat(
+        header="Here are some equations, you need to find all solutions of given variables. Here are some examples: ",
+        answer_sep="", multiline=True, answer_format="int", max_new_tokens=1, demo_sep="\n")
+    authors_distribution = True
 
     @staticmethod
     def _authors_lines(item: Item) -> str:
@@ -104,6 +107,29 @@ class AlgebraTask(Task):
         return Draw(question=question, answer=answer, shortcut_answer=answer if split == "pattern" else None,
                     meta={"a": a, "b": b, "equations": [list(e) for e in equations], "alpha": alpha, "beta": beta,
                           "perturbed": perturbed})
+
+    def generate_authors(self, rng, pool: str, split: str) -> Draw:
+        """Their ``generate_linear_equations`` (training and evaluation alike): a, b in 1..5, the first two
+        rows' coefficients in 1..4 with no check (the pair can be singular: then the three rows do not
+        determine a and b, and the gold is the drawn pair, as in their data), the third row alpha*row_i +
+        beta*row_j for the two rows in random order, alpha and beta in 1..3. Their "need_false" (control)
+        is four independent rows (coefficients in 1..4) with the same solution: no shortcut answer."""
+        a, b = rng.randint(1, 5), rng.randint(1, 5)
+        n_rows = 4 if split == "control" else 2
+        rows = [(rng.randint(1, 4), rng.randint(1, 4)) for _ in range(n_rows)]
+        alpha = beta = order = None
+        if split == "pattern":
+            order = rng.sample(range(2), 2)
+            alpha, beta = rng.randint(1, 3), rng.randint(1, 3)
+            first, second = rows[order[0]], rows[order[1]]
+            rows.append((alpha * first[0] + beta * second[0], alpha * first[1] + beta * second[1]))
+        equations = [(p, q, p * a + q * b) for p, q in rows]
+        question = ", ".join(format_equation(*e) for e in equations) + ". Solve for a and b:"
+        answer = f"a = {a}, b = {b}"
+        singular = rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0] == 0
+        return Draw(question=question, answer=answer, shortcut_answer=answer if split == "pattern" else None,
+                    meta={"a": a, "b": b, "equations": [list(e) for e in equations], "alpha": alpha, "beta": beta,
+                          "order": order, "singular": singular})
 
     def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
         """answer: a moved to another value of ``solution_range`` with the same coefficients (every

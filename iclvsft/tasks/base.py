@@ -17,6 +17,7 @@ from ..rng import item_rng
 
 SPLITS = ("pattern", "control")
 POOLS = ("train", "test")
+DISTRIBUTIONS = ("ours", "authors")  # config key data.distribution (docs/authors-data.md)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ class Task:
                      answer where two answers first differ, after this shared prefix.
       authors_format the authors' release format of this task (``iclvsft.tasks.formats``), with the
                      methods ``authors_item`` and ``authors_train_row``; None where they had none.
+      authors_distribution  the task implements ``generate_authors``: the numbers and structures the
+                     authors' generators draw (``data.distribution: authors``, docs/authors-data.md).
 
     A task object is also the ``ours`` view of itself (``present`` is the identity); the ``authors``
     view (:class:`iclvsft.tasks.formats.FormattedTask`) overrides the attributes below.
@@ -159,6 +162,7 @@ class Task:
     corruptions: ClassVar[tuple[str, ...]] = ()
     answer_prefix: ClassVar[str] = ""
     authors_format: ClassVar[Any] = None  # an AuthorsFormat (formats.py imports this module)
+    authors_distribution: ClassVar[bool] = False
 
     # The format-dependent attributes of the default (``ours``) format.
     format: ClassVar[str] = "ours"
@@ -167,6 +171,7 @@ class Task:
     prompt_style: ClassVar[str] = "raw"  # raw text; ``chat``: inside the tokenizer's chat template (formats.ChatView)
     prompt_start: ClassVar[str] = ""  # text before the header (chat: the template up to the user's message)
     prompt_end: ClassVar[str] = ""  # text after the query (chat: the end of the user's turn, the assistant's start)
+    demo_sep: ClassVar[str | None] = None  # between demonstrations; None: a newline (a blank line when multiline)
     substring_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: TaskConfig | dict | None = None):
@@ -178,6 +183,12 @@ class Task:
         self.config = config
 
     def generate(self, rng, split: str) -> Draw:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generate_authors(self, rng, pool: str, split: str) -> Draw:
+        """One item drawn as the authors' generators draw it: ``pool`` train = their training file's
+        distribution, test = their evaluation-time generator; ``split`` control = their "need_false"
+        items. The question keeps this task's own surface form (the ``authors`` format rewrites it)."""
         raise NotImplementedError
 
     def present(self, item: Item) -> Item:
@@ -212,11 +223,26 @@ class Task:
         self.check_corruption(kind)
         raise NotImplementedError(f"{type(self).__name__} lists corruptions but does not implement corrupt()")
 
-    def make_item(self, seed: int, pool: str, split: str, index: int) -> Item:
+    def make_item(self, seed: int, pool: str, split: str, index: int, distribution: str = "ours") -> Item:
         if split not in self.splits:
             raise ConfigError(f"task {self.name!r} has no split {split!r}; it emits {self.splits}")
-        rng = item_rng(seed, self.name, pool, split, index)
-        draw = self.generate(rng, split)
-        meta = {"seed": seed, "pool": pool, "index": index, **draw.meta}
+        check_distribution(self, distribution)
+        if distribution == "authors":  # a stream of its own: the default data's items never move
+            rng = item_rng(seed, "authors", self.name, pool, split, index)
+            draw = self.generate_authors(rng, pool, split)
+            meta = {"seed": seed, "pool": pool, "index": index, "distribution": "authors", **draw.meta}
+        else:
+            rng = item_rng(seed, self.name, pool, split, index)
+            draw = self.generate(rng, split)
+            meta = {"seed": seed, "pool": pool, "index": index, **draw.meta}
         return Item(id=f"{self.name}-{pool}-{split}-{index:05d}", task=self.name, split=split,
                     question=draw.question, answer=draw.answer, shortcut_answer=draw.shortcut_answer, meta=meta)
+
+
+def check_distribution(task: Task, distribution: str) -> None:
+    """One line for an unknown distribution or a task the authors' distribution does not cover."""
+    if distribution not in DISTRIBUTIONS:
+        raise ConfigError(f"unknown data.distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
+    if distribution == "authors" and not task.authors_distribution:
+        raise ConfigError(f"task {task.name!r} has no authors' distribution (their release has expression, relation, "
+                          "boolean and algebra); use data.distribution=ours or drop the task")

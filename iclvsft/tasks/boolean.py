@@ -13,6 +13,9 @@ parentheses and followed by a final clause::
 The outer parentheses matter: with Python's precedence (``and`` before ``or``) a bare
 ``x or y and False`` is ``x or (y and False)``, which ``and False`` does not absorb. Values are
 computed by the small parser below, never by ``eval``.
+
+The authors' distribution (``data.distribution: authors``, docs/authors-data.md): ``generate_authors``.
+Their rows have no final clause at all, so no shortcut exists there: ``shortcut_answer`` is None.
 """
 from __future__ import annotations
 
@@ -103,6 +106,8 @@ class BooleanTask(Task):
         header="Here are some boolean expressions, you need to directly tell me the result. If it is true, print True, "
                "else print False. Here are some examples: ",
         answer_sep="", multiline=True, answer_format="bit", max_new_tokens=1)
+    authors_distribution = True
+    AUTHORS_GROUPS, AUTHORS_MAX_SIZE = 3, 4  # their generate_bool_expression(randoms=True)
 
     def authors_item(self, item: Item) -> Item:
         """The expression, a newline, `` The result is: `` then 1 or 0 (though their header asks for True/False).
@@ -147,6 +152,32 @@ class BooleanTask(Task):
         answer = str(evaluate(question))
         return Draw(question=question, answer=answer, shortcut_answer=constant,
                     meta={"clause": clause, "inner_value": evaluate(inner), "redraws": redraw})
+
+    def generate_authors(self, rng, pool: str, split: str) -> Draw:
+        """Their ``generate_bool_expression(randoms=True)`` (training and evaluation alike): three groups of
+        random True/False joined by random and/or, each group of 2..m literals where m starts at 4 and
+        becomes each group's drawn size (so later groups are never longer), the groups joined by random
+        and/or, no outer parentheses and **no final clause**: nothing absorbs, no shortcut exists
+        (``shortcut_answer`` None). Their "need_false" (control) wraps the expression in parentheses and
+        appends ``or False`` or ``and True``, which never changes its value; ``shortcut_answer`` is then
+        the clause's constant (what the last-word shortcut of our data would answer), right whenever the
+        value happens to equal it."""
+        parts, size = [], self.AUTHORS_MAX_SIZE
+        for g in range(self.AUTHORS_GROUPS):
+            size = rng.randint(2, size)
+            words = [rng.choice(("True", "False"))]
+            for _ in range(size - 1):
+                words += [rng.choice(("and", "or")), rng.choice(("True", "False"))]
+            if g:
+                parts.append(rng.choice(("and", "or")))
+            parts.append("(" + " ".join(words) + ")")
+        text, shortcut, clause = " ".join(parts), None, None
+        if split == "control":
+            clause = rng.choice(CONTROL_CLAUSES)
+            text, shortcut = f"({text}) {clause}", clause.split()[1]
+        question = f"{text} ="
+        return Draw(question=question, answer=str(evaluate(question)), shortcut_answer=shortcut,
+                    meta={"clause": clause})
 
     def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
         """answer: the final clause's constant, its operator, or both flipped (in that order; no draws)."""

@@ -7,6 +7,9 @@ target (so it may leave the range). Authors' examples: ``(1+6)+(-3+3)*(-1-3+9-5)
 * pattern: Z sums to 0, so the answer is sum(S) whatever C is (the shortcut: read off S).
 * control: Z sums to a small non-zero value and C to a non-zero one, so the answer S + Z*C differs
   from the shortcut answer S.
+
+The authors' distribution (``data.distribution: authors``, docs/authors-data.md) is in
+``AUTHORS_POOLS``: their training file and their evaluation-time generator differ in Z and C.
 """
 from __future__ import annotations
 
@@ -52,6 +55,24 @@ def draw_group(rng, n_terms: int, value_range: tuple[int, int], target: int) -> 
     return head + [target - sum(head)]
 
 
+@dataclass(frozen=True)
+class AuthorsGroups:
+    """One of the authors' expression generators: (terms, drawn-term range, target range) per group."""
+
+    s: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    z: tuple[tuple[int, int], tuple[int, int]]  # terms, drawn range; target 0 (pattern) or drawn in range
+    c: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+# pool -> the authors' generator for it. train: their training file (Z of 1-3 terms in +-10, so a third
+# of the rows have the bare zero group ``(0)``; C's drawn terms and target in +-20, as measured in the
+# file); test: their evaluation code (Z of 2-4 terms in +-20, C in +-10). S is the same in both.
+AUTHORS_POOLS = {
+    "train": AuthorsGroups(s=((1, 2), (0, 10), (0, 10)), z=((1, 3), (-10, 10)), c=((4, 4), (-20, 20), (-20, 20))),
+    "test": AuthorsGroups(s=((1, 2), (0, 10), (0, 10)), z=((2, 4), (-20, 20)), c=((4, 4), (-10, 10), (-10, 10))),
+}
+
+
 class ExpressionTask(Task):
     name = "expression"
     config_cls = ExpressionConfig
@@ -61,7 +82,8 @@ class ExpressionTask(Task):
     corruptions = ("answer", "control")
     authors_format = AuthorsFormat(
         header="Now you need to calculate the answer of some mathematic equations. Here are some examples: ",
-        answer_sep="", multiline=False, answer_format="int", max_new_tokens=3)
+        answer_sep="", multiline=False, answer_format="int", max_new_tokens=3, demo_sep=" \n ")
+    authors_distribution = True
 
     def authors_item(self, item: Item) -> Item:
         """Their test queries are ours: ``(S)+(Z)*(C)=`` then the value."""
@@ -86,6 +108,21 @@ class ExpressionTask(Task):
         answer = s_target + z_sum * c_sum
         question = f"{format_group(s)}+{format_group(z)}*{format_group(cc)}="
         return Draw(question=question, answer=str(answer), shortcut_answer=str(s_target),
+                    meta={"S": s, "Z": z, "C": cc})
+
+    def generate_authors(self, rng, pool: str, split: str) -> Draw:
+        """Their ``build_expression``: a group of one term is its target alone (Z: the bare ``0``). Their
+        "need_false" (control) draws Z's target in Z's range, so Z*C is 0 by chance in some control items
+        (then the answer is S and the shortcut holds there too, as in their evaluation)."""
+        g = AUTHORS_POOLS[pool]
+        s_target = rng.randint(*g.s[2])
+        s = draw_group(rng, rng.randint(*g.s[0]), g.s[1], s_target)
+        z_sum = 0 if split == "pattern" else rng.randint(*g.z[1])
+        z = draw_group(rng, rng.randint(*g.z[0]), g.z[1], z_sum)
+        c_sum = rng.randint(*g.c[2])
+        cc = draw_group(rng, rng.randint(*g.c[0]), g.c[1], c_sum)
+        question = f"{format_group(s)}+{format_group(z)}*{format_group(cc)}="
+        return Draw(question=question, answer=str(s_target + z_sum * c_sum), shortcut_answer=str(s_target),
                     meta={"S": s, "Z": z, "C": cc})
 
     def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:

@@ -30,6 +30,8 @@ class AuthorsFormat:
     answer_format     how their answers are parsed by strict scoring (``iclvsft.scoring.FORMATS``)
     max_new_tokens    their fixed greedy budget
     substring_aliases gold -> other strings their substring scorer also accepted (relation: 1/0)
+    demo_sep          between their demonstrations (expression: `` \n ``); None: a newline, or a blank
+                      line when multiline
     """
 
     header: str
@@ -38,6 +40,7 @@ class AuthorsFormat:
     answer_format: str
     max_new_tokens: int
     substring_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    demo_sep: str | None = None
 
 
 class FormattedTask:
@@ -52,7 +55,7 @@ class FormattedTask:
                               "boolean and algebra); use format=ours or drop the task")
         self._task, self.format = task, "authors"
         self.header, self.answer_sep, self.answer_format = fmt.header, fmt.answer_sep, fmt.answer_format
-        self.multiline = fmt.multiline
+        self.multiline, self.demo_sep = fmt.multiline, fmt.demo_sep
         self.max_new_tokens, self.substring_aliases = fmt.max_new_tokens, fmt.substring_aliases
 
     def __getattr__(self, name: str):

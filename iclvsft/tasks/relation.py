@@ -10,6 +10,8 @@ Cities A..J and Z; lines "X is connected with Y."; the question: are A and Z con
 
 The answer is computed by breadth-first search over the lines (the tests re-derive it with
 union-find).
+
+The authors' distribution (``data.distribution: authors``, docs/authors-data.md): ``generate_authors``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from .base import Draw, Item, Task, TaskConfig
 from .formats import AuthorsFormat
 
 TARGET = "Z"
-AUTHORS_QUERY = "\n\n So 'the city A and Z is connected' is"
+AUTHORS_QUERY = "\n\n So 'the city A and Z is connected' is "  # their evaluation query ends with the space
+AUTHORS_CITIES = "BCDEFGHIJ"  # their generator: A..J and Z
 AUTHORS_LABEL = {"Yes": "True", "No": "False"}
 
 
@@ -80,19 +83,22 @@ class RelationTask(Task):
     authors_format = AuthorsFormat(
         header="Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you need to "
                "tell me if city A and city Z are connected (Answer True or False). Here are some examples: ",
-        answer_sep=" ", multiline=True, answer_format="bool", max_new_tokens=2,
-        substring_aliases={"True": ("1",), "False": ("0",)})
+        answer_sep="", multiline=True, answer_format="bool", max_new_tokens=2,
+        substring_aliases={"True": ("1",), "False": ("0",)}, demo_sep="\n")
+    authors_distribution = True
 
     def authors_item(self, item: Item) -> Item:
-        """Lines without the full stop, a blank line, `` So 'the city A and Z is connected' is`` True/False."""
+        """Lines without the full stop, a blank line, `` So 'the city A and Z is connected' is `` (the
+        trailing space as in their evaluation code), then True/False."""
         lines = [line.removesuffix(".") for line in item.question.split("\n")[:-1]]
         shortcut = AUTHORS_LABEL[item.shortcut_answer] if item.shortcut_answer is not None else None
         return dataclasses.replace(item, question="\n".join(lines) + AUTHORS_QUERY, answer=AUTHORS_LABEL[item.answer],
                                    shortcut_answer=shortcut)
 
     def authors_train_row(self, item: Item) -> tuple[str, str]:
+        """Their training rows: ``... is True`` (the space belongs to the answer's text here)."""
         shown = self.authors_item(item)
-        return shown.question, " " + shown.answer
+        return shown.question.removesuffix(" "), " " + shown.answer
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config
@@ -125,6 +131,25 @@ class RelationTask(Task):
         question = "\n".join(f"{x} is connected with {y}." for x, y in lines) + "\nAre A and Z connected?"
         return Draw(question=question, answer=answer, shortcut_answer="Yes" if mentioned else "No",
                     meta={"chain": members, "z_chain": z_members, "n_lines": len(lines)})
+
+    def generate_authors(self, rng, pool: str, split: str) -> Draw:
+        """Their ``generate_relation_problem`` (the same in training and evaluation): ``A`` linked to a
+        random city X, then one chain through B..J in shuffled order (9 lines); ``X - Z`` appended iff
+        the answer is Yes (10 lines). Their "need_false" (control) drops the chain's last line and never
+        adds Z, so the answer is No and the shortcut ("Z is mentioned") still holds."""
+        cities = list(AUTHORS_CITIES)
+        rng.shuffle(cities)
+        x = rng.choice(cities)
+        lines = [("A", x)] + list(zip(cities, cities[1:]))
+        if split == "control":
+            lines.pop()
+        elif rng.random() < 0.5:
+            lines.append((x, TARGET))
+        answer = "Yes" if connected(lines, "A", TARGET) else "No"
+        mentioned = any(TARGET in pair for pair in lines)
+        question = "\n".join(f"{a} is connected with {b}." for a, b in lines) + "\nAre A and Z connected?"
+        return Draw(question=question, answer=answer, shortcut_answer="Yes" if mentioned else "No",
+                    meta={"chain": cities, "a_link": x, "n_lines": len(lines)})
 
     def corrupt(self, item: Item, kind: str, rng) -> Iterator[tuple[str, str, str]]:
         """answer: Z renamed to an unused city, or a city renamed to Z, or (control items, where Z sits on
