@@ -245,11 +245,52 @@ def test_adapter_names_a_loadable_base_and_report_to_reaches_the_trainer(tmp_pat
     point_adapter_at_base(tmp_path, {"source": "offline", "path": "/cache/models/qwen2.5-coder-0.5b-instruct"})
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "/cache/models/qwen2.5-coder-0.5b-instruct"
-    for value, expected in (("none", []), ("tensorboard", ["tensorboard"])):
+    for value, expected in (("none", []), ("tensorboard", ["tensorboard"]), ("[tensorboard]", ["tensorboard"])):
         config = load_config(None, [f"ft.report_to={value}"])
         args = training_arguments(config, tmp_path, Precision("float32", "float32", False, False), 1,
                                   torch.device("cpu"))
         assert args.report_to == expected
+
+
+def test_report_to_is_checked_when_the_config_loads(monkeypatch):
+    """ft.report_to: an unknown logger or one whose package is missing is one ConfigError at load (the
+    scripts print it and exit 2 before any model loads); the names and the package check agree with
+    transformers' own."""
+    from transformers.integrations import integration_utils
+
+    from iclvsft.config import REPORTERS, reporter_installed
+
+    transformers_check = {"tensorboard": "is_tensorboard_available", "trackio": "is_trackio_available",
+                          "wandb": "is_wandb_available", "mlflow": "is_mlflow_available",
+                          "comet_ml": "is_comet_available", "clearml": "is_clearml_available",
+                          "dvclive": "is_dvclive_available", "swanlab": "is_swanlab_available"}
+    assert set(REPORTERS) == set(transformers_check) and set(REPORTERS) <= set(integration_utils.INTEGRATION_TO_CALLBACK)
+    for name, check in transformers_check.items():
+        assert reporter_installed(name) == bool(getattr(integration_utils, check)()), name
+    with pytest.raises(ConfigError, match="unknown logger 'csv'; use none or one of tensorboard"):
+        load_config(None, ["ft.report_to=csv"])
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^ft.report_to=tensorboard needs the tensorboard package: pip install "
+                                          r"tensorboard \(or ft.report_to=none\)$"):
+        load_config(None, ["ft.report_to=[tensorboard]"])
+
+
+def test_tensorboard_events_survive_the_run_and_read_back(data_dir, tmp_path):
+    """ft.report_to=tensorboard: the event files go to <out>/runs/, survive the removal of checkpoints/
+    at the end of the run, and hold the same losses as train_log.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train.finetune(tiny_config("ft.report_to=tensorboard", "ft.save_steps=2"), out, data_dir, show_progress=False)
+    assert not (out / "checkpoints").exists()
+    events = EventAccumulator(str(out / train.REPORT_DIR))
+    events.Reload()
+    logged = [(e["step"], e["loss"]) for e in log_lines(out)]
+    assert len(logged) == 4
+    assert [(s.step, pytest.approx(s.value, rel=1e-6)) for s in events.Scalars("train/loss")] == logged
 
 
 def test_full_finetune_saves_a_loadable_model(data_dir, tmp_path):

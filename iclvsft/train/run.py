@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
 LOG_FILE = "train_log.jsonl"
+# ft.report_to's files (tensorboard's event files) go here, beside the run, not under checkpoints/ (which
+# is removed when the run finishes unless ft.keep_checkpoints): the Trainer's default is checkpoints/runs/.
+REPORT_DIR = "runs"
 SUMMARY_FILE = "summary.json"
 # ft keys that change neither the data nor the optimisation: a resumed run may differ in these.
 NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps", "report_to")
@@ -252,6 +256,7 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
         trainer.remove_callback(PrinterCallback)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(LossProgressCallback())
+        keep_reports_in(trainer, out / REPORT_DIR)
         logger.info("fine-tuning %s (%s, %s) on %d rows of %s: %s tokens, batch %d = %d x %d devices x %d steps",
                     config["model"], ft["method"], precision.dtype, len(features), ",".join(ft["tasks"]),
                     f"{token_stats['tokens']:,}", ft["batch_size"], ft["per_device_batch_size"], args.world_size,
@@ -264,6 +269,13 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
             base_config.use_cache = True  # the saved model generates with a KV cache
         trainer.save_model(str(out))
     return trainer, output, train_seconds
+
+
+def keep_reports_in(trainer: Trainer, folder: Path) -> None:
+    """Point the Trainer's tensorboard logger at ``folder`` (unless TENSORBOARD_LOGGING_DIR chose a place)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder)
 
 
 def point_adapter_at_base(out: Path, model_info: dict) -> None:

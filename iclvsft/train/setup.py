@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 
+from ..config import report_to_list
 from ..errors import ConfigError
 from ..io import atomic_write_text, jsonl_line
 from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
@@ -207,7 +208,7 @@ def training_arguments(config: dict, out: Path, precision: Precision, world_size
         data_seed=ft["train_seed"],
         # padding-free batches carry no padding: count every input token; padded ones: the attention mask
         include_num_input_tokens_seen="all" if ft["batching"] == "padding_free" else "non_padding",
-        report_to=ft["report_to"],
+        report_to=report_to_list(ft["report_to"]) or "none",
         remove_unused_columns=False,
         dataloader_pin_memory=False,
         disable_tqdm=not show_progress,
