@@ -192,12 +192,13 @@ def load_tokenizer(name: str):
     """The tokenizer of model ``name`` (a name :func:`iclvsft.models.load_model` resolves), without the weights."""
     from .models import build_tiny_tokenizer, is_tiny_model
     from .models.loading import _hub_offline_env, _resolve_source
+    from .models.offline import adapter_base
 
     if is_tiny_model(name) and not Path(name).is_dir():
         return build_tiny_tokenizer()
     kind, source, _ = _resolve_source(name, None)
     if kind == "adapter":
-        base = json.loads((Path(source) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = adapter_base(source)
         if not base:
             raise ConfigError(f"adapter folder {name!r} does not record its base model; pass the base model as --model")
         return load_tokenizer(base)

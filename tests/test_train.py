@@ -231,20 +231,24 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
     assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"]["ft"]["n_train"] == 8
     # the model card is written from the run (not peft's blank template)
     card = (out / "README.md").read_text()
-    assert "base_model: tiny-random-qwen2" in card and "N = 8 rows per task" in card
-    assert f"final loss {summary['final_loss']}" in card and "learning_rate = " in card
+    assert "base_model:" not in card and "base_model_local: tiny-random-qwen2" in card  # no Hub id to name
+    assert "N = 8 rows per task" in card and "learning_rate = " in card
+    assert f"final loss {summary['final_loss']:.4g}" in card
 
 
 def test_adapter_names_a_loadable_base_and_report_to_reaches_the_trainer(tmp_path):
-    """An offline alias is not something peft can load: the saved adapter points at the prepared folder;
-    ft.report_to goes to the Trainer (it was hard-coded to none)."""
+    """An offline alias is not something peft can load: the saved adapter names the upstream Hub id (portable),
+    which this project's loader maps back to the offline copy; ft.report_to goes to the Trainer."""
+    from iclvsft.models.offline import adapter_base
     from iclvsft.train.run import point_adapter_at_base
     from iclvsft.train.setup import Precision, training_arguments
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "qwen2.5-coder-0.5b-instruct"}))
-    point_adapter_at_base(tmp_path, {"source": "offline", "path": "/cache/models/qwen2.5-coder-0.5b-instruct"})
+    point_adapter_at_base(tmp_path, {"source": "offline", "name": "qwen2.5-coder-0.5b-instruct",
+                                     "path": "/cache/models/qwen2.5-coder-0.5b-instruct"})
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["base_model_name_or_path"] == "/cache/models/qwen2.5-coder-0.5b-instruct"
+    assert saved["base_model_name_or_path"] == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert adapter_base(tmp_path) == "qwen2.5-coder-0.5b-instruct"
     for value, expected in (("none", []), ("tensorboard", ["tensorboard"]), ("[tensorboard]", ["tensorboard"])):
         config = load_config(None, [f"ft.report_to={value}"])
         args = training_arguments(config, tmp_path, Precision("float32", "float32", False, False), 1,
