@@ -193,6 +193,10 @@ def test_loss_falls_on_a_repeated_small_batch(data_dir, tmp_path, capfd):
     result = train.finetune(config, tmp_path / "run", data_dir, show_progress=True)
     printed = "".join(capfd.readouterr())
     assert "'loss'" not in printed and "loss=" in printed  # the loss on the progress bar, no dict per step
+    # stderr is no terminal here: the bar writes plain lines (library bars, e.g. transformers' "Writing
+    # model shards", are switched off by the scripts' entry point, not here)
+    bar = [line for line in printed.split("\n") if "fine-tuning" in line]
+    assert bar and all("\r" not in line and line.startswith("fine-tuning: ") for line in bar)
     losses = [e["loss"] for e in log_lines(tmp_path / "run")]
     assert len(losses) == 25
     assert losses[-1] < 0.5 * losses[0], losses
