@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib.util
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .reporting import REPORTERS, report_to_list, reporter_installed
 from .tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
 
 ALL_TASKS = list(TASKS)
@@ -43,24 +43,6 @@ CORRUPTIONS = ("answer", "control")
 FT_ROWS = ("prompt", "authors_train")
 LADDER_SCORING = ("strict", "substring")
 LADDER_SELECT = ("fixed", "max")
-# ft.report_to: the Trainer's logging integrations taken here, each with the modules it needs (any one
-# of them). Tests check each name is one of transformers' and the presence check agrees with its own.
-REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
-             "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-             "swanlab": ("swanlab",)}
-
-
-def reporter_installed(name: str) -> bool:
-    """Whether the package ``ft.report_to=<name>`` needs is importable (found, not imported)."""
-    return any(importlib.util.find_spec(module) is not None for module in REPORTERS[name])
-
-
-def report_to_list(value: str | list) -> list[str]:
-    """ft.report_to as the Trainer's list: ``none`` -> [], ``tensorboard`` -> [tensorboard], lists as given."""
-    names = [value] if isinstance(value, str) else list(value)
-    return [n for n in names if n != "none"]
-
-
 def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
            below: float | None = None) -> Any:
     """A config field: its default, a help string (shown by --help), and the checks that need no context."""

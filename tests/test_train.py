@@ -266,7 +266,7 @@ def test_report_to_is_checked_when_the_config_loads(monkeypatch):
     transformers' own."""
     from transformers.integrations import integration_utils
 
-    from iclvsft.config import REPORTERS, reporter_installed
+    from iclvsft.reporting import REPORTERS, reporter_installed
 
     transformers_check = {"tensorboard": "is_tensorboard_available", "trackio": "is_trackio_available",
                           "wandb": "is_wandb_available", "mlflow": "is_mlflow_available",

@@ -13,11 +13,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 
-from ..config import report_to_list
 from ..errors import ConfigError
 from ..io import atomic_write_text, jsonl_line, progress
 from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
 from ..models.loading import quiet_peft_deprecation
+from ..reporting import report_to_list
 
 logger = logging.getLogger(__name__)
 
