@@ -43,7 +43,7 @@ def configs_main(argv: Sequence[str] | None = None, prog: str | None = None) -> 
     from .commands import CONFIG_DIR, presets
 
     if argv and any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog or 'iclvsft configs'}\n\n{configs_main.__doc__}")
+        print(f"usage: {prog or 'iclvsft configs'}\n\n{inspect.cleandoc(configs_main.__doc__ or '')}")
         return 0
     print(CONFIG_DIR)
     print("presets: " + ", ".join(presets()), file=sys.stderr)

@@ -163,10 +163,9 @@ examples:
   {cmd} --task expression,relation --method full ft.learning_rate=1.0e-5 ft.max_steps=100
 
 multi-device: the same command under accelerate (ft.batch_size stays the effective batch):
-  accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 4 finetune.py --task code ...
-  accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml finetune.py --method full ...
-  (see configs/accelerate/README.md, including 7B; installed: `accelerate launch ... -m iclvsft finetune ...`
-  with the configs under `iclvsft configs`)
+  accelerate launch --config_file {configs}/accelerate/ddp.yaml --num_processes 4 {launch} --task code ...
+  accelerate launch --config_file {configs}/accelerate/deepspeed_zero3.yaml {launch} --method full ...
+  (see {configs}/accelerate/README.md, including 7B)
 """
 
 
@@ -180,8 +179,11 @@ def finetune_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     p = _parser(_doc(finetune_main), prog, {"--model": "model", "--task": "ft.tasks", "--n-train": "ft.n_train",
                                             "--method": "ft.method"})
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    installed = _command("finetune", prog).startswith("iclvsft")
     p.epilog = FINETUNE_EPILOG.format(cmd=_command("finetune", prog),
-                                       authors="ft_authors" if prog else "configs/ft_authors.yaml")
+                                       authors="ft_authors" if prog else "configs/ft_authors.yaml",
+                                       launch="-m iclvsft finetune" if installed else "finetune.py",
+                                       configs='"$(iclvsft configs)"' if installed else "configs")
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/ft-<tasks>-<N>-<method>)")
     p.add_argument("--data", default=argparse.SUPPRESS,

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .reporting import REPORTERS, report_to_list, reporter_installed
 from .tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
 from .tasks.base import DISTRIBUTIONS, check_distribution
 
@@ -43,8 +44,6 @@ CORRUPTIONS = ("answer", "control")
 FT_ROWS = ("prompt", "authors_train")
 LADDER_SCORING = ("strict", "substring")
 LADDER_SELECT = ("fixed", "max")
-
-
 def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
            below: float | None = None) -> Any:
     """A config field: its default, a help string (shown by --help), and the checks that need no context."""
@@ -175,8 +174,9 @@ class FtConfig:
     keep_checkpoints: bool = option(False, "keep <out>/checkpoints after the run finishes (they hold the optimizer "
                                     "state)")
     logging_steps: int = option(1, "a train_log.jsonl line every N optimizer steps", minimum=1)
-    report_to: str = option("none", "also log training to: none | tensorboard | trackio | wandb | mlflow | ... (the "
-                            "Trainer's report_to; the package must be installed)")
+    report_to: str = option("none", "also log training to (besides train_log.jsonl): none | "
+                            + " | ".join(REPORTERS) + " or a list of them (the Trainer's report_to; the package "
+                            "must be installed); tensorboard writes under <out>/runs/")
     rows: str = option("prompt", "prompt: a row is the zero-shot evaluation prompt plus its completion | "
                        "authors_train: the authors' training text (format authors only: no header, expression's "
                        "older '+=')", choices=FT_ROWS)
@@ -193,6 +193,11 @@ class FtConfig:
         _need(bool(self.optimizer), "ft.optimizer must name a transformers optimizer, e.g. adamw_torch")
         _need(self.rows == "prompt" or config.get("format") == "authors",
               "ft.rows authors_train needs format: authors (our FT rows are the evaluation prompt)")
+        for name in report_to_list(self.report_to):
+            _need(name in REPORTERS, f"ft.report_to: unknown logger {name!r}; use none or one of "
+                  f"{', '.join(REPORTERS)}")
+            _need(reporter_installed(name), f"ft.report_to={name} needs the {REPORTERS[name][0]} package: "
+                  f"pip install {REPORTERS[name][0]} (or ft.report_to=none)")
 
 
 @dataclass
@@ -338,7 +343,7 @@ OPEN = {("data", "task_params"), ("reproduce", "ft_protocols"), ("reproduce", "f
 
 # Keys whose value may be a string or a list of strings (LoRA target modules: "all-linear" or
 # [q_proj, v_proj]); _check_type accepts exactly those two shapes for them, nothing else.
-STR_OR_LIST = {"ft.lora.target_modules"}
+STR_OR_LIST = {"ft.lora.target_modules", "ft.report_to"}
 
 
 def schema_field(dotted: str) -> dataclasses.Field:

@@ -19,10 +19,25 @@ from .errors import DataError
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "gguf")
 
 
+class _Lines:
+    """A stream for tqdm outside a terminal: its carriage returns dropped, so a log file gets plain lines."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "")
+        if text:
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress(*args, nested: bool = False, **kwargs):
     """A tqdm progress bar that suits where stderr goes. On a terminal: tqdm as usual. Elsewhere (a log
-    file, CI): a plain line per update at most every 30 s, and no nested bars (their cursor moves leave
-    escape codes in files)."""
+    file, CI): a plain line (no carriage return) per update at most every 30 s, and no nested bars
+    (their cursor moves leave escape codes in files)."""
     from tqdm.auto import tqdm
 
     if not sys.stderr.isatty():
@@ -31,6 +46,7 @@ def progress(*args, nested: bool = False, **kwargs):
         kwargs.setdefault("mininterval", 30)
         kwargs.setdefault("ascii", True)
         kwargs.setdefault("bar_format", "{l_bar}{bar:20}{r_bar}\n")
+        kwargs.setdefault("file", _Lines(sys.stderr))
     return tqdm(*args, **kwargs)
 
 

@@ -6,7 +6,7 @@ task (``<cell>.yaml``) and its items (``<cell>.jsonl``), one group per task and 
 exported, from which data, with which demonstrations and token budgets), all in one folder that
 ``lm_eval --include_path`` reads::
 
-    python -m iclvsft.lm_eval_export --config configs/cpu.yaml --data data/cpu --out lm_eval_tasks
+    iclvsft export-lm-eval --config cpu --out lm_eval_tasks      # = python -m iclvsft.lm_eval_export
     lm_eval --model hf --model_args pretrained=Qwen/Qwen2.5-Coder-0.5B-Instruct,dtype=bfloat16 \\
         --include_path lm_eval_tasks --tasks iclvsft --batch_size 16 --log_samples --output_path lm_eval_out
     # vLLM, tensor and data parallel (not run here: no GPU and no vLLM on the CPU machines):
@@ -34,7 +34,14 @@ What makes lm-eval's predictions test.py's (``tests/test_lm_eval.py`` checks it 
 * **Scoring.** ``process_results`` scores that line with :func:`iclvsft.scoring.score`, so lm-eval
   reports our numbers: ``accuracy`` (strict), ``lenient_accuracy``, ``invalid``, per split
   ``pattern_accuracy`` / ``control_accuracy``, and ``control_shortcut_rate`` (control items whose
-  strict answer is the shortcut's). The hooks import ``iclvsft``: install it where lm-eval runs
+  strict answer is the shortcut's). Every row returns every metric (None where one does not apply:
+  ``pattern_accuracy`` of a control row), so all are scored on the same documents; the per-split
+  ones average the rows they apply to (:func:`mean_of_scored`, no stderr).
+* **Prompt style.** ``prompt_style: chat`` renders each prompt with the model's own tokenizer's chat
+  template, as test.py does: the rows hold the rendered text, so run lm-eval without
+  ``--apply_chat_template``.
+* **Order.** A cell's rows alternate pattern and control items, so lm-eval's ``--limit N`` (its first
+  N rows) holds both splits. The hooks import ``iclvsft``: install it where lm-eval runs
   (``pip install -e .``); otherwise they fall back to the checkout that wrote the export.
 
 Each row keeps ``id``, ``split``, ``cell``, ``answer`` and ``shortcut_answer``, so lm-eval's
@@ -48,6 +55,7 @@ original).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -57,6 +65,7 @@ from pathlib import Path
 
 import yaml
 
+from . import __version__
 from .errors import ConfigError, DataError, IclvsftError
 from .io import atomic_write_text, dumps_json, jsonl_line, sha256_file
 from .prompts import build_prompt, demo_order, per_item_demos
@@ -70,6 +79,7 @@ FILTER = "first_line"  # lm-eval names each metric "<metric>,<filter>"
 METRICS = ("accuracy", "lenient_accuracy", "invalid", "pattern_accuracy", "control_accuracy",
            "control_shortcut_rate")
 LOWER_IS_BETTER = {"invalid", "control_shortcut_rate"}
+EVERY_ROW = {"accuracy", "lenient_accuracy", "invalid"}  # the others apply to one split's rows (mean_of_scored)
 
 # The hooks lm-eval imports from beside the YAMLs (``!function utils.NAME``): thin wrappers, the logic
 # lives here. ``Path(__file__)`` keeps the folder relocatable (the rows are read from beside it).
@@ -96,6 +106,10 @@ def first_line(resps, docs):
 
 def process_results(doc, results):
     return _export.process_results(doc, results)
+
+
+def mean_of_scored(values):
+    return _export.mean_of_scored(values)
 '''
 
 
@@ -119,16 +133,35 @@ def first_line_filter(resps: Iterable[Sequence[str]], docs: Iterable[dict]) -> l
     return [[first_line(r) for r in rs] for rs in resps]
 
 
-def process_results(doc: dict, results: Sequence[str]) -> dict[str, float]:
-    """Our strict/lenient scores of one row (lm-eval averages each key over the rows that have it)."""
+def process_results(doc: dict, results: Sequence[str]) -> dict[str, float | None]:
+    """Our strict/lenient scores of one row: every metric of :data:`METRICS` for every row, so lm-eval
+    scores all of them on the same documents; a metric that does not apply to the row (``pattern_accuracy``
+    of a control item, ``control_shortcut_rate`` where no shortcut exists) is None, which
+    :func:`mean_of_scored` leaves out."""
     item = Item(id=doc["id"], task=doc["task"], split=doc["split"], question=doc["question"], answer=doc["answer"],
                 shortcut_answer=doc["shortcut_answer"])
     s = score(item, results[0], doc["answer_format"])
-    out = {"accuracy": float(s.correct), "lenient_accuracy": float(s.lenient_correct), "invalid": float(s.invalid),
-           f"{doc['split']}_accuracy": float(s.correct)}
-    if doc["split"] == "control" and doc["shortcut_answer"] is not None:
-        out["control_shortcut_rate"] = float(s.shortcut)
-    return out
+    shortcut = doc["split"] == "control" and doc["shortcut_answer"] is not None
+    return {"accuracy": float(s.correct), "lenient_accuracy": float(s.lenient_correct), "invalid": float(s.invalid),
+            "pattern_accuracy": float(s.correct) if doc["split"] == "pattern" else None,
+            "control_accuracy": float(s.correct) if doc["split"] == "control" else None,
+            "control_shortcut_rate": float(s.shortcut) if shortcut else None}
+
+
+def mean_of_scored(values: Sequence[float | None]) -> float | None:
+    """lm-eval aggregation of a metric that applies to some rows only: the mean over the rows it applies
+    to (None when none of the evaluated rows does, e.g. --limit 1)."""
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def mixed(items: Sequence[Item]) -> list[Item]:
+    """``items`` with the splits interleaved (pattern, control, pattern, ...; each split in its own order),
+    so that lm-eval's ``--limit N`` (the first N rows) gives both splits."""
+    by_split: dict[str, list[Item]] = {}
+    for item in items:
+        by_split.setdefault(item.split, []).append(item)
+    return [i for group in itertools.zip_longest(*by_split.values()) for i in group if i is not None]
 
 
 def read_lm_eval_samples(output_path: str | Path) -> dict[tuple[str, str], dict]:
@@ -173,15 +206,24 @@ def cell_name(task: str, k: int, demo_seed: int | None) -> str:
 
 
 class _LazyTokenizer:
-    """Loads the tokenizer of ``model`` only when a token budget has to be counted."""
+    """The tokenizer of ``model``, loaded only when it is used: to count a token budget, or for its chat
+    template (``prompt_style: chat``); every attribute is the loaded tokenizer's."""
 
     def __init__(self, model: str, tokenizer=None):
         self.model, self._tok = model, tokenizer
 
-    def __call__(self, *args, **kwargs):
+    def _load(self):
         if self._tok is None:
             self._tok = load_tokenizer(self.model)
-        return self._tok(*args, **kwargs)
+        return self._tok
+
+    def __call__(self, *args, **kwargs):
+        return self._load()(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # only for names not set above: chat_template, apply_chat_template, ...
+        if name.startswith("__") or name in ("model", "_tok"):
+            raise AttributeError(name)
+        return getattr(self._load(), name)
 
     @property
     def loaded(self) -> bool:
@@ -192,12 +234,13 @@ def load_tokenizer(name: str):
     """The tokenizer of model ``name`` (a name :func:`iclvsft.models.load_model` resolves), without the weights."""
     from .models import build_tiny_tokenizer, is_tiny_model
     from .models.loading import _hub_offline_env, _resolve_source
+    from .models.offline import adapter_base
 
     if is_tiny_model(name) and not Path(name).is_dir():
         return build_tiny_tokenizer()
     kind, source, _ = _resolve_source(name, None)
     if kind == "adapter":
-        base = json.loads((Path(source) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = adapter_base(source)
         if not base:
             raise ConfigError(f"adapter folder {name!r} does not record its base model; pass the base model as --model")
         return load_tokenizer(base)
@@ -228,15 +271,11 @@ def _cell_files(config: dict, data_dir: Path, tokenizer) -> tuple[dict[str, str]
         inp = task_inputs(data_dir, name, config, tokenizer)
         task = inp.task
         splits = {i.split for i in inp.items}
-        metrics = [m for m in METRICS if not m.startswith(("pattern", "control"))
-                   or m.split("_", 1)[0] in splits]
-        if all(i.shortcut_answer is None for i in inp.items if i.split == "control"):
-            metrics = [m for m in metrics if m != "control_shortcut_rate"]
         for cell in plan_cells([name], ev["shots"], ev["demo_seeds"]):
             shared = demo_order(inp.demo_pool, cell.demo_seed, name, cell.k) if cell.k else []
             inp.check_demos(shared, cell)
             rows = []
-            for item in inp.items:
+            for item in mixed(inp.items):
                 demos = shared
                 if cell.k and ev["demo_mode"] == "per_item":
                     demos = per_item_demos(inp.demo_pool, cell.demo_seed, name, cell.k, item)
@@ -265,8 +304,8 @@ def _cell_files(config: dict, data_dir: Path, tokenizer) -> tuple[dict[str, str]
                                                              "filter_fn": _Function("utils.first_line")},
                                                             {"function": "take_first"}]}],
                 "process_results": _Function("utils.process_results"),
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": m not in LOWER_IS_BETTER}
-                                for m in metrics],
+                "metric_list": [{"metric": m, "aggregation": "mean" if m in EVERY_ROW else _Function("utils.mean_of_scored"),
+                                 "higher_is_better": m not in LOWER_IS_BETTER} for m in METRICS],
                 "metadata": {"version": 1.0},
             })
             by_task.setdefault(name, []).append(cname)
@@ -311,12 +350,14 @@ def export(config: dict, data_dir: str | Path, out_dir: str | Path, tasks: Seque
     ev = config["eval"]
     record = {
         "generator": "iclvsft.lm_eval_export",
+        "iclvsft": __version__,
         "repo_root": str(Path(__file__).resolve().parent.parent),
         "data_dir": str(data_dir),
         "data_manifest_sha256": sha256_file(data_dir / "manifest.json"),
         "data_seed": manifest.get("seed"),
         "budget_tokenizer": model if tok.loaded else None,
         "format": config["format"],
+        "prompt_style": config["prompt_style"],
         "eval": {k: ev[k] for k in ("tasks", "shots", "demo_seeds", "demo_mode", "demo_split", "splits", "limit",
                                     "max_new_tokens")},
         "cells": cells,
@@ -356,13 +397,12 @@ def _write(out_dir: Path, files: dict[str, str], force: bool) -> None:
 
 # ------------------------------------------------------------------------------------- command line
 
-def _parser() -> argparse.ArgumentParser:
-    from . import cli
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from .commands import _parser as command_parser
 
-    p = cli.parser(__doc__.splitlines()[0], {
+    p = command_parser(__doc__.splitlines()[0], prog or "python -m iclvsft.lm_eval_export", {
         "--model": "model", "--tasks": "eval.tasks", "--shots": "eval.shots", "--demo-seeds": "eval.demo_seeds",
         "--demo-mode": "eval.demo_mode", "--limit": "eval.limit"})
-    p.prog = "python -m iclvsft.lm_eval_export"
     p.epilog = ("--model only picks the tokenizer that counts each task's token budget (max_gen_toks), as test.py "
                 "does for the model it evaluates; lm-eval's --model_args pretrained=... picks the model. Then run: "
                 "lm_eval --model hf --model_args pretrained=PATH_OR_HUB_ID --include_path OUT --tasks iclvsft "
@@ -379,35 +419,44 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``python -m iclvsft.lm_eval_export [ARGS]`` (``argv`` default ``sys.argv[1:]``, ``prog`` the name
     ``--help`` shows); returns the exit status: a project error prints one line and returns 2."""
     from . import cli
+    from .commands import _parse, default_data_dir
 
-    parser = _parser()
-    if prog:
-        parser.prog = prog
-    args = parser.parse_intermixed_args(argv)
     try:
+        args = _parse(_parser(prog), argv)  # --config: a file or a shipped preset's name
         config = cli.resolve(args)
-        data = args.data or (Path("data") / config["name"] if args.config and config.get("name") else "data")
         out = Path(args.out)
-        paths = export(config, data, out, model=config["model"], force=args.force)
+        paths = export(config, default_data_dir(args, config), out, model=config["model"], force=args.force)
         record = json.loads((out / EXPORT_FILE).read_text())
+        command = lm_eval_command(config, out)
     except IclvsftError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    pretrained = config["model"]
-    from .models import OFFLINE_MODELS, TINY_MODEL_NAME, model_cache_root
-
-    if pretrained == TINY_MODEL_NAME:
-        pretrained = "<a folder written by iclvsft.models.save_tiny_model>"
-    elif pretrained in OFFLINE_MODELS:  # lm-eval loads a folder: the prepared one, if it is there
-        folder = model_cache_root() / pretrained
-        pretrained = str(folder) if folder.is_dir() else f"<folder of: python -m iclvsft.models {pretrained}>"
     n_items = sum(c["items"] for c in record["cells"])
     print(f"wrote {len(paths)} files to {out}: {len(record['cells'])} lm-eval tasks "
           f"({', '.join(c['name'] for c in record['cells'])}), {n_items} rows; groups {GROUP} and "
           f"{', '.join(GROUP + '_' + t for t in record['eval']['tasks'])}")
-    print(f"run: lm_eval --model hf --model_args pretrained={pretrained} --include_path {out} --tasks {GROUP} "
-          f"--log_samples --output_path lm_eval_out")
+    print(f"run: {command}")
     return 0
+
+
+def lm_eval_command(config: dict, out: Path) -> str:
+    """The lm_eval command that runs the export as test.py runs the config's model here: the weights
+    test.py loads (an offline model's prepared folder), its dtype on this machine's device, its batch size.
+    A chat-style export already holds the chat template: no --apply_chat_template."""
+    from .models import OFFLINE_MODELS, TINY_MODEL_NAME, model_cache_root, resolve_device, resolve_dtype
+
+    name = config["model"]
+    device = resolve_device("auto")
+    pretrained = name
+    if name == TINY_MODEL_NAME:
+        pretrained = "<a folder written by iclvsft.models.save_tiny_model>"
+    elif name in OFFLINE_MODELS:  # lm-eval loads a folder: the prepared one, if it is there
+        folder = model_cache_root() / name
+        pretrained = str(folder) if folder.is_dir() else f"<folder of: iclvsft models {name}>"
+    dtype = str(resolve_dtype(config["dtype"], device, name=name)).removeprefix("torch.")
+    return (f"lm_eval --model hf --model_args pretrained={pretrained},dtype={dtype} --device {device.type} "
+            f"--batch_size {config['eval']['batch_size']} --include_path {out} --tasks {GROUP} "
+            "--log_samples --output_path lm_eval_out")
 
 
 if __name__ == "__main__":

@@ -233,8 +233,9 @@ def model_shape(name: str) -> Shape | None:
         cfg = _read_json(folder / "config.json")
         if cfg:
             return shape_from_config(cfg, f"{folder}/config.json")
-        adapter = _read_json(folder / "adapter_config.json")
-        base = (adapter or {}).get("base_model_name_or_path")
+        from .models.offline import adapter_base
+
+        base = adapter_base(folder)
         return model_shape(base) if base and base != name else None
     try:  # the local hub cache only: never the network
         from huggingface_hub import try_to_load_from_cache

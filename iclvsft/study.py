@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .cards import write_model_card
 from .config import protocol_ft
 from .data import generate, is_up_to_date
 from .errors import ConfigError
@@ -45,7 +46,6 @@ from .io import provenance, slug, write_json
 from .models import release_memory
 from .report import Comparison, FTResult, build_summary, write_report
 from .train import finetune, is_finished
-from .train.run import write_model_card
 
 log = logging.getLogger(__name__)
 

@@ -368,3 +368,26 @@ def test_code_and_algebra_corruptions_recompute_the_answer_by_a_second_route(mak
                 p, q = (int(t.strip()[:-1] or 1) for t in lhs.split(" + "))
                 assert p * a + q * b == int(rhs), (question, answer)
             assert answer != item.answer and answer.startswith(algebra.answer_prefix)
+
+
+def test_heatmap_colour_bar_label_fits_in_the_figure():
+    """The colour bar's label (written along the bar) and the title lie inside the figure, for a model of
+    2 layers as for one of 30 (it used to run off the top of short figures)."""
+    import matplotlib.pyplot as plt
+
+    from iclvsft.circuits.plots import heatmap_figure
+
+    for n_layers, n_heads in ((2, 4), (24, 14), (30, 9)):
+        for label in ("effect on logit diff", "share of |effect|, difference"):
+            fig = heatmap_figure(np.ones((n_layers, n_heads + 1)), "expression: icl - base (each map / its L1 norm)",
+                                 n_heads, label)
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            bar_label = fig.axes[1].yaxis.label
+            assert bar_label.get_text() == label
+            for text in (bar_label, fig.axes[0].title):
+                box = text.get_window_extent(renderer)
+                assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and \
+                    box.y1 <= fig.bbox.y1, (n_layers, label, box, fig.bbox)
+            plt.close(fig)
+

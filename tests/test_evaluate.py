@@ -96,6 +96,7 @@ def test_outputs_and_resume_after_interruption(data_dir, tmp_path, tiny, monkeyp
     assert all(r["shortcut"] is None for r in rows if r["task"] == "algebra" and r["split"] == "control")
     table = (full / "table.md").read_text()
     assert "| expression | 3 | 2 |" in table and "tiny-random-qwen2" in table
+    assert "prompt format ours, prompt style raw, dtype float32" in table
 
     # Interrupt: the 5th chunk write leaves half a line and the process "dies".
     calls = {"n": 0}

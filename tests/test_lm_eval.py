@@ -1,6 +1,8 @@
 """The lm-evaluation-harness export (iclvsft.lm_eval_export): what it writes, that its prompts are
 test.py's, that its metric is our strict scorer, and that lm-eval run on the export predicts exactly
-what test.py predicts, item by item (the tiny model, shared demonstrations, k in {0, 2})."""
+what test.py predicts, item by item (the tiny model, shared demonstrations, k in {0, 2}), in the raw
+prompt style and in the chat style (the tokenizer's chat template), every metric scored on the same
+documents and lm-eval's --limit giving both splits."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,17 +14,20 @@ import sys
 import pytest
 import yaml
 
+from iclvsft import __version__
 from iclvsft.config import load_config
 from iclvsft.data import load_items
 from iclvsft.evaluate import prompt_sha, task_inputs
 from iclvsft.lm_eval_export import (
     EXPORT_FILE,
     FILTER,
+    METRICS,
     cell_name,
     export,
     first_line,
     first_line_filter,
     main,
+    mean_of_scored,
     process_results,
     read_lm_eval_samples,
 )
@@ -82,6 +87,7 @@ def test_layout_and_task_yaml(exported, config, data):
     assert read_yaml(exported / "iclvsft_boolean.yaml")["task"] == ["iclvsft_boolean_k0", "iclvsft_boolean_k2_seed0"]
     record = json.loads((exported / EXPORT_FILE).read_text())
     assert sorted(record["files"]) == expected and [c["name"] for c in record["cells"]] == CELLS
+    assert record["iclvsft"] == __version__ and record["prompt_style"] == "raw" and record["format"] == "ours"
     for name in TASKS:
         budget = task_inputs(data, name, config, build_tiny_tokenizer()).max_new_tokens  # test.py's
         for cell in (cell_name(name, 0, None), cell_name(name, 2, 0)):
@@ -98,6 +104,9 @@ def test_layout_and_task_yaml(exported, config, data):
             assert [m["metric"] for m in y["metric_list"]] == ["accuracy", "lenient_accuracy", "invalid",
                                                                "pattern_accuracy", "control_accuracy",
                                                                "control_shortcut_rate"]
+            # one split's metrics average over the rows they apply to; the others over every row
+            assert [m["aggregation"] for m in y["metric_list"]] == \
+                ["mean"] * 3 + [("!function", "utils.mean_of_scored")] * 3
     # the hooks, loaded the way lm-eval loads a YAML's `!function utils.NAME` (from beside the YAML)
     spec = importlib.util.spec_from_file_location("utils", exported / "utils.py")
     utils = importlib.util.module_from_spec(spec)
@@ -113,7 +122,9 @@ def test_prompts_are_test_py_prompts(exported, data):
     for name in TASKS:
         task = get_task(name)
         test = load_items(data, name, "test")
-        items = [*[i for i in test if i.split == "pattern"][:5], *[i for i in test if i.split == "control"][:5]]
+        # the splits interleaved, so that lm-eval's --limit N (the first N rows) gives both
+        items = [i for pair in zip([i for i in test if i.split == "pattern"][:5],
+                                   [i for i in test if i.split == "control"][:5]) for i in pair]
         pool = load_items(data, name, "train", split="pattern")
         for k, seed in ((0, None), (2, 0)):
             demos = demo_order(pool, seed, name, k) if k else []
@@ -152,8 +163,11 @@ def test_metric_is_our_strict_scorer():
         got, want = process_results(doc, [line]), score(item, completion, "int")
         assert got["accuracy"] == got["control_accuracy"] == float(want.correct)
         assert got["invalid"] == float(want.invalid) and got["control_shortcut_rate"] == float(want.shortcut)
-        assert got["lenient_accuracy"] == float(want.lenient_correct) and "pattern_accuracy" not in got
+        assert got["lenient_accuracy"] == float(want.lenient_correct) and got["pattern_accuracy"] is None
+        assert list(got) == list(METRICS)  # every metric on every row: lm-eval scores all on the same documents
     assert first_line("\n\n 7\nx") == "7"
+    assert process_results({**doc, "split": "pattern"}, ["7"])["control_shortcut_rate"] is None
+    assert mean_of_scored([1.0, None, 0.0, None, 1.0]) == pytest.approx(2 / 3) and mean_of_scored([None]) is None
 
 
 def test_command_line(tmp_path, data, capsys, root):
@@ -176,9 +190,41 @@ def test_command_line(tmp_path, data, capsys, root):
     assert err.startswith("error: ") and "--force" in err and err.count("\n") == 1
     assert main([*args[:-len(DATA)], "--shots", "0", "--force", *DATA]) == 0
     assert not (out / f"{cell_name('expression', 2, 0)}.jsonl").exists()  # the replaced export's files are gone
+    capsys.readouterr()
+    # --config takes a shipped preset's name like every command; the printed command is complete
+    assert main(["--config", "cpu", *args[:-len(DATA)], "--shots", "0", "--force", *DATA]) == 0
+    printed = capsys.readouterr().out
+    assert f"--include_path {out} --tasks iclvsft" in printed and ",dtype=float32 --device cpu --batch_size 16" in printed
     proc = subprocess.run([sys.executable, "-m", "iclvsft.lm_eval_export", "--data", str(tmp_path / "nothing"),
                            "--out", str(tmp_path / "x")], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def run_lm_eval(tmp_path, exported, model_dir, root, *extra):
+    """lm-eval's HF backend on the export (a subprocess, offline); returns its logged samples, results, stderr."""
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={model_dir},dtype=float32", "--device", "cpu", "--batch_size", "3",
+                           "--include_path", str(exported), "--tasks", "iclvsft", "--log_samples",
+                           "--output_path", str(tmp_path / "lm_eval_out"), *extra],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not scored on the same number" not in proc.stderr
+    results = json.loads(next((tmp_path / "lm_eval_out").rglob("results_*.json")).read_text())["results"]
+    return read_lm_eval_samples(tmp_path / "lm_eval_out"), results
+
+
+def assert_same_predictions(theirs, ours):
+    for key, t in theirs.items():
+        r = ours[key]
+        assert prompt_sha(t["prompt"]) == r["prompt_sha256"], key  # lm-eval gave the model test.py's prompt
+        assert t["first_line"] == first_line(r["completion"]), (key, t["completion"], r["completion"])
+        assert t["strict"] == r["strict"], key
 
 
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval is not installed (pip install -r requirements-dev.txt)")
@@ -189,26 +235,46 @@ def test_lm_eval_predicts_what_test_py_predicts(tmp_path, exported, config, data
     from iclvsft.models import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "tiny")
-    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                           f"pretrained={model_dir},dtype=float32", "--device", "cpu", "--batch_size", "3",
-                           "--include_path", str(exported), "--tasks", "iclvsft", "--log_samples",
-                           "--output_path", str(tmp_path / "lm_eval_out")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = read_lm_eval_samples(tmp_path / "lm_eval_out")
+    theirs, results = run_lm_eval(tmp_path, exported, model_dir, root)
 
     evaluate(EvalPlan(config, data, tmp_path / "ours", "tiny-random-qwen2", None), loaded=tiny, show_progress=False)
     ours = {(r["cell"], r["item_id"]): r for r in map(json.loads, (tmp_path / "ours" / "samples.jsonl").open())}
     assert len(ours) == 4 * 10 and set(theirs) == set(ours)
-    for key, r in ours.items():
-        t = theirs[key]
-        assert prompt_sha(t["prompt"]) == r["prompt_sha256"], key  # lm-eval gave the model test.py's prompt
-        assert t["first_line"] == first_line(r["completion"]), (key, t["completion"], r["completion"])
-        assert t["strict"] == r["strict"], key
-    results = json.loads(next((tmp_path / "lm_eval_out").rglob("results_*.json")).read_text())["results"]
+    assert_same_predictions(theirs, ours)
     for name in CELLS:  # lm-eval's aggregate is our strict accuracy of the same rows
         cell_rows = [r for r in ours.values() if cell_name(r["task"], r["k"], r["demo_seed"]) == name]
         assert results[name][f"accuracy,{FILTER}"] == pytest.approx(sum(r["correct"] for r in cell_rows) / 10)
         assert results[name][f"invalid,{FILTER}"] == pytest.approx(sum(r["invalid"] for r in cell_rows) / 10)
+
+
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval is not installed (pip install -r requirements-dev.txt)")
+def test_lm_eval_chat_style_with_limit_predicts_what_test_py_predicts(tmp_path, data, root):
+    """prompt_style chat: the export renders the prompts with the model's own tokenizer's chat template
+    (here a ChatML template saved with the tiny model), and lm-eval on it predicts what test.py
+    predicts; lm-eval's --limit 4 takes two pattern and two control rows of each cell."""
+    from transformers import AutoTokenizer
+
+    from iclvsft.evaluate import EvalPlan, evaluate
+    from iclvsft.models import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny-chat")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(model_dir)
+    config = load_config(None, [*DATA, *EVAL, f"model={model_dir}", "prompt_style=chat", "eval.tasks=[expression]"])
+    exported = tmp_path / "tasks"
+    export(config, data, exported)
+    assert json.loads((exported / EXPORT_FILE).read_text())["prompt_style"] == "chat"
+    theirs, results = run_lm_eval(tmp_path, exported, model_dir, root, "--limit", "4")
+
+    evaluate(EvalPlan(config, data, tmp_path / "ours", str(model_dir), None), show_progress=False)
+    ours = {(r["cell"], r["item_id"]): r for r in map(json.loads, (tmp_path / "ours" / "samples.jsonl").open())}
+    assert len(theirs) == 2 * 4 and set(theirs) <= set(ours)
+    assert all(t["prompt"].startswith("<|im_start|>user\n") for t in theirs.values())
+    assert_same_predictions(theirs, ours)
+    for cell, name in (("expression/k=0", cell_name("expression", 0, None)),
+                       ("expression/k=2/seed=0", cell_name("expression", 2, 0))):
+        cell_rows = [ours[key] for key in theirs if key[0] == cell]
+        assert sorted(r["split"] for r in cell_rows) == ["control", "control", "pattern", "pattern"]
+        pattern = [r["correct"] for r in cell_rows if r["split"] == "pattern"]
+        assert results[name][f"pattern_accuracy,{FILTER}"] == pytest.approx(sum(pattern) / 2)

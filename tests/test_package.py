@@ -207,6 +207,25 @@ def test_subcommands_take_exactly_the_scripts_options():
     assert {"--force", "--overwrite"} <= options([sys.executable, "generate_data.py", "--help"])[1]
 
 
+def test_help_names_the_command_as_it_was_run(capsys):
+    """`iclvsft X --help` names `iclvsft X` (not the module or the script), docstrings print unindented."""
+    from iclvsft import __main__ as entry
+
+    def helped(*argv):
+        with pytest.raises(SystemExit) as e:
+            entry.main(list(argv))
+        assert e.value.code == 0
+        return capsys.readouterr().out
+
+    assert helped("models", "--help").startswith("usage: iclvsft models ")
+    assert helped("export-lm-eval", "--help").startswith("usage: iclvsft export-lm-eval ")
+    text = helped("configs", "--help")
+    assert text.startswith("usage: iclvsft configs\n") and "\nand the preset names" in text and "\n " not in text
+    text = helped("finetune", "--help")
+    assert "finetune.py" not in text and '"$(iclvsft configs)"/accelerate/ddp.yaml' in text
+    assert "-m iclvsft finetune --task code" in text
+
+
 def test_entry_point_errors_are_one_line(monkeypatch, capsys):
     from iclvsft import __main__ as entry
 

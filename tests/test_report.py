@@ -124,3 +124,39 @@ def test_a_task_the_preset_does_not_fine_tune_says_so_and_is_not_in_the_family(t
     report = write_report(tmp_path / "out", [summary]).read_text()
     assert summary["tasks"]["relation"]["verdict"] == "ICL only" and summary["family"]["size"] == 0
     assert "the preset fine-tunes no model on this task" in report
+
+
+def _stat(mean: float) -> dict:
+    return {"mean": mean, "ci95": [max(0.0, mean - 0.1), min(1.0, mean + 0.1)]}
+
+
+def test_sizes_plot_labels_each_model_once_without_overlap(tmp_path, monkeypatch):
+    """sizes.png: one x tick label per model (135M, 630M, 1.5B) and none of them overlap (a log axis over
+    about a decade used to label its minor ticks too, on top of each other)."""
+    from iclvsft.report import plots
+
+    def summary(model, n_params, acc):
+        task = {"icl": [{"k": 4, "pattern": {"accuracy": _stat(acc)}}],
+                "ft": [{"protocol": "answer_lora", "n_train": 256, "pattern": {"accuracy": _stat(acc / 2)}}]}
+        return {"model": model, "n_params": n_params, "tasks": {"expression": task, "boolean": task}}
+
+    checked = []
+    real_save = plots.save_panels
+
+    def save_and_check(fig, axes, path, **kwargs):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in axes[0]:
+            labels = [t for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+                      if t.get_visible() and t.get_text()]
+            assert [t.get_text() for t in labels] == ["135M", "630M", "1.5B"]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+            checked.append(ax)
+        return real_save(fig, axes, path, **kwargs)
+
+    monkeypatch.setattr(plots, "save_panels", save_and_check)
+    path = plots.plot_sizes([summary("qwen2.5-coder-1.5b-instruct", 1_543_714_304, 0.8),
+                             summary("smollm2-135m-instruct", 134_515_008, 0.3),
+                             summary("qwen2.5-coder-0.5b-instruct", 630_167_424, 0.6)], tmp_path)
+    assert len(checked) == 2 and Path(path).read_bytes()[:4] == b"\x89PNG"

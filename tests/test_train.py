@@ -193,6 +193,10 @@ def test_loss_falls_on_a_repeated_small_batch(data_dir, tmp_path, capfd):
     result = train.finetune(config, tmp_path / "run", data_dir, show_progress=True)
     printed = "".join(capfd.readouterr())
     assert "'loss'" not in printed and "loss=" in printed  # the loss on the progress bar, no dict per step
+    # stderr is no terminal here: the bar writes plain lines (library bars, e.g. transformers' "Writing
+    # model shards", are switched off by the scripts' entry point, not here)
+    bar = [line for line in printed.split("\n") if "fine-tuning" in line]
+    assert bar and all("\r" not in line and line.startswith("fine-tuning: ") for line in bar)
     losses = [e["loss"] for e in log_lines(tmp_path / "run")]
     assert len(losses) == 25
     assert losses[-1] < 0.5 * losses[0], losses
@@ -231,25 +235,70 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
     assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"]["ft"]["n_train"] == 8
     # the model card is written from the run (not peft's blank template)
     card = (out / "README.md").read_text()
-    assert "base_model: tiny-random-qwen2" in card and "N = 8 rows per task" in card
-    assert f"final loss {summary['final_loss']}" in card and "learning_rate = " in card
+    assert "base_model:" not in card and "base_model_local: tiny-random-qwen2" in card  # no Hub id to name
+    assert "N = 8 rows per task" in card and "learning_rate = " in card
+    assert f"final loss {summary['final_loss']:.4g}" in card
 
 
 def test_adapter_names_a_loadable_base_and_report_to_reaches_the_trainer(tmp_path):
-    """An offline alias is not something peft can load: the saved adapter points at the prepared folder;
-    ft.report_to goes to the Trainer (it was hard-coded to none)."""
+    """An offline alias is not something peft can load: the saved adapter names the upstream Hub id (portable),
+    which this project's loader maps back to the offline copy; ft.report_to goes to the Trainer."""
+    from iclvsft.models.offline import adapter_base
     from iclvsft.train.run import point_adapter_at_base
     from iclvsft.train.setup import Precision, training_arguments
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "qwen2.5-coder-0.5b-instruct"}))
-    point_adapter_at_base(tmp_path, {"source": "offline", "path": "/cache/models/qwen2.5-coder-0.5b-instruct"})
+    point_adapter_at_base(tmp_path, {"source": "offline", "name": "qwen2.5-coder-0.5b-instruct",
+                                     "path": "/cache/models/qwen2.5-coder-0.5b-instruct"})
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["base_model_name_or_path"] == "/cache/models/qwen2.5-coder-0.5b-instruct"
-    for value, expected in (("none", []), ("tensorboard", ["tensorboard"])):
+    assert saved["base_model_name_or_path"] == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert adapter_base(tmp_path) == "qwen2.5-coder-0.5b-instruct"
+    for value, expected in (("none", []), ("tensorboard", ["tensorboard"]), ("[tensorboard]", ["tensorboard"])):
         config = load_config(None, [f"ft.report_to={value}"])
         args = training_arguments(config, tmp_path, Precision("float32", "float32", False, False), 1,
                                   torch.device("cpu"))
         assert args.report_to == expected
+
+
+def test_report_to_is_checked_when_the_config_loads(monkeypatch):
+    """ft.report_to: an unknown logger or one whose package is missing is one ConfigError at load (the
+    scripts print it and exit 2 before any model loads); the names and the package check agree with
+    transformers' own."""
+    from transformers.integrations import integration_utils
+
+    from iclvsft.reporting import REPORTERS, reporter_installed
+
+    transformers_check = {"tensorboard": "is_tensorboard_available", "trackio": "is_trackio_available",
+                          "wandb": "is_wandb_available", "mlflow": "is_mlflow_available",
+                          "comet_ml": "is_comet_available", "clearml": "is_clearml_available",
+                          "dvclive": "is_dvclive_available", "swanlab": "is_swanlab_available"}
+    assert set(REPORTERS) == set(transformers_check) and set(REPORTERS) <= set(integration_utils.INTEGRATION_TO_CALLBACK)
+    for name, check in transformers_check.items():
+        assert reporter_installed(name) == bool(getattr(integration_utils, check)()), name
+    with pytest.raises(ConfigError, match="unknown logger 'csv'; use none or one of tensorboard"):
+        load_config(None, ["ft.report_to=csv"])
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^ft.report_to=tensorboard needs the tensorboard package: pip install "
+                                          r"tensorboard \(or ft.report_to=none\)$"):
+        load_config(None, ["ft.report_to=[tensorboard]"])
+
+
+def test_tensorboard_events_survive_the_run_and_read_back(data_dir, tmp_path):
+    """ft.report_to=tensorboard: the event files go to <out>/runs/, survive the removal of checkpoints/
+    at the end of the run, and hold the same losses as train_log.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train.finetune(tiny_config("ft.report_to=tensorboard", "ft.save_steps=2"), out, data_dir, show_progress=False)
+    assert not (out / "checkpoints").exists()
+    events = EventAccumulator(str(out / train.REPORT_DIR))
+    events.Reload()
+    logged = [(e["step"], e["loss"]) for e in log_lines(out)]
+    assert len(logged) == 4
+    assert [(s.step, pytest.approx(s.value, rel=1e-6)) for s in events.Scalars("train/loss")] == logged
 
 
 def test_full_finetune_saves_a_loadable_model(data_dir, tmp_path):

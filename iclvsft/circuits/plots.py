@@ -11,8 +11,8 @@ import numpy as np
 from ..io import atomic_write_bytes
 
 
-def plot_map(values: np.ndarray, path: str | Path, title: str, n_heads: int, label: str) -> Path:
-    """A layers x (heads + MLP) heatmap, diverging colours centred on 0, written atomically as PNG."""
+def heatmap_figure(values: np.ndarray, title: str, n_heads: int, label: str):
+    """The figure of :func:`plot_map` (open; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +22,9 @@ def plot_map(values: np.ndarray, path: str | Path, title: str, n_heads: int, lab
     n_layers = values.shape[0]
     vmax = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     vmax = vmax or 1.0
-    fig, ax = plt.subplots(figsize=(2.0 + 0.38 * (n_heads + 1), 1.5 + 0.28 * n_layers))
+    # at least 3.2 inches tall: the colour bar's label (along the bar) must fit in the figure when a
+    # model has few layers
+    fig, ax = plt.subplots(figsize=(2.0 + 0.38 * (n_heads + 1), max(3.2, 1.5 + 0.28 * n_layers)))
     im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.axvline(n_heads - 0.5, color="black", linewidth=1.5)
     ax.set_xticks(range(n_heads + 1), [*(str(h) for h in range(n_heads)), "MLP"], fontsize=7)
@@ -30,8 +32,17 @@ def plot_map(values: np.ndarray, path: str | Path, title: str, n_heads: int, lab
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label=label, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label(label, fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_map(values: np.ndarray, path: str | Path, title: str, n_heads: int, label: str) -> Path:
+    """A layers x (heads + MLP) heatmap, diverging colours centred on 0, written atomically as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(values, title, n_heads, label)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -85,6 +85,7 @@ def render_table(metrics: dict) -> str:
     lines = [
         f"# Evaluation: {ident['model']}" + (f" + adapter {ident['adapter']}" if ident["adapter"] else ""),
         "",
+        f"prompt format {ident.get('format', 'ours')}, prompt style {ident.get('prompt_style', 'raw')}, "
         f"dtype {ident['dtype']}, attention {ident['attn_implementation']}, data seed {ident['data_seed']}, "
         f"demo mode {ident['demo_mode']}, commit {prov.get('git_commit')}, "
         + ", ".join(f"{k} {v}" for k, v in prov["versions"].items() if k in ("torch", "transformers", "peft")),

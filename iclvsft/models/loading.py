@@ -6,7 +6,6 @@ hub id (see :func:`load_model`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -22,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ConfigError
-from .offline import OFFLINE_MODELS, ensure_offline_model, read_marker
+from .offline import OFFLINE_MODELS, adapter_base, ensure_offline_model, read_marker
 from .params import count_parameters
 from .precision import resolve_attn_implementation, resolve_device, resolve_dtype
 from .tiny import TINY_MODEL_NAME, build_tiny_model, build_tiny_tokenizer
@@ -280,8 +279,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
         if adapter is not None:
             raise ConfigError(f"{name!r} is a PEFT adapter folder and adapter={adapter!r} was also given; "
                               f"pass the base model as the name and one adapter")
-        config = json.loads((Path(source) / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
+        base = adapter_base(source)  # an offline model's upstream id loads the offline copy
         if not base:
             raise ConfigError(f"adapter folder {name!r} does not record its base model; pass the base model "
                               f"as the name and this folder as the adapter")

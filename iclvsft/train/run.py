@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..cards import write_model_card
 from ..errors import ConfigError
 from ..io import atomic_write_text, provenance, write_json
-from ..models import peak_memory_bytes, weights_identity
+from ..models import OFFLINE_MODELS, peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
 LOG_FILE = "train_log.jsonl"
+# ft.report_to's files (tensorboard's event files) go here, beside the run, not under checkpoints/ (which
+# is removed when the run finishes unless ft.keep_checkpoints): the Trainer's default is checkpoints/runs/.
+REPORT_DIR = "runs"
 SUMMARY_FILE = "summary.json"
 # ft keys that change neither the data nor the optimisation: a resumed run may differ in these.
 NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps", "report_to")
@@ -252,6 +257,7 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
         trainer.remove_callback(PrinterCallback)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(LossProgressCallback())
+        keep_reports_in(trainer, out / REPORT_DIR)
         logger.info("fine-tuning %s (%s, %s) on %d rows of %s: %s tokens, batch %d = %d x %d devices x %d steps",
                     config["model"], ft["method"], precision.dtype, len(features), ",".join(ft["tasks"]),
                     f"{token_stats['tokens']:,}", ft["batch_size"], ft["per_device_batch_size"], args.world_size,
@@ -266,49 +272,25 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
     return trainer, output, train_seconds
 
 
+def keep_reports_in(trainer: Trainer, folder: Path) -> None:
+    """Point the Trainer's tensorboard logger at ``folder`` (unless TENSORBOARD_LOGGING_DIR chose a place)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder)
+
+
 def point_adapter_at_base(out: Path, model_info: dict) -> None:
-    """Make a saved adapter name a base that loads anywhere peft looks: an offline name is an alias
-    only this project resolves, so ``base_model_name_or_path`` becomes the prepared cache folder
-    (``AutoPeftModelForCausalLM.from_pretrained(out)`` then works); the alias stays in the model card."""
+    """Make a saved adapter name a base that loads anywhere: an offline name is an alias only this project
+    resolves, so ``base_model_name_or_path`` becomes the upstream Hub id it was made from
+    (``AutoPeftModelForCausalLM.from_pretrained(out)`` loads that from the Hub; this project's loader maps
+    it back to the offline copy, the weights trained on: ``models.offline.adapter_base``). The alias and
+    the local folder stay in the model card's ``iclvsft`` metadata."""
     path = out / "adapter_config.json"
     if not path.is_file() or model_info.get("source") != "offline":
         return
     adapter = json.loads(path.read_text())
-    adapter["base_model_name_or_path"] = model_info["path"]
+    adapter["base_model_name_or_path"] = OFFLINE_MODELS[model_info["name"]].upstream
     atomic_write_text(path, json.dumps(adapter, indent=2, sort_keys=True) + "\n")
-
-
-def write_model_card(out: Path, config: dict, summary: dict, results: dict | None = None) -> None:
-    """README.md of a fine-tuned model (replacing peft's blank template): what it is, how it was made,
-    from what, and (``results``: task -> {split: accuracy}) how it scored zero-shot."""
-    ft, info = config["ft"], summary["model_info"]
-    base = info.get("name", config["model"])
-    provenance_line = (f"offline GGUF `{info.get('gguf_file')}` (sha256 `{info.get('sha256')}`), dequantised to "
-                       f"`{info.get('path')}`" if info.get("source") == "offline" else f"{info.get('source')}: "
-                       f"`{info.get('path')}`")
-    hyper = {k: ft[k] for k in ("method", "loss_on", "append_eos", "epochs", "max_steps", "learning_rate", "lr_scheduler",
-                                "warmup_steps", "weight_decay", "optimizer", "batch_size", "max_length", "train_seed")}
-    if ft["method"] == "lora":
-        hyper["lora"] = ft["lora"]
-    lines = ["---", f"base_model: {base}", "library_name: " + ("peft" if ft["method"] == "lora" else "transformers"),
-             "tags: [iclvsft, implicit-patterns]", "---", "",
-             f"# {base} fine-tuned on {', '.join(ft['tasks'])} (N = {ft['n_train']} rows per task)", "",
-             "Made by [iclvsft](https://github.com/) `finetune.py`: the ICL-vs-FT study of Yin et al. (EMNLP 2024 "
-             "Findings) on implicit-pattern tasks.", "",
-             f"* **Base model**: `{base}`, {provenance_line}.",
-             f"* **Data**: the first {ft['n_train']} pattern rows of each task's train pool, prompt format "
-             f"`{config['format']}`, rows `{ft['rows']}` (" + ", ".join(
-                 f"{t}: train.jsonl sha256 `{r['train_sha256']}`" for t, r in summary["data"]["tasks"].items()) + ").",
-             "* **Hyper-parameters**: " + ", ".join(f"{k} = {v}" for k, v in hyper.items()) + ".",
-             f"* **Training**: {summary['steps']} optimizer steps, final loss {summary['final_loss']}, "
-             f"precision {summary['precision'].get('dtype')}.", ""]
-    if results:
-        lines += ["## Zero-shot results (strict accuracy, %)", "", "| task | pattern | control |", "|---|---|---|"]
-        lines += [f"| {t} | {r.get('pattern', '–')} | {r.get('control', '–')} |" for t, r in results.items()]
-        lines.append("")
-    lines += ["The full resolved config is in `run_config.json`, the training log in `train_log.jsonl`, the run's "
-              "record in `summary.json`.", ""]
-    atomic_write_text(out / "README.md", "\n".join(lines))
 
 
 def _summary(config, trainer, output, precision, model_info, data_record, token_stats, resume, train_seconds,

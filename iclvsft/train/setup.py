@@ -14,9 +14,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 
 from ..errors import ConfigError
-from ..io import atomic_write_text, jsonl_line
+from ..io import atomic_write_text, jsonl_line, progress
 from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
 from ..models.loading import quiet_peft_deprecation
+from ..reporting import report_to_list
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def training_arguments(config: dict, out: Path, precision: Precision, world_size
         data_seed=ft["train_seed"],
         # padding-free batches carry no padding: count every input token; padded ones: the attention mask
         include_num_input_tokens_seen="all" if ft["batching"] == "padding_free" else "non_padding",
-        report_to=ft["report_to"],
+        report_to=report_to_list(ft["report_to"]) or "none",
         remove_unused_columns=False,
         dataloader_pin_memory=False,
         disable_tqdm=not show_progress,
@@ -221,7 +222,13 @@ def training_arguments(config: dict, out: Path, precision: Precision, world_size
 
 class LossProgressCallback(ProgressCallback):
     """transformers' progress bar, with the latest loss on the bar instead of a printed dict per logged
-    step (those go to train_log.jsonl): a study's log stays one line per stage."""
+    step (those go to train_log.jsonl): a study's log stays one line per stage. The bar is
+    :func:`iclvsft.io.progress`: outside a terminal, plain lines at most every 30 s, no carriage returns."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = progress(total=state.max_steps, desc="fine-tuning", unit="step", dynamic_ncols=True)
+        self.current_step = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
