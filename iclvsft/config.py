@@ -220,22 +220,18 @@ class ReproduceConfig:
     compare_n_train: int = option(0, "the FT cell of the verdict: N rows (0: the largest N of compare_protocol)",
                                   minimum=0)
     compare_protocol: str = option("", "the FT protocol of the verdict (empty: the first of ft_protocols)")
-    compare_train_seeds: list = option([], "train seeds of the verdict's FT cell (compare_protocol at compare_n_train), "
-                                       "which the verdict combines; empty: ft_train_seeds")
+    compare_train_seeds: list = option([], "train seeds of the verdict's FT cell (empty: ft_train_seeds)")
     max_invalid: float = option(0.5, "a compared cell whose share of invalid (unparseable) answers on pattern items "
                                 "exceeds this gives no verdict (the report says why); 1: never", minimum=0)
-    smoke: bool = option(False, "the preset is a smoke test: report.md says at the top that its numbers are no "
-                         "findings")
+    smoke: bool = option(False, "the preset is a smoke test: report.md says at the top that its numbers are no findings")
 
     def check(self, config: dict) -> None:
         _need(self.max_invalid <= 1, f"reproduce.max_invalid is a share in [0, 1], got {self.max_invalid}")
         _need(len(set(map(str, self.models))) == len(self.models), f"reproduce.models repeats a model: {self.models}")
         _int_list("reproduce.ft_n_train", self.ft_n_train, 1)
         _int_list("reproduce.ft_train_seeds", self.ft_train_seeds, 0)
-        if self.compare_train_seeds:
-            _int_list("reproduce.compare_train_seeds", self.compare_train_seeds, 0)
-        _need(len(set(self.compare_train_seeds)) == len(self.compare_train_seeds),
-              f"reproduce.compare_train_seeds repeats a seed: {self.compare_train_seeds}")
+        _need(len(set(seeds := self.compare_train_seeds)) == len(seeds) and all(isinstance(x, int) and x >= 0 for x in seeds),
+              f"reproduce.compare_train_seeds must be distinct integers >= 0, got {seeds}")
         _int_list("reproduce.ft_eval_shots", self.ft_eval_shots, 0)
         for name, values in self.ft_protocol_n_train.items():
             _int_list(f"reproduce.ft_protocol_n_train.{name}", values, 1)
