@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .io import load_yaml
 from .reporting import REPORTERS, report_to_list, reporter_installed
 from .tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
 from .tasks.base import DISTRIBUTIONS, check_distribution
@@ -138,8 +139,7 @@ class LoraConfig:
 class FtConfig:
     method: str = option("lora", "lora (peft adapter, base frozen) | full (every parameter, fp32 master weights)",
                          choices=FT_METHODS)
-    tasks: list = option([], "tasks trained together, n_train rows each (several = the paper's mixed file); "
-                         "empty: --task")
+    tasks: list = option([], "tasks trained together, n_train rows each (several = the paper's mixed file); empty: --task")
     n_train: int = option(256, "rows per task: the first N pattern rows of <data>/<task>/train.jsonl", minimum=1)
     train_seed: int = option(0, "seeds the mixed-task shuffle, LoRA init, dropout and the epoch order")
     loss_on: str = option("completion", "completion (answer tokens only) | sequence (prompt + answer: the authors')",
@@ -410,7 +410,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. data.seed=3")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse the value ({e})") from None
     if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; a number is meant
@@ -436,7 +436,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str | dict] 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; the presets are in configs/ (cpu.yaml, quick.yaml, paper.yaml)")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
         except yaml.YAMLError as e:

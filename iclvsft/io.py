@@ -9,10 +9,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .errors import DataError
 
@@ -236,3 +238,24 @@ def provenance() -> dict[str, Any]:
 
     return {"iclvsft": __version__, "git_commit": git_commit(), "versions": package_versions(),
             "platform": platform.platform()}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a repeated key. Hand-written because PyYAML keeps the
+    last value silently and has no option to refuse (a config with ``lr`` twice would run with one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    line = key_node.start_mark.line + 1  # in the message itself: one line, no source excerpt
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice (line {line})")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (a ``yaml.YAMLError`` naming the key and its line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass

@@ -51,6 +51,25 @@ def test_non_utf8_yaml(tmp_path):
         load_config(path)
 
 
+def test_a_key_written_twice_is_refused_not_silently_the_last(tmp_path, capsys, monkeypatch):
+    """YAML keeps the last of two equal keys; a config (or a CLI override value) with one twice is refused
+    with one line naming the key, and a refused run creates no folder."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\nft:\n  learning_rate: 1.0e-4\n  method: lora\n  learning_rate: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(key 'learning_rate' appears twice \(line 5\)\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="key 'a' appears twice"):
+        load_config(None, ["reproduce.ft_protocols={a: {}, a: {learning_rate: 1.0e-5}}"])
+    assert load_config(None, ["reproduce.ft_protocols={a: {}, b: {}}"])["reproduce"]["ft_protocols"] == {"a": {}, "b": {}}
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--config", str(path), "--task", "expression", "--out",
+                                      str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "finetune.py"), run_name="__main__")
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "appears twice" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_utf8_jsonl_and_manifest_shape(data):
     from iclvsft.data import load_items, load_manifest
 
