@@ -45,6 +45,7 @@ from .evaluate.cells import cell_keys
 from .io import provenance, slug, write_json
 from .models import release_memory
 from .report import Comparison, FTResult, build_summary, write_report
+from .runs import differences, summarise_differences
 from .train import finetune, is_finished
 
 log = logging.getLogger(__name__)
@@ -159,13 +160,14 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
         for model in models_of(config):
             t0 = time.perf_counter()
             out = results / "circuits" / slug(model)
+            cfg = copy.deepcopy(config)
+            cfg["model"] = model
+            if not cfg["circuits"]["adapter"]:
+                cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
             if (out / "circuits.json").is_file():
+                _check_circuit_settings(out, cfg, derived_adapter=not config["circuits"]["adapter"])
                 result = json.loads((out / "circuits.json").read_text())
             else:
-                cfg = copy.deepcopy(config)
-                cfg["model"] = model
-                if not cfg["circuits"]["adapter"]:
-                    cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
                 result = analyze(cfg, data_dir, out, show_progress=show_progress)
             extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/",
                                         base_invalid=_zero_shot_invalid(summaries, model)))
@@ -248,6 +250,24 @@ def _circuit_adapter(results: Path, ft_runs: list[FTRun], model: str) -> str:
     first = single[0].protocol
     best = max((r for r in single if r.protocol == first), key=lambda r: (r.n_train, -r.train_seed))
     return str(results / "ft" / slug(model) / first / "{task}" / f"n{best.n_train}-s{best.train_seed}")
+
+
+def _circuit_settings(config: dict, derived_adapter: bool) -> dict[str, Any]:
+    """What decides a circuits folder's results: the model and its precision, the data seed, the circuits
+    section (its FT folder only when the user named one: a derived one is a study run, checked as such)."""
+    circuits = {k: v for k, v in config["circuits"].items() if not (k == "adapter" and derived_adapter)}
+    return {"model": config["model"], "dtype": config["dtype"], "attn_implementation": config["attn_implementation"],
+            "data_seed": config["data"]["seed"], "demo_split": config["eval"]["demo_split"], "circuits": circuits}
+
+
+def _check_circuit_settings(out: Path, config: dict, derived_adapter: bool) -> None:
+    """Reuse a finished circuits folder only when it was made with these settings (one line otherwise)."""
+    saved = _read_json(out / "config.json").get("config")
+    diff = differences(_circuit_settings(saved, derived_adapter) if saved else None,
+                       _circuit_settings(config, derived_adapter))
+    if diff:
+        raise ConfigError(f"{out} holds circuit results made with other settings ({summarise_differences(diff)}); "
+                          "move that folder away to recompute it, or pass another --results folder")
 
 
 def _zero_shot_invalid(summaries: list[dict], model: str) -> dict[str, float]:

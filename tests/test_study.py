@@ -9,6 +9,7 @@ import pytest
 from transformers import TrainerCallback
 
 from iclvsft.config import load_config
+from iclvsft.errors import ConfigError
 from iclvsft.evaluate import run as eval_run
 from iclvsft.io import jsonl_line
 from iclvsft.study import plan_ft, run_study
@@ -206,3 +207,20 @@ def test_the_verdicts_ft_cell_gets_its_own_train_seeds():
     assert seeds[("answer_lora", ("expression",), 256)] == [0, 1, 2] == seeds[("answer_lora", ("relation",), 256)]
     assert seeds[("answer_lora", ("expression",), 16)] == [0] and seeds[("other", ("expression",), 256)] == [0]
     assert load_config(ROOT / "configs" / "cpu.yaml")["reproduce"]["compare_train_seeds"] == [0, 1, 2]
+
+
+def test_a_finished_circuits_folder_is_reused_only_with_its_own_settings(tmp_path):
+    """reproduce.py used to reuse circuits.json whatever circuits.n_items / seed / shots now say; the folder's
+    config.json is compared with the settings first (the derived FT folder is a study run, checked as such)."""
+    from iclvsft.study import _check_circuit_settings
+
+    made = load_config(None, ["circuits.n_items=8", "circuits.adapter=/r/ft/{task}/n256-s0"])
+    (tmp_path / "config.json").write_text(json.dumps({"config": made}))
+    now = load_config(None, ["circuits.n_items=8", "circuits.adapter=/elsewhere/ft/{task}/n256-s0"])
+    _check_circuit_settings(tmp_path, now, derived_adapter=True)  # same settings: reused
+    for change in ("circuits.n_items=16", "circuits.seed=1", "circuits.shots=2", "data.seed=3", "dtype=fp32"):
+        other = load_config(None, ["circuits.n_items=8", change])
+        with pytest.raises(ConfigError, match="holds circuit results made with other settings"):
+            _check_circuit_settings(tmp_path, other, derived_adapter=True)
+    with pytest.raises(ConfigError, match="circuits.adapter"):  # an FT folder the user named is part of it
+        _check_circuit_settings(tmp_path, now, derived_adapter=False)
