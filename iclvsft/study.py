@@ -131,6 +131,11 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
 
     tasks = list(config["eval"]["tasks"] or config["data"]["tasks"])
     ft_runs = plan_ft(config)
+    circuit_configs = {model: _circuit_config(config, results, ft_runs, model) for model in models_of(config)}
+    if config["circuits"]["enabled"]:  # before any work: a refused run leaves the report as it was
+        for model, cfg in circuit_configs.items():
+            if (results / "circuits" / slug(model) / "circuits.json").is_file():
+                _check_circuit_settings(results / "circuits" / slug(model), cfg, not config["circuits"]["adapter"])
     main_study = config["reproduce"]["icl"] or bool(ft_runs)  # a ladder preset may have neither
     summaries: list[dict] = []
     models = models_of(config) if main_study else []
@@ -160,15 +165,10 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
         for model in models_of(config):
             t0 = time.perf_counter()
             out = results / "circuits" / slug(model)
-            cfg = copy.deepcopy(config)
-            cfg["model"] = model
-            if not cfg["circuits"]["adapter"]:
-                cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
-            if (out / "circuits.json").is_file():
-                _check_circuit_settings(out, cfg, derived_adapter=not config["circuits"]["adapter"])
+            if (out / "circuits.json").is_file():  # its settings were checked before any work
                 result = json.loads((out / "circuits.json").read_text())
             else:
-                result = analyze(cfg, data_dir, out, show_progress=show_progress)
+                result = analyze(circuit_configs[model], data_dir, out, show_progress=show_progress)
             extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/",
                                         base_invalid=_zero_shot_invalid(summaries, model)))
             timings[f"circuits/{slug(model)}"] = time.perf_counter() - t0
@@ -250,6 +250,15 @@ def _circuit_adapter(results: Path, ft_runs: list[FTRun], model: str) -> str:
     first = single[0].protocol
     best = max((r for r in single if r.protocol == first), key=lambda r: (r.n_train, -r.train_seed))
     return str(results / "ft" / slug(model) / first / "{task}" / f"n{best.n_train}-s{best.train_seed}")
+
+
+def _circuit_config(config: dict, results: Path, ft_runs: list[FTRun], model: str) -> dict:
+    """The config the circuit analysis of ``model`` runs with: its FT condition, when not named, the study's run."""
+    cfg = copy.deepcopy(config)
+    cfg["model"] = model
+    if not cfg["circuits"]["adapter"]:
+        cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
+    return cfg
 
 
 def _circuit_settings(config: dict, derived_adapter: bool) -> dict[str, Any]:
