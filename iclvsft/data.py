@@ -14,6 +14,7 @@ Same config, same bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from . import __version__
 from .cards import dataset_card
 from .errors import DataError
 from .io import atomic_write_text, dumps_json, git_commit, progress, read_jsonl, sha256_file, write_jsonl
-from .tasks import POOLS, Item, Task, get_task
+from .tasks import POOLS, TASKS, Item, Task, get_task
 
 GENERATE_HINT = "generate the data with `python generate_data.py --out <folder>` (or fix --data)"
 
@@ -127,6 +128,7 @@ def generate(config: dict, out: str | Path, show_progress: bool = True) -> dict[
                 raise DataError(f"{name}: {entry['overlap_test_train']} test questions also appear in train")
             manifest["tasks"][name] = entry
     manifest["overlap_total"] = sum(t["overlap_test_train"] for t in manifest["tasks"].values())
+    remove_stale_tasks(out, set(tasks))
     for rel, items in files.items():
         write_jsonl(out / rel, (i.to_row() for i in items))
         name, pool = rel.split("/")[0], rel.split("/")[1].removesuffix(".jsonl")
@@ -134,6 +136,24 @@ def generate(config: dict, out: str | Path, show_progress: bool = True) -> dict[
     atomic_write_text(out / "manifest.json", dumps_json(manifest))
     atomic_write_text(out / "README.md", str(dataset_card(manifest, tasks, POOLS)))
     return manifest
+
+
+def remove_stale_tasks(out: Path, keep: set[str]) -> None:
+    """Regenerating into a folder: the files of tasks its old manifest lists and the new data does not
+    (``datasets.load_dataset`` would otherwise read tasks the manifest no longer has). Only those pools'
+    files go; a task folder is removed once empty, never with anything else in it."""
+    old = out / "manifest.json"
+    try:
+        listed = json.loads(old.read_text()).get("tasks", {}) if old.is_file() else {}
+    except (OSError, ValueError):
+        return
+    for name in listed:
+        if name in keep or name not in TASKS:  # a task name only: nothing else is ever removed
+            continue
+        for pool in POOLS:
+            (out / name / f"{pool}.jsonl").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out / name).rmdir()
 
 
 def data_config(data: dict) -> dict[str, Any]:

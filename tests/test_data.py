@@ -215,3 +215,20 @@ def test_data_folder_is_a_dataset(make_data, tmp_path):
     assert row["id"] == item.id and json.loads(row["meta"]) == item.meta and isinstance(item.meta, dict)
     everything.save_to_disk(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "dataset_dict.json").is_file()
+
+
+def test_regenerating_with_fewer_tasks_removes_the_tasks_it_no_longer_writes(tmp_path):
+    """--force with fewer tasks used to leave the old task folders, which datasets.load_dataset then read
+    although the manifest no longer lists them. Files of other names stay."""
+    import datasets
+
+    small = ["data.train_pattern=8", "data.train_control=4", "data.test_pattern=4", "data.test_control=4"]
+    generate(load_config(None, [*small, "data.tasks=[expression,relation]"]), tmp_path, show_progress=False)
+    (tmp_path / "relation" / "notes.txt").write_text("mine")
+    generate(load_config(None, [*small, "data.tasks=[expression,boolean]"]), tmp_path, show_progress=False)
+    assert not (tmp_path / "relation" / "train.jsonl").exists() and (tmp_path / "relation" / "notes.txt").exists()
+    generate(load_config(None, [*small, "data.tasks=[expression]"]), tmp_path, show_progress=False)
+    assert not (tmp_path / "boolean").exists()  # its files gone, then its empty folder
+    assert sorted(p.parent.name for p in tmp_path.glob("*/*.jsonl")) == ["expression", "expression"]
+    tasks = set(datasets.load_dataset(str(tmp_path), split="test")["task"])
+    assert tasks == {"expression"}
