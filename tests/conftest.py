@@ -1,3 +1,4 @@
+import ast
 import os
 import sys
 from pathlib import Path
@@ -48,3 +49,16 @@ def make_data(tmp_path_factory):
         return out
 
     return make
+
+
+def ast_bool(node) -> bool:
+    """A True/False expression's value from Python's own parse, walked by hand (no eval): the second route
+    the boolean tasks' answers are checked against (tests/test_tasks.py, tests/test_authors_data.py)."""
+    if isinstance(node, ast.Expression):
+        return ast_bool(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.BoolOp):
+        values = [ast_bool(v) for v in node.values]
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    raise AssertionError(f"unexpected node {ast.dump(node)}")

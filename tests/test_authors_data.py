@@ -9,6 +9,7 @@ import re
 from fractions import Fraction
 
 import pytest
+from conftest import ast_bool
 
 from iclvsft.config import DEFAULTS, check_section
 from iclvsft.data import data_config, generate_task
@@ -158,18 +159,6 @@ def test_relation_query_ends_with_their_space():
 
 # --- boolean ----------------------------------------------------------------------------------------
 
-def ast_value(node) -> bool:
-    """Python's own parse of the expression, walked by hand (no eval)."""
-    if isinstance(node, ast.Expression):
-        return ast_value(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.BoolOp):
-        values = [ast_value(v) for v in node.values]
-        return all(values) if isinstance(node.op, ast.And) else any(values)
-    raise AssertionError(f"unexpected node {ast.dump(node)}")
-
-
 def group_sizes(text: str) -> list[int]:
     return [g.count("True") + g.count("False") for g in re.findall(r"\(([^()]*)\)", text)]
 
@@ -179,7 +168,7 @@ def test_boolean_rows():
         rows = items("boolean", pool, "pattern", n)
         for item in rows:
             text = item.question.removesuffix(" =")
-            assert item.answer == str(ast_value(ast.parse(text, mode="eval")))
+            assert item.answer == str(ast_bool(ast.parse(text, mode="eval")))
             assert item.shortcut_answer is None  # no clause: no shortcut
             assert not text.startswith("((") and text.endswith(")")  # no absorbing clause appended
             sizes = group_sizes(text)
@@ -190,7 +179,7 @@ def test_boolean_rows():
     for item in items("boolean", "test", "control", N_TEST // 2):  # their need_false: a clause that changes nothing
         m = re.fullmatch(r"\((.*)\) (or False|and True) =", item.question)
         assert m and item.shortcut_answer == m[2].split()[1]
-        assert item.answer == str(ast_value(ast.parse(m[1], mode="eval")))
+        assert item.answer == str(ast_bool(ast.parse(m[1], mode="eval")))
 
 
 # --- algebra ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import re
 from fractions import Fraction
 
 import pytest
+from conftest import ast_bool
 
 from iclvsft.errors import ConfigError
 from iclvsft.prompts import completion_text
@@ -33,17 +34,6 @@ def ast_arith(node):
         return -ast_arith(node.operand)
     if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
         return _ARITH[type(node.op)](ast_arith(node.left), ast_arith(node.right))
-    raise AssertionError(f"unexpected node {ast.dump(node)}")
-
-
-def ast_bool(node):
-    if isinstance(node, ast.Expression):
-        return ast_bool(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.BoolOp):
-        values = [ast_bool(v) for v in node.values]
-        return all(values) if isinstance(node.op, ast.And) else any(values)
     raise AssertionError(f"unexpected node {ast.dump(node)}")
 
 
