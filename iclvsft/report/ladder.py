@@ -60,9 +60,8 @@ def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str
         if ids:
             out["icl_minus_ft"] = paired_difference(matrix[:len(icl_p)], matrix[len(icl_p):])
     # the study's rule: a side over the invalid limit (strict parse, on pattern items) gives no verdict
-    out["invalid_flagged"] = invalid_flagged({"ICL": {"pattern": {"invalid": (out["icl"] or {}).get("invalid")}},
-                                              "FT": {"pattern": {"invalid": (out["ft"] or {}).get("invalid")}}},
-                                             max_invalid)
+    out["invalid_flagged"] = invalid_flagged({"ICL": (out["icl"] or {}).get("invalid"),
+                                              "FT": (out["ft"] or {}).get("invalid")}, max_invalid)
     out["verdict"] = preliminary_verdict(out["icl_minus_ft"], out["invalid_flagged"])  # final once judged
     items = next(iter(by_k.values()), [[]])[0]
     out["baselines"] = {s: baselines([r["answer"] for r in items if r["split"] == s],

@@ -121,19 +121,22 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
         "the largest k of the ICL sweep and the largest N of the protocol, fixed by the config before scoring")}
     icl_pattern = _split(icl_seeds[shots], "pattern") if shots in icl_seeds else None
 
-    def icl_minus_ft(key: tuple[str, str, int]) -> dict | None:
-        if icl_pattern is None or key not in ft_seeds:
+    def icl_minus_ft(runs: list[tuple[FTResult, list[dict]]]) -> dict | None:
+        if icl_pattern is None:
             return None
-        ids, matrix = aligned(icl_pattern + _split([rows for _, rows in ft_seeds[key]], "pattern"), "correct")
+        ids, matrix = aligned(icl_pattern + _split([rows for _, rows in runs], "pattern"), "correct")
         # the pattern items both sides scored, in the same order
         return paired_difference(matrix[:len(icl_pattern)], matrix[len(icl_pattern):]) if ids else None
 
+    diffs = {key: icl_minus_ft(runs) for key, runs in ft_seeds.items()}  # every FT cell against the ICL cell
     key = next(((p, m, n) for (p, m, n) in ft_seeds if p == protocol and n == n_train), None)
-    t["comparison"]["icl_minus_ft"] = diff = icl_minus_ft(key) if key else None
+    t["comparison"]["icl_minus_ft"] = diff = diffs.get(key)
     # A side whose answers are mostly unparseable is not a measurement of what it learned: no verdict.
     icl_cell = next((r for r in t["icl"] if r["k"] == shots), None)
     ft_cell = next((r for r in t["ft"] if r["protocol"] == protocol and r["n_train"] == n_train), None)
-    t["comparison"]["invalid_flagged"] = invalid_flagged({"ICL": icl_cell, "FT": ft_cell}, compare.max_invalid)
+    t["comparison"]["invalid_flagged"] = invalid_flagged(
+        {side: ((cell or {}).get("pattern") or {}).get("invalid") for side, cell in (("ICL", icl_cell), ("FT", ft_cell))},
+        compare.max_invalid)
     if not t["ft"]:
         t["comparison"]["icl_only"] = True  # the preset fine-tunes no model on this task
     t["verdict"] = preliminary_verdict(diff, t["comparison"]["invalid_flagged"], t["comparison"].get("icl_only", False))
@@ -143,16 +146,15 @@ def task_summary(task: str, icl_rows: list[dict], ft_runs: list[tuple[FTResult, 
     base = (t["baselines"].get("pattern") or {}).get("majority_accuracy")
     t["ft_rows_to_match_icl"] = {}
     for name in sorted({r["protocol"] for r in t["ft"]}):
-        points = [(n, icl_minus_ft((p, m, n))) for (p, m, n) in ft_seeds if p == name]
+        points = [(n, d) for (p, _m, n), d in diffs.items() if p == name]
         t["ft_rows_to_match_icl"][name] = rows_to_match(points, icl_acc, base)
     t["icl_level"] = icl_acc["mean"] if icl_acc else None
     return t
 
 
-def invalid_flagged(cells: dict[str, dict | None], max_invalid: float, field: str = "invalid") -> dict[str, float]:
-    """The compared cells (side -> condition()) whose invalid share on pattern items exceeds ``max_invalid``."""
-    shares = {side: (((cell or {}).get("pattern") or {}).get(field) or {}).get("mean") for side, cell in cells.items()}
-    return {side: share for side, share in shares.items() if share is not None and share > max_invalid}
+def invalid_flagged(invalid: dict[str, dict | None], max_invalid: float) -> dict[str, float]:
+    """The compared sides (side -> their invalid-share stat on pattern items) over ``max_invalid``."""
+    return {side: stat["mean"] for side, stat in invalid.items() if stat and stat["mean"] > max_invalid}
 
 
 NO_VERDICT_INVALID = "no verdict (invalid)"
