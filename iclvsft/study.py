@@ -131,11 +131,11 @@ def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool =
 
     tasks = list(config["eval"]["tasks"] or config["data"]["tasks"])
     ft_runs = plan_ft(config)
-    circuit_configs = {model: _circuit_config(config, results, ft_runs, model) for model in models_of(config)}
-    if config["circuits"]["enabled"]:  # before any work: a refused run leaves the report as it was
-        for model, cfg in circuit_configs.items():
-            if (results / "circuits" / slug(model) / "circuits.json").is_file():
-                _check_circuit_settings(results / "circuits" / slug(model), cfg, not config["circuits"]["adapter"])
+    circuit_configs = ({model: _circuit_config(config, results, ft_runs, model) for model in models_of(config)}
+                       if config["circuits"]["enabled"] else {})
+    for model, cfg in circuit_configs.items():  # before any work: a refused run leaves the report as it was
+        if (results / "circuits" / slug(model) / "circuits.json").is_file():
+            _check_circuit_settings(results / "circuits" / slug(model), cfg, not config["circuits"]["adapter"])
     main_study = config["reproduce"]["icl"] or bool(ft_runs)  # a ladder preset may have neither
     summaries: list[dict] = []
     models = models_of(config) if main_study else []
