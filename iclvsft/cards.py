@@ -13,6 +13,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from . import __version__
+from .config import Config
 from .io import atomic_write_text
 
 PAPER_ARXIV = "2410.04691"
@@ -60,19 +61,19 @@ def upstream_id(model_info: dict, config_model: str) -> str | None:
     return config_model if source == "hub" else None
 
 
-def model_card(config: dict, summary: dict, results: dict | None = None) -> ModelCard:
+def model_card(config: Config, summary: dict, results: dict | None = None) -> ModelCard:
     """The card of a fine-tuned model: base model and provenance, data hashes, hyper-parameters, the final
     loss (4 significant digits; the exact value is in summary.json) and, given ``results`` (task ->
     {split: accuracy}), the zero-shot scores."""
-    ft, info = config["ft"], summary["model_info"]
-    local = info.get("name", config["model"])
-    upstream = upstream_id(info, config["model"])
+    ft, info = config.ft, summary["model_info"]
+    local = info.get("name", config.model)
+    upstream = upstream_id(info, config.model)
     ours: dict[str, Any] = {"version": __version__, "base_model_local": local, "base_model_path": info.get("path"),
-                            "tasks": list(ft["tasks"]), "n_train": ft["n_train"], "method": ft["method"]}
+                            "tasks": list(ft.tasks), "n_train": ft.n_train, "method": ft.method}
     if info.get("source") == "offline":
         ours.update(gguf_file=info.get("gguf_file"), gguf_sha256=info.get("sha256"))
-    data = ModelCardData(base_model=upstream, library_name="peft" if ft["method"] == "lora" else "transformers",
-                         pipeline_tag="text-generation", tags=[*TAGS, ft["method"]], iclvsft=ours)
+    data = ModelCardData(base_model=upstream, library_name="peft" if ft.method == "lora" else "transformers",
+                         pipeline_tag="text-generation", tags=[*TAGS, ft.method], iclvsft=ours)
     if info.get("source") == "offline":
         provenance = (f"the offline GGUF `{info.get('gguf_file')}` (sha256 `{info.get('sha256')}`) of "
                       f"`{upstream}`, dequantised to safetensors: the weights trained on here are that quantised "
@@ -81,15 +82,15 @@ def model_card(config: dict, summary: dict, results: dict | None = None) -> Mode
         provenance = f"{info.get('source')} `{info.get('path')}`"
     hyper = {k: ft[k] for k in ("method", "loss_on", "append_eos", "epochs", "max_steps", "learning_rate", "lr_scheduler",
                                 "warmup_steps", "weight_decay", "optimizer", "batch_size", "max_length", "train_seed")}
-    if ft["method"] == "lora":
-        hyper["lora"] = ft["lora"]
+    if ft.method == "lora":
+        hyper["lora"] = ft.lora.to_dict()
     loss = summary["final_loss"]
-    lines = [f"# {local} fine-tuned on {', '.join(ft['tasks'])} (N = {ft['n_train']} rows per task)", "",
+    lines = [f"# {local} fine-tuned on {', '.join(ft.tasks)} (N = {ft.n_train} rows per task)", "",
              f"{_made_by('`iclvsft finetune`')}: the in-context learning vs fine-tuning study of Yin et al. "
              "(EMNLP 2024 Findings) on implicit-pattern tasks.", "",
              f"* **Base model**: `{upstream or local}`, {provenance}.",
-             f"* **Data**: the first {ft['n_train']} pattern rows of each task's train pool, prompt format "
-             f"`{config['format']}`, prompt style `{config['prompt_style']}`, rows `{ft['rows']}` (" + ", ".join(
+             f"* **Data**: the first {ft.n_train} pattern rows of each task's train pool, prompt format "
+             f"`{config.format}`, prompt style `{config.prompt_style}`, rows `{ft.rows}` (" + ", ".join(
                  f"{t}: train.jsonl sha256 `{r['train_sha256']}`" for t, r in summary["data"]["tasks"].items()) + ").",
              "* **Hyper-parameters**: " + ", ".join(f"{k} = {v}" for k, v in hyper.items()) + ".",
              f"* **Training**: {summary['steps']} optimizer steps, final loss "
@@ -98,7 +99,7 @@ def model_card(config: dict, summary: dict, results: dict | None = None) -> Mode
         lines += ["## Zero-shot results (strict accuracy, %)", "", "| task | pattern | control |", "|---|---|---|"]
         lines += [f"| {t} | {r.get('pattern', '–')} | {r.get('control', '–')} |" for t, r in results.items()]
         lines.append("")
-    if ft["method"] == "lora":
+    if ft.method == "lora":
         lines += ["## Loading", "", "```python",
                   "from iclvsft.models import load_model",
                   'model = load_model("<this folder>").model   # the base as trained on here, adapter applied',
@@ -109,7 +110,7 @@ def model_card(config: dict, summary: dict, results: dict | None = None) -> Mode
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(out: Path, config: dict, summary: dict, results: dict | None = None) -> None:
+def write_model_card(out: Path, config: Config, summary: dict, results: dict | None = None) -> None:
     """README.md of a fine-tuned model (replacing peft's blank template), written atomically."""
     atomic_write_text(Path(out) / "README.md", str(model_card(config, summary, results)))
 

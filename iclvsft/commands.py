@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import cli
+from .config import Config
 from .errors import ConfigError, IclvsftError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -67,7 +68,7 @@ def resolve_config_path(value: str | None) -> str | None:
                       f"{', '.join(presets())} (e.g. --config quick; they are in {CONFIG_DIR})")
 
 
-def default_data_dir(args: argparse.Namespace, config: dict, dest: str = "data") -> Path:
+def default_data_dir(args: argparse.Namespace, config: Config, dest: str = "data") -> Path:
     """The data folder: the option when given, else ``data/<config name>`` with ``--config`` (what
     reproduce.py uses, so ``test.py --config configs/quick.yaml`` reads the data reproduce.py made for
     that preset), else ``data``."""
@@ -75,7 +76,7 @@ def default_data_dir(args: argparse.Namespace, config: dict, dest: str = "data")
     if given:
         return Path(given)
     if args.config is not None and config.get("name"):
-        return Path("data") / config["name"]
+        return Path("data") / config.name
     return Path("data")
 
 
@@ -243,7 +244,7 @@ def test_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int
     from .io import slug
 
     out = Path(args.out) if args.out else Path("results/eval") / (
-        slug(config["model"]) + (f"__{slug(args.adapter)}" if args.adapter else ""))
+        slug(config.model) + (f"__{slug(args.adapter)}" if args.adapter else ""))
     if args.overwrite:
         _clear_folder(out, EVAL_FILES, "run.json", "test.py results")  # on every process: all refuse together
         state = PartialState(cpu=not torch.cuda.is_available())  # the state evaluate() uses
@@ -253,7 +254,7 @@ def test_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int
     remedy = (r"choose another --out or move that folder away",
               "choose another --out, move that folder away, or pass --overwrite to replace it")
     with _rewritten_errors([remedy]):
-        metrics = evaluate(EvalPlan(config, default_data_dir(args, config), out, config["model"], args.adapter),
+        metrics = evaluate(EvalPlan(config, default_data_dir(args, config), out, config.model, args.adapter),
                            show_progress=not args.quiet)
     if PartialState().is_main_process:  # the state evaluate() initialised
         print((out / "table.md").read_text())
@@ -310,7 +311,7 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
                    help="with --plan: host RAM in GiB (default: this machine's; CPU runs and ZeRO-3 offload use it)")
     args = _parse(p, argv)
     config = cli.resolve(args)
-    name = config["name"] or "default"
+    name = config.name or "default"
     data, results = Path(args.data or f"data/{name}"), Path(args.results or f"results/{name}")
 
     stated = [flag for flag, value in (("--plan-gpus", args.plan_gpus), ("--plan-gpu-gib", args.plan_gpu_gib),
@@ -373,7 +374,7 @@ def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     if not data.is_dir():
         how = _command("generate", prog) + (f" --config {args.config_given}" if args.config_given else "")
         raise ConfigError(f"--data {data}: no such folder; generate it with `{how} --out {data}`")
-    out = Path(args.out) if args.out else Path("results/circuits") / slug(config["model"])
+    out = Path(args.out) if args.out else Path("results/circuits") / slug(config.model)
     result = analyze(config, str(data), out, show_progress=not args.quiet, argv=sys.argv)
     print(report_section(result))
     print(f"wrote {out}/circuits.json, scores.jsonl, circuits.md, plots/ in {result['wall_seconds']:.0f} s")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .cards import dataset_card
+from .config import Config, DataConfig
 from .errors import DataError
 from .io import atomic_write_text, dumps_json, git_commit, progress, read_jsonl, sha256_file, write_jsonl
 from .tasks import POOLS, TASKS, Item, Task, get_task
@@ -36,8 +37,8 @@ def normalise_question(question: str) -> str:
     return re.sub(r"\s+", " ", question).strip()
 
 
-def pool_sizes(config: dict, task: Task, pool: str) -> dict[str, int]:
-    data = config["data"]
+def pool_sizes(config: Config, task: Task, pool: str) -> dict[str, int]:
+    data = config.data
     return {split: data[f"{pool}_{split}"] for split in task.splits}
 
 
@@ -81,8 +82,8 @@ def check_items(task: Task, items: list[Item]) -> None:
         raise DataError(f"{task.name}: {len(bad)} items fail the independent answer check, e.g. {bad[:5]}")
 
 
-def generate_task(task: Task, config: dict, progress: tqdm | None = None) -> dict[str, list[Item]]:
-    seed, distribution = config["data"]["seed"], config["data"].get("distribution", "ours")
+def generate_task(task: Task, config: Config, progress: tqdm | None = None) -> dict[str, list[Item]]:
+    seed, distribution = config.data.seed, config.data.distribution
     seen: set[str] = set()
     pools = {}
     for pool in POOLS:  # train first: test items skip every train question
@@ -99,16 +100,16 @@ def overlap(train: list[Item], test: list[Item]) -> int:
     return sum(normalise_question(i.question) in train_q for i in test)
 
 
-def generate(config: dict, out: str | Path, show_progress: bool = True) -> dict[str, Any]:
+def generate(config: Config, out: str | Path, show_progress: bool = True) -> dict[str, Any]:
     """Generate every task of ``config`` into ``out``; return the manifest (also written there)."""
     out = Path(out)
-    data = config["data"]
-    tasks = {name: get_task(name, data["task_params"].get(name)) for name in data["tasks"]}
+    data = config.data
+    tasks = {name: get_task(name, data.task_params.get(name)) for name in data.tasks}
     total = sum(sum(pool_sizes(config, t, p).values()) for t in tasks.values() for p in POOLS)
     manifest: dict[str, Any] = {
         "generator": GENERATOR,
         "git_commit": git_commit(),
-        "seed": data["seed"],
+        "seed": data.seed,
         "data_config": data_config(data),
         "tasks": {},
     }
@@ -156,18 +157,18 @@ def remove_stale_tasks(out: Path, keep: set[str]) -> None:
             (out / name).rmdir()
 
 
-def data_config(data: dict) -> dict[str, Any]:
+def data_config(data: DataConfig) -> dict[str, Any]:
     """The data section as the manifest records it: without task_params (recorded per task), and without
     ``distribution`` when it is the default ``ours``, so default data keeps its bytes."""
-    return {k: v for k, v in data.items()
+    return {k: v for k, v in data.to_dict().items()
             if k != "task_params" and not (k == "distribution" and v == "ours")}
 
 
-def planned_manifest_key(config: dict) -> dict[str, Any]:
+def planned_manifest_key(config: Config) -> dict[str, Any]:
     """What decides the bytes of a data folder: the data section with each task's resolved params."""
-    data = config["data"]
-    return {"seed": data["seed"], "data_config": data_config(data),
-            "params": {n: get_task(n, data["task_params"].get(n)).config.to_dict() for n in data["tasks"]}}
+    data = config.data
+    return {"seed": data.seed, "data_config": data_config(data),
+            "params": {n: get_task(n, data.task_params.get(n)).config.to_dict() for n in data.tasks}}
 
 
 def existing_manifest_key(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +207,7 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def is_up_to_date(config: dict, data_dir: str | Path) -> bool:
+def is_up_to_date(config: Config, data_dir: str | Path) -> bool:
     """True when ``data_dir`` holds exactly what ``config`` would generate (manifest and hashes agree)."""
     try:
         manifest = load_manifest(data_dir)

@@ -66,6 +66,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .config import Config, derive
 from .errors import ConfigError, DataError, IclvsftError
 from .io import atomic_write_text, dumps_json, jsonl_line, sha256_file
 from .prompts import build_prompt, demo_order, per_item_demos
@@ -255,29 +256,29 @@ def load_tokenizer(name: str):
                           "hub id as --model, or set eval.max_new_tokens=N") from error
 
 
-def _cell_files(config: dict, data_dir: Path, tokenizer) -> tuple[dict[str, str], list[dict], dict[str, list[str]]]:
+def _cell_files(config: Config, data_dir: Path, tokenizer) -> tuple[dict[str, str], list[dict], dict[str, list[str]]]:
     """Every file of the export as text, the cells' records for export.json, and task -> its cells."""
     from .evaluate import items_to_evaluate, plan_cells, prompt_sha, task_inputs
 
-    ev = config["eval"]
-    tasks = ev["tasks"] or config["data"]["tasks"]
+    ev = config.eval
+    tasks = ev.tasks or config.data.tasks
     files: dict[str, str] = {}
     cells: list[dict] = []
     by_task: dict[str, list[str]] = {}
     for name in tasks:
         if not items_to_evaluate(data_dir, name, config):
-            raise DataError(f"{data_dir}/{name}/test.jsonl holds no test items of splits {ev['splits']}; "
+            raise DataError(f"{data_dir}/{name}/test.jsonl holds no test items of splits {ev.splits}; "
                             "regenerate the data with data.test_pattern / data.test_control > 0")
         inp = task_inputs(data_dir, name, config, tokenizer)
         task = inp.task
         splits = {i.split for i in inp.items}
-        for cell in plan_cells([name], ev["shots"], ev["demo_seeds"]):
+        for cell in plan_cells([name], ev.shots, ev.demo_seeds):
             shared = demo_order(inp.demo_pool, cell.demo_seed, name, cell.k) if cell.k else []
             inp.check_demos(shared, cell)
             rows = []
             for item in mixed(inp.items):
                 demos = shared
-                if cell.k and ev["demo_mode"] == "per_item":
+                if cell.k and ev.demo_mode == "per_item":
                     demos = per_item_demos(inp.demo_pool, cell.demo_seed, name, cell.k, item)
                     inp.check_demos(demos, cell)
                 prompt = build_prompt(task, item.question, demos)
@@ -312,11 +313,11 @@ def _cell_files(config: dict, data_dir: Path, tokenizer) -> tuple[dict[str, str]
             cells.append({"name": cname, "cell": cell.key, "task": name, "k": cell.k, "demo_seed": cell.demo_seed,
                           "items": len(rows), "splits": {s: sum(r["split"] == s for r in rows) for s in sorted(splits)},
                           "max_gen_toks": inp.max_new_tokens,
-                          "demo_ids": [d.id for d in shared] if ev["demo_mode"] != "per_item" else "per_item"})
+                          "demo_ids": [d.id for d in shared] if ev.demo_mode != "per_item" else "per_item"})
     return files, cells, by_task
 
 
-def export(config: dict, data_dir: str | Path, out_dir: str | Path, tasks: Sequence[str] | None = None,
+def export(config: Config, data_dir: str | Path, out_dir: str | Path, tasks: Sequence[str] | None = None,
            shots: Sequence[int] | None = None, demo_seeds: Sequence[int] | None = None, *, limit: int | None = None,
            model: str | None = None, tokenizer=None, force: bool = False) -> list[Path]:
     """Write the lm-eval task configs of ``config``'s evaluation (``tasks`` / ``shots`` / ``demo_seeds``
@@ -326,18 +327,15 @@ def export(config: dict, data_dir: str | Path, out_dir: str | Path, tasks: Seque
     ``tokenizer`` passes one already loaded. The same arguments give the same bytes; a folder holding
     another export is refused unless ``force`` (then replaced), one holding anything else always.
     """
-    from .config import load_config
-
-    overrides: list[dict] = [config]
-    for key, value in (("tasks", tasks), ("shots", shots), ("demo_seeds", demo_seeds), ("limit", limit)):
-        if value is not None:
-            overrides.append({"eval": {key: list(value) if isinstance(value, (list, tuple)) else value}})
-    config = load_config(None, overrides)  # re-checked: a bad override is refused like in test.py
+    changes = {f"eval.{key}": list(value) if isinstance(value, (list, tuple)) else value
+               for key, value in (("tasks", tasks), ("shots", shots), ("demo_seeds", demo_seeds), ("limit", limit))
+               if value is not None}
+    config = derive(config, changes, "command line")  # re-checked: a bad override is refused like in test.py
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not (data_dir / "manifest.json").is_file():
         raise DataError(f"{data_dir}/manifest.json not found; generate the data first "
                         f"(python generate_data.py --out {data_dir}) or pass the folder with --data")
-    model = model or config["model"]
+    model = model or config.model
     tok = _LazyTokenizer(model, tokenizer)
     files, cells, by_task = _cell_files(config, data_dir, tok)
     for name, members in by_task.items():
@@ -347,7 +345,7 @@ def export(config: dict, data_dir: str | Path, out_dir: str | Path, tasks: Seque
                                     "metadata": {"version": 1.0}})
     files[UTILS_FILE] = UTILS_PY
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    ev = config["eval"]
+    ev = config.eval
     record = {
         "generator": "iclvsft.lm_eval_export",
         "iclvsft": __version__,
@@ -356,9 +354,9 @@ def export(config: dict, data_dir: str | Path, out_dir: str | Path, tasks: Seque
         "data_manifest_sha256": sha256_file(data_dir / "manifest.json"),
         "data_seed": manifest.get("seed"),
         "budget_tokenizer": model if tok.loaded else None,
-        "format": config["format"],
-        "prompt_style": config["prompt_style"],
-        "eval": {k: ev[k] for k in ("tasks", "shots", "demo_seeds", "demo_mode", "demo_split", "splits", "limit",
+        "format": config.format,
+        "prompt_style": config.prompt_style,
+        "eval": {k: getattr(ev, k) for k in ("tasks", "shots", "demo_seeds", "demo_mode", "demo_split", "splits", "limit",
                                     "max_new_tokens")},
         "cells": cells,
         "files": sorted([*files, EXPORT_FILE]),
@@ -425,7 +423,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         args = _parse(_parser(prog), argv)  # --config: a file or a shipped preset's name
         config = cli.resolve(args)
         out = Path(args.out)
-        paths = export(config, default_data_dir(args, config), out, model=config["model"], force=args.force)
+        paths = export(config, default_data_dir(args, config), out, model=config.model, force=args.force)
         record = json.loads((out / EXPORT_FILE).read_text())
         command = lm_eval_command(config, out)
     except IclvsftError as error:
@@ -439,13 +437,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def lm_eval_command(config: dict, out: Path) -> str:
+def lm_eval_command(config: Config, out: Path) -> str:
     """The lm_eval command that runs the export as test.py runs the config's model here: the weights
     test.py loads (an offline model's prepared folder), its dtype on this machine's device, its batch size.
     A chat-style export already holds the chat template: no --apply_chat_template."""
     from .models import OFFLINE_MODELS, TINY_MODEL_NAME, model_cache_root, resolve_device, resolve_dtype
 
-    name = config["model"]
+    name = config.model
     device = resolve_device("auto")
     pretrained = name
     if name == TINY_MODEL_NAME:
@@ -453,9 +451,9 @@ def lm_eval_command(config: dict, out: Path) -> str:
     elif name in OFFLINE_MODELS:  # lm-eval loads a folder: the prepared one, if it is there
         folder = model_cache_root() / name
         pretrained = str(folder) if folder.is_dir() else f"<folder of: iclvsft models {name}>"
-    dtype = str(resolve_dtype(config["dtype"], device, name=name)).removeprefix("torch.")
+    dtype = str(resolve_dtype(config.dtype, device, name=name)).removeprefix("torch.")
     return (f"lm_eval --model hf --model_args pretrained={pretrained},dtype={dtype} --device {device.type} "
-            f"--batch_size {config['eval']['batch_size']} --include_path {out} --tasks {GROUP} "
+            f"--batch_size {config.eval.batch_size} --include_path {out} --tasks {GROUP} "
             "--log_samples --output_path lm_eval_out")
 
 

@@ -27,216 +27,156 @@ the same report as an uninterrupted one; wall times go to timings.json, one entr
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
-import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .cards import write_model_card
-from .config import protocol_ft
+from .circuits import analyze, report_section
+from .config import Config, derive
 from .data import generate, is_up_to_date
 from .errors import ConfigError
-from .evaluate import EvalPlan, evaluate
+from .evaluate import EvalPlan
 from .evaluate.cells import cell_keys
+from .fit import Runners, fit_and_evaluate, read_json
 from .io import provenance, slug, write_json
+from .jobs import FTRun, plan_ft, with_eval
+from .ladder import run_ladder
 from .models import release_memory
+from .plan import Invocation, check_plan
 from .report import Comparison, FTResult, build_summary, write_report
 from .runs import differences, summarise_differences
-from .train import finetune, is_finished
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FTRun:
-    model: str
-    protocol: str
-    tasks: tuple[str, ...]  # trained together (one task, or the mixed set)
-    n_train: int
-    train_seed: int
-    config: dict  # the full config with this run's ft section
-
-    @property
-    def rel(self) -> Path:
-        return Path(slug(self.model)) / self.protocol / "+".join(self.tasks) / f"n{self.n_train}-s{self.train_seed}"
-
-
-def models_of(config: dict) -> list[str]:
-    return list(config["reproduce"]["models"]) or [config["model"]]
-
-
-def plan_ft(config: dict) -> list[FTRun]:
-    rep = config["reproduce"]
-    default_tasks = rep["ft_tasks"] or config["data"]["tasks"]
-    runs = []
-    for model in models_of(config):
-        for protocol in rep["ft_protocols"]:
-            ft = protocol_ft(config, protocol)
-            tasks = rep["ft_protocol_tasks"].get(protocol) or default_tasks
-            unknown = [t for t in tasks if t not in config["data"]["tasks"]]
-            if unknown:
-                raise ConfigError(f"reproduce: protocol {protocol!r} uses tasks {unknown} that data.tasks does not generate")
-            groups = [tuple(ft["tasks"])] if ft["tasks"] else [(t,) for t in tasks]
-            ns = rep["ft_protocol_n_train"].get(protocol) or rep["ft_n_train"]
-            compared = protocol == (rep["compare_protocol"] or next(iter(rep["ft_protocols"])))
-            compared_n = rep["compare_n_train"] or max(ns)
-            for group in groups:
-                for n in ns:
-                    seeds = rep["compare_train_seeds"] if compared and n == compared_n and rep["compare_train_seeds"] \
-                        else rep["ft_train_seeds"]
-                    for seed in seeds:
-                        cfg = copy.deepcopy(config)
-                        cfg["model"] = model
-                        cfg["ft"] = {**ft, "tasks": list(group), "n_train": n, "train_seed": seed}
-                        runs.append(FTRun(model, protocol, group, n, seed, cfg))
-    return runs
-
-
-def _eval_config(config: dict, model: str, tasks: list[str], shots: list[int]) -> dict:
-    cfg = copy.deepcopy(config)
-    cfg["model"] = model
-    cfg["eval"] = {**cfg["eval"], "tasks": list(tasks), "shots": list(shots)}
-    return cfg
-
-
-def run_study(config: dict, data_dir: Path, results: Path, show_progress: bool = True,
-              finetune_fn=None, evaluate_fn=None) -> Path:
-    """Run (or resume) every stage; returns the path of report.md.
-
-    ``finetune_fn`` / ``evaluate_fn`` default to :func:`iclvsft.train.finetune` and
-    :func:`iclvsft.evaluate.evaluate` (tests pass wrappers that interrupt them).
-    """
-    finetune_fn = finetune_fn or finetune
-    evaluate_fn = evaluate_fn or evaluate
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    from .plan import Invocation, check_plan  # a run that cannot fit here: one line, exit 2, before any work
-
-    check_plan(config, results=results, invocation=Invocation(
-        f"configs/{config['name']}.yaml" if config["name"] else None, data_dir))
-    results.mkdir(parents=True, exist_ok=True)
-    write_json(results / "config.json", {"config": config, "provenance": provenance()})
-
-    t0 = time.perf_counter()
-    if not is_up_to_date(config, data_dir):
-        if (data_dir / "manifest.json").exists():
-            raise ConfigError(f"{data_dir} holds data made with other settings; pass another --data folder")
-        generate(config, data_dir, show_progress=show_progress)
-    timings["data"] = time.perf_counter() - t0
-
-    tasks = list(config["eval"]["tasks"] or config["data"]["tasks"])
-    ft_runs = plan_ft(config)
-    circuit_configs = ({model: _circuit_config(config, results, ft_runs, model) for model in models_of(config)}
-                       if config["circuits"]["enabled"] else {})
-    for model, cfg in circuit_configs.items():  # before any work: a refused run leaves the report as it was
-        if (results / "circuits" / slug(model) / "circuits.json").is_file():
-            _check_circuit_settings(results / "circuits" / slug(model), cfg, not config["circuits"]["adapter"])
-    main_study = config["reproduce"]["icl"] or bool(ft_runs)  # a ladder preset may have neither
-    summaries: list[dict] = []
-    models = models_of(config) if main_study else []
-    for n, model in enumerate(models):  # one model at a time: a partial report after each
-        if config["reproduce"]["icl"]:
-            t0 = time.perf_counter()
-            cfg = _eval_config(config, model, tasks, config["eval"]["shots"])
-            evaluate_fn(EvalPlan(cfg, data_dir, results / "icl" / slug(model), model, None), show_progress=show_progress)
-            release_memory()
-            timings[f"icl/{slug(model)}"] = time.perf_counter() - t0
-        for run in (r for r in ft_runs if r.model == model):
-            t0 = time.perf_counter()
-            cfg = _eval_config(run.config, run.model, list(run.tasks), config["reproduce"]["ft_eval_shots"])
-            fit_and_evaluate(cfg, results / "ft" / run.rel, results / "ft_eval" / run.rel, data_dir, show_progress,
-                             finetune_fn, evaluate_fn)
-            timings[f"ft/{run.rel}"] = time.perf_counter() - t0
-        summaries.append(_model_summary(config, results, tasks, ft_runs, model))
-        left = len(models) - n - 1
-        if left or config["circuits"]["enabled"] or config["ladder"]["rungs"]:
-            write_report(results, summaries, [PARTIAL.format(done=n + 1, total=len(models), left=", ".join(
-                models[n + 1:]) or "none", more=" and the analyses after them" if not left else "")])
-
-    extra: list[str] = []
-    if config["circuits"]["enabled"]:
-        from .circuits import analyze, report_section
-
-        for model in models_of(config):
-            t0 = time.perf_counter()
-            out = results / "circuits" / slug(model)
-            if (out / "circuits.json").is_file():  # its settings were checked before any work
-                result = json.loads((out / "circuits.json").read_text())
-            else:
-                result = analyze(circuit_configs[model], data_dir, out, show_progress=show_progress)
-            extra.append(report_section(result, link_prefix=f"circuits/{slug(model)}/",
-                                        base_invalid=_zero_shot_invalid(summaries, model)))
-            timings[f"circuits/{slug(model)}"] = time.perf_counter() - t0
-
-    if config["ladder"]["rungs"]:
-        from .ladder import run_ladder
-
-        t0 = time.perf_counter()
-        section, _ = run_ladder(config, data_dir, results, show_progress, finetune_fn, evaluate_fn)
-        extra.insert(0, section)
-        if not (config["reproduce"]["icl"] or ft_runs):  # a ladder-only preset: the report's title
-            extra.insert(0, f"# ICL vs FT, from the authors' setup to ours: {config['model']} "
-                            f"(config `{config['name'] or 'default'}`)\n")
-        timings["ladder"] = time.perf_counter() - t0
-
-    report = write_report(results, summaries, extra)
-    timings["total"] = time.perf_counter() - started
-    _append_timings(results / "timings.json", started_at, timings)
-    return report
-
 
 PARTIAL = ("## Partial report\n\nThe study is still running: {done} of {total} models done (left: {left}){more}. This "
            "file is rewritten after each model and once more at the end.\n")
 
 
-def _model_summary(config: dict, results: Path, tasks: list[str], ft_runs: list[FTRun], model: str) -> dict:
+@dataclass
+class Study:
+    """One run of the study: its config, folders and runners, and what the stages have produced so far."""
+
+    config: Config
+    data_dir: Path
+    results: Path
+    runners: Runners
+    ft_runs: list[FTRun] = field(default_factory=list)
+    circuit_configs: dict[str, Config] = field(default_factory=dict)
+    summaries: list[dict] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # report sections after the models' (circuits, ladder)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Wall seconds of the block, into timings.json under ``key``."""
+        t0 = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t0
+
+    def check(self) -> None:
+        """Before any work: the plan fits this machine, and finished circuit folders match these settings."""
+        config = self.config
+        check_plan(config, results=self.results, invocation=Invocation(
+            f"configs/{config.name}.yaml" if config.name else None, self.data_dir))
+        self.ft_runs = plan_ft(config)
+        if config.circuits.enabled:
+            self.circuit_configs = {m: _circuit_config(config, self.results, self.ft_runs, m) for m in config.models}
+        for model, cfg in self.circuit_configs.items():  # a refused run leaves the report as it was
+            out = self.results / "circuits" / slug(model)
+            if (out / "circuits.json").is_file():
+                _check_circuit_settings(out, cfg, not config.circuits.adapter)
+        self.results.mkdir(parents=True, exist_ok=True)
+        write_json(self.results / "config.json", {"config": config.to_dict(), "provenance": provenance()})
+
+    def data(self) -> None:
+        with self.timed("data"):
+            if not is_up_to_date(self.config, self.data_dir):
+                if (self.data_dir / "manifest.json").exists():
+                    raise ConfigError(f"{self.data_dir} holds data made with other settings; pass another --data folder")
+                generate(self.config, self.data_dir, show_progress=self.runners.show_progress)
+
+    def models(self) -> None:
+        """Per model: the ICL sweep, each FT run and its evaluation, then a partial report."""
+        config, results, runners = self.config, self.results, self.runners
+        models = config.models if config.reproduce.icl or self.ft_runs else []  # a ladder preset may have neither
+        for n, model in enumerate(models):
+            if config.reproduce.icl:
+                with self.timed(f"icl/{slug(model)}"):
+                    cfg = with_eval(config, model, config.eval_tasks, config.eval.shots)
+                    runners.evaluate(EvalPlan(cfg, self.data_dir, results / "icl" / slug(model), model, None),
+                                     show_progress=runners.show_progress)
+                    release_memory()
+            for run in (r for r in self.ft_runs if r.model == model):
+                with self.timed(f"ft/{run.rel}"):
+                    fit_and_evaluate(run.eval_config, results / "ft" / run.rel, results / "ft_eval" / run.rel,
+                                     self.data_dir, runners)
+            self.summaries.append(_model_summary(config, results, self.ft_runs, model))
+            left = len(models) - n - 1
+            if left or config.circuits.enabled or config.ladder.rungs:
+                write_report(results, self.summaries, [PARTIAL.format(
+                    done=n + 1, total=len(models), left=", ".join(models[n + 1:]) or "none",
+                    more=" and the analyses after them" if not left else "")])
+
+    def circuits(self) -> None:
+        for model, cfg in self.circuit_configs.items():
+            with self.timed(f"circuits/{slug(model)}"):
+                out = self.results / "circuits" / slug(model)
+                if (out / "circuits.json").is_file():  # its settings were checked before any work
+                    result = json.loads((out / "circuits.json").read_text())
+                else:
+                    result = analyze(cfg, self.data_dir, out, show_progress=self.runners.show_progress)
+                self.sections.append(report_section(result, link_prefix=f"circuits/{slug(model)}/",
+                                                    base_invalid=_zero_shot_invalid(self.summaries, model)))
+
+    def ladder(self) -> None:
+        config = self.config
+        if not config.ladder.rungs:
+            return
+        with self.timed("ladder"):
+            section, _ = run_ladder(config, self.data_dir, self.results, self.runners)
+            self.sections.insert(0, section)
+            if not (config.reproduce.icl or self.ft_runs):  # a ladder-only preset: the report's title
+                self.sections.insert(0, f"# ICL vs FT, from the authors' setup to ours: {config.model} "
+                                        f"(config `{config.name or 'default'}`)\n")
+
+
+def run_study(config: Config, data_dir: Path, results: Path, show_progress: bool = True,
+              runners: Runners | None = None) -> Path:
+    """Run (or resume) every stage; returns the path of report.md. ``runners``: what trains and evaluates
+    (tests pass wrappers of the real ones)."""
+    runners = dataclasses.replace(runners or Runners(), show_progress=show_progress)
+    study = Study(config, data_dir, results, runners)
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with study.timed("total"):
+        for stage in (study.check, study.data, study.models, study.circuits, study.ladder):
+            stage()
+        report = write_report(results, study.summaries, study.sections)
+    _append_timings(results / "timings.json", started_at, study.timings)
+    return report
+
+
+def _model_summary(config: Config, results: Path, ft_runs: list[FTRun], model: str) -> dict:
     """The report's numbers for one model, from its ICL folder and its FT evaluation folders."""
-    rep = config["reproduce"]
-    ft_results = [FTResult(r.protocol, r.config["ft"]["method"], r.tasks, r.n_train, r.train_seed,
+    rep, tasks = config.reproduce, config.eval_tasks
+    ft_results = [FTResult(r.protocol, r.config.ft.method, r.tasks, r.n_train, r.train_seed,
                            results / "ft_eval" / r.rel / "metrics.json",
-                           _read_json(results / "ft" / r.rel / "summary.json"),
-                           cell_keys(r.tasks, rep["ft_eval_shots"], config["eval"]["demo_seeds"]))
+                           read_json(results / "ft" / r.rel / "summary.json"),
+                           cell_keys(r.tasks, rep.ft_eval_shots, config.eval.demo_seeds))
                   for r in ft_runs if r.model == model]
-    compare = Comparison(rep["compare_shots"], rep["compare_n_train"], rep["compare_protocol"], rep["max_invalid"])
+    compare = Comparison(rep.compare_shots, rep.compare_n_train, rep.compare_protocol, rep.max_invalid)
     return build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
-                         config["name"] or "default", compare,
-                         cell_keys(tasks, config["eval"]["shots"], config["eval"]["demo_seeds"]),
-                         smoke=rep["smoke"], prompt_style=config["prompt_style"], prompt_format=config["format"])
-
-
-def fit_and_evaluate(config: dict, ft_out: Path, eval_out: Path, data_dir: Path, show_progress: bool = True,
-                     finetune_fn=None, evaluate_fn=None) -> None:
-    """Fine-tune ``config`` into ``ft_out`` unless it holds that finished run, then evaluate the result
-    into ``eval_out`` with ``config``'s eval section (both resume where they stopped)."""
-    finetune_fn, evaluate_fn = finetune_fn or finetune, evaluate_fn or evaluate
-    if not is_finished(config, ft_out, data_dir):
-        log.info("fine-tuning %s", ft_out)
-        finetune_fn(config, ft_out, data_dir, show_progress=show_progress)
-        release_memory()  # the trained model's memory, before the evaluation loads it again
-    adapter = ft_out if (ft_out / "adapter_config.json").is_file() else None
-    model_name = config["model"] if adapter else str(ft_out)
-    cfg = {**config, "model": model_name}
-    metrics = evaluate_fn(EvalPlan(cfg, data_dir, eval_out, model_name, str(adapter) if adapter else None),
-                          show_progress=show_progress)
-    release_memory()
-    summary = _read_json(ft_out / "summary.json")
-    if isinstance(metrics, dict) and summary:  # the model card gains the zero-shot results
-        results: dict[str, dict[str, str]] = {}
-        for e in metrics.get("by_condition", []):
-            if e["k"] == 0 and e.get("accuracy"):
-                results.setdefault(e["task"], {})[e["split"]] = f"{100 * e['accuracy']['mean']:.1f}"
-        write_model_card(ft_out, config, summary, results)
+                         config.name or "default", compare, cell_keys(tasks, config.eval.shots, config.eval.demo_seeds),
+                         smoke=rep.smoke, prompt_style=config.prompt_style, prompt_format=config.format)
 
 
 def _append_timings(path: Path, started_at: str, seconds: dict[str, float]) -> None:
     """Add this run's stage times to timings.json, which keeps every run (oldest first), so that a
     rerun that reuses everything does not erase the wall times of the run that did the work."""
-    runs = _read_json(path).get("runs", [])
+    runs = read_json(path).get("runs", [])
     runs.append({"started_at": started_at, "seconds": seconds, "provenance": provenance()})
     write_json(path, {"runs": runs})
 
@@ -252,13 +192,10 @@ def _circuit_adapter(results: Path, ft_runs: list[FTRun], model: str) -> str:
     return str(results / "ft" / slug(model) / first / "{task}" / f"n{best.n_train}-s{best.train_seed}")
 
 
-def _circuit_config(config: dict, results: Path, ft_runs: list[FTRun], model: str) -> dict:
+def _circuit_config(config: Config, results: Path, ft_runs: list[FTRun], model: str) -> Config:
     """The config the circuit analysis of ``model`` runs with: its FT condition, when not named, the study's run."""
-    cfg = copy.deepcopy(config)
-    cfg["model"] = model
-    if not cfg["circuits"]["adapter"]:
-        cfg["circuits"]["adapter"] = _circuit_adapter(results, ft_runs, model)
-    return cfg
+    adapter = config.circuits.adapter or _circuit_adapter(results, ft_runs, model)
+    return derive(config, {"model": model, "circuits.adapter": adapter})
 
 
 def _circuit_settings(config: dict, derived_adapter: bool) -> dict[str, Any]:
@@ -269,11 +206,11 @@ def _circuit_settings(config: dict, derived_adapter: bool) -> dict[str, Any]:
             "data_seed": config["data"]["seed"], "demo_split": config["eval"]["demo_split"], "circuits": circuits}
 
 
-def _check_circuit_settings(out: Path, config: dict, derived_adapter: bool) -> None:
+def _check_circuit_settings(out: Path, config: Config, derived_adapter: bool) -> None:
     """Reuse a finished circuits folder only when it was made with these settings (one line otherwise)."""
-    saved = _read_json(out / "config.json").get("config")
+    saved = read_json(out / "config.json").get("config")
     diff = differences(_circuit_settings(saved, derived_adapter) if saved else None,
-                       _circuit_settings(config, derived_adapter))
+                       _circuit_settings(config.to_dict(), derived_adapter))
     if diff:
         raise ConfigError(f"{out} holds circuit results made with other settings ({summarise_differences(diff)}); "
                           "move that folder away to recompute it, or pass another --results folder")
@@ -290,7 +227,3 @@ def _zero_shot_invalid(summaries: list[dict], model: str) -> dict[str, float]:
                 if share is not None:
                     out[task] = share
     return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}

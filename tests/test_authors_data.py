@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 from conftest import ast_bool
 
-from iclvsft.config import DEFAULTS, check_section
+from iclvsft.config import DEFAULTS, check_section, load_config
 from iclvsft.data import data_config, generate_task
 from iclvsft.errors import ConfigError
 from iclvsft.prompts import build_prompt
@@ -237,15 +237,16 @@ def test_option_checked_and_default_unchanged():
         check_section("data", data, {})
     with pytest.raises(ConfigError, match="distribution"):
         check_section("data", {**DEFAULTS["data"], "distribution": "theirs"}, {})
-    assert "distribution" not in data_config(DEFAULTS["data"])  # default manifests keep their bytes
+    assert "distribution" not in data_config(load_config().data)  # default manifests keep their bytes
     task = get_task("expression")
     assert task.make_item(0, "train", "pattern", 3) == task.make_item(0, "train", "pattern", 3, "ours")
     assert "distribution" not in task.make_item(0, "train", "pattern", 3).meta
 
 
 def test_generate_task_with_authors_distribution():
-    config = {"data": {**DEFAULTS["data"], "distribution": "authors", "train_pattern": 50, "train_control": 0,
-                       "test_pattern": 20, "test_control": 20}}
+    config = load_config(None, ["data.tasks=[expression,relation,boolean,algebra]", "data.distribution=authors",
+                                "data.train_pattern=50", "data.train_control=0",
+                                "data.test_pattern=20", "data.test_control=20"])
     for name in ("expression", "relation", "boolean", "algebra"):
         pools = generate_task(get_task(name), config)
         assert [len(pools["train"]), len(pools["test"])] == [50, 40]

@@ -9,7 +9,7 @@ import pytest
 
 from iclvsft import engine
 from iclvsft import evaluate as ev
-from iclvsft.config import load_config
+from iclvsft.config import derive, load_config
 from iclvsft.data import load_items, normalise_question
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.evaluate import Cell, EvalPlan, Evaluator, demo_order, evaluate
@@ -257,8 +257,8 @@ def test_chat_prompt_style_for_icl_ft_and_scoring(data_dir, tmp_path):
     prompt = build_prompt(task, "(1+2)+(3-3)*(1+1+1-2)=")
     assert prompt.startswith("<|im_start|>user\nCompute the value") and prompt.endswith("=<|im_end|>\n<|im_start|>assistant\n")
     out = tmp_path / "chat"
-    evaluate(EvalPlan(eval_config(shots=[0, 3], demo_seeds=[0], limit=3, tasks=["expression", "boolean"])
-                      | {"prompt_style": "chat"}, data_dir, out, "tiny-random-qwen2", None), loaded=loaded,
+    evaluate(EvalPlan(derive(eval_config(shots=[0, 3], demo_seeds=[0], limit=3, tasks=["expression", "boolean"]),
+                             {"prompt_style": "chat"}), data_dir, out, "tiny-random-qwen2", None), loaded=loaded,
              show_progress=False)
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert rows and all(r["prompt_style"] == "chat" for r in rows)

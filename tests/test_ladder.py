@@ -7,7 +7,8 @@ import yaml
 
 from iclvsft.config import load_config
 from iclvsft.errors import ConfigError
-from iclvsft.ladder import plan_ladder
+from iclvsft.fit import Runners
+from iclvsft.jobs import plan_ladder
 from iclvsft.prompts import build_prompt, completion_text
 from iclvsft.report.ladder import rung_task, select_icl
 from iclvsft.report.summary import judge
@@ -214,5 +215,5 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     assert not (tmp_path / "r" / "ladder" / "rung1").exists()  # scoring-only rungs computed nothing
     # a second run recomputes nothing and writes the same report
     again = run_study(config, tmp_path / "data", tmp_path / "r", show_progress=False,
-                      finetune_fn=lambda *a, **k: pytest.fail("retrained a finished rung"))
+                      runners=Runners(finetune=lambda *a, **k: pytest.fail("retrained a finished rung")))
     assert again.read_text() == text

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from iclvsft import __version__
-from iclvsft.config import load_config
+from iclvsft.config import derive, load_config
 from iclvsft.data import load_items
 from iclvsft.evaluate import prompt_sha, task_inputs
 from iclvsft.lm_eval_export import (
@@ -140,7 +140,7 @@ def test_prompts_are_test_py_prompts(exported, data):
 
 
 def test_per_item_demonstrations(tmp_path, config, data):
-    cfg = load_config(None, [config, {"eval": {"demo_mode": "per_item", "tasks": ["expression"], "shots": [2]}}])
+    cfg = derive(config, {"eval.demo_mode": "per_item", "eval.tasks": ["expression"], "eval.shots": [2]})
     export(cfg, data, tmp_path / "t")
     got = rows(tmp_path / "t" / f"{cell_name('expression', 2, 0)}.jsonl")
     pool = load_items(data, "expression", "train", split="pattern")

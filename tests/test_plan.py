@@ -17,6 +17,7 @@ What must hold (the issue "its GPU path has never run"):
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import types
@@ -26,11 +27,11 @@ import pytest
 import torch
 
 from iclvsft import plan
-from iclvsft.config import load_config, protocol_ft
+from iclvsft.config import derive, load_config, protocol_ft
 from iclvsft.errors import ConfigError
+from iclvsft.jobs import plan_ft
 from iclvsft.models import precision as precision_module
 from iclvsft.plan import GIB, KNOWN_SHAPES, Machine, check_accelerate_config, check_plan, train_memory
-from iclvsft.study import plan_ft
 from iclvsft.train import setup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,9 +283,8 @@ def test_build_model_full_ft_on_fake_cuda_loads_fp32_then_switches_to_flash(fake
         return loaded
 
     monkeypatch.setattr(setup, "load_model", fake_load)
-    cfg = one_run_per_protocol(paper())["authors"].config
-    cfg["model"] = "tiny-random-qwen2"
-    precision = setup.plan_precision({**cfg, "dtype": "bf16"}, fake_cuda)
+    cfg = derive(one_run_per_protocol(paper())["authors"].config, {"model": "tiny-random-qwen2"})
+    precision = setup.plan_precision(derive(cfg, {"dtype": "bf16"}), fake_cuda)
     model, _, info = setup.build_model(cfg, precision, fake_cuda)
     assert calls[0] == {"dtype": "float32", "device": "cuda", "attn_implementation": "auto"}
     assert calls[1] == {"switched_to": "flash_attention_2"}
@@ -484,7 +484,7 @@ def test_accelerate_check_names_the_fix():
     with pytest.raises(ConfigError, match=r"8 processes x ft.per_device_batch_size 4 = 32 rows per pass does not "
                                           r"divide ft.batch_size 16; set ft.per_device_batch_size=2 or --num_processes 4"):
         check_accelerate_config(zero3, authors, num_processes=8, root=ROOT)
-    assert check_accelerate_config(zero3, {**authors, "per_device_batch_size": 2}, 8, root=ROOT).accumulation == 1
+    assert check_accelerate_config(zero3, dataclasses.replace(authors, per_device_batch_size=2), 8, root=ROOT).accumulation == 1
     with pytest.raises(ConfigError, match="shards nothing"):
         check_accelerate_config(zero3, authors, num_processes=1, root=ROOT)
 

@@ -11,8 +11,10 @@ from transformers import TrainerCallback
 from iclvsft.config import load_config
 from iclvsft.errors import ConfigError
 from iclvsft.evaluate import run as eval_run
+from iclvsft.fit import Runners
 from iclvsft.io import jsonl_line
-from iclvsft.study import plan_ft, run_study
+from iclvsft.jobs import plan_ft
+from iclvsft.study import run_study
 from iclvsft.train import finetune
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +58,7 @@ def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):
-        run_study(config, data, resumed, show_progress=False, finetune_fn=flaky_finetune)
+        run_study(config, data, resumed, show_progress=False, runners=Runners(finetune=flaky_finetune))
 
     real_append, appends = eval_run.append_rows, {"n": 0}
 
@@ -187,7 +189,7 @@ def test_partial_report_after_each_model(tmp_path):
             seen.append(report.is_file() and "1 of 2 models done" in report.read_text())
         return evaluate(plan, **kwargs)
 
-    final = run_study(config, tmp_path / "d", tmp_path / "r", show_progress=False, evaluate_fn=watching)
+    final = run_study(config, tmp_path / "d", tmp_path / "r", show_progress=False, runners=Runners(evaluate=watching))
     assert seen and all(seen)
     text = final.read_text()
     assert "Partial report" not in text and text.count("# ICL vs FT on implicit patterns") == 2
@@ -215,7 +217,7 @@ def test_a_finished_circuits_folder_is_reused_only_with_its_own_settings(tmp_pat
     from iclvsft.study import _check_circuit_settings
 
     made = load_config(None, ["circuits.n_items=8", "circuits.adapter=/r/ft/{task}/n256-s0"])
-    (tmp_path / "config.json").write_text(json.dumps({"config": made}))
+    (tmp_path / "config.json").write_text(json.dumps({"config": made.to_dict()}))
     now = load_config(None, ["circuits.n_items=8", "circuits.adapter=/elsewhere/ft/{task}/n256-s0"])
     _check_circuit_settings(tmp_path, now, derived_adapter=True)  # same settings: reused
     for change in ("circuits.n_items=16", "circuits.seed=1", "circuits.shots=2", "data.seed=3", "dtype=fp32"):

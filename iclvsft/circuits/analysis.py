@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import Config
 from ..data import load_items
 from ..engine import build_prefix
 from ..errors import ConfigError, DataError
@@ -29,10 +30,10 @@ from .shift import agreement, bootstrap_shift, interval95, jsonable
 log = logging.getLogger(__name__)
 
 
-def adapter_for(config: dict, task: str) -> str | None:
+def adapter_for(config: Config, task: str) -> str | None:
     """The FT condition's fine-tuned folder for ``task`` (``{task}`` in circuits.adapter is replaced): a
     LoRA adapter (adapter_config.json) or a fully fine-tuned model (config.json)."""
-    pattern = config["circuits"]["adapter"]
+    pattern = config.circuits.adapter
     if not pattern:
         return None
     path = pattern.replace("{task}", task)
@@ -42,10 +43,10 @@ def adapter_for(config: dict, task: str) -> str | None:
     return path
 
 
-def load_fine_tuned(config: dict, path: str, **load_kw):
+def load_fine_tuned(config: Config, path: str, **load_kw):
     """The FT condition's model: the base with the adapter merged, or the fully fine-tuned model itself."""
     if (Path(path) / "adapter_config.json").is_file():
-        return load_model(config["model"], adapter=path, merge_adapter=True, **load_kw)
+        return load_model(config.model, adapter=path, merge_adapter=True, **load_kw)
     return load_model(path, **load_kw)
 
 
@@ -74,10 +75,10 @@ def run_condition(loaded, state: TaskState, cond: str, demos: Sequence, c: dict,
         tokens = tokenize_pair(tokenizer, state.task, pair, demos)
         if isinstance(tokens, str):
             raise DataError(f"{pair.item_id}: pair unusable under {cond} ({tokens}); was another tokenizer loaded?")
-        method = c["method"]
-        if method == "attribution" and n < c["activation_items"]:
+        method = c.method
+        if method == "attribution" and n < c.activation_items:
             method = "both"
-        results.append(patch_pair(model, anat, pair_inputs(tokens, pre), method, c["batch_size"]))
+        results.append(patch_pair(model, anat, pair_inputs(tokens, pre), method, c.batch_size))
     state.results[cond] = results
     state.seconds[cond] = round(time.perf_counter() - started, 2)
 
@@ -91,17 +92,17 @@ def _maps(results: Sequence[PatchResult], kind: str) -> np.ndarray | None:
 
 def summarise_task(state: TaskState, c: dict, n_heads: int, labels: list[list[str]]) -> dict[str, Any]:
     """Everything circuits.json says about one task."""
-    primary = "attribution" if c["method"] in ("attribution", "both") else "activation"
+    primary = "attribution" if c.method in ("attribution", "both") else "activation"
     out: dict[str, Any] = {"n_pairs": len(state.pairs), "skipped": state.skipped, "primary_method": primary,
-                           "shots": c["shots"], "demo_ids": [d.id for d in state.demos], "seconds": state.seconds,
+                           "shots": c.shots, "demo_ids": [d.id for d in state.demos], "seconds": state.seconds,
                            "component_labels": labels, "conditions": {}}
     per_item = {}
-    rng = np.random.default_rng(c["seed"])
+    rng = np.random.default_rng(c.seed)
     for cond, results in state.results.items():
         m_clean = np.array([r.m_clean for r in results])
         m_corr = np.array([r.m_corrupt for r in results])
         effect = m_clean - m_corr
-        idx = rng.integers(0, len(effect), size=(max(c["bootstrap"], 1), len(effect)))
+        idx = rng.integers(0, len(effect), size=(max(c.bootstrap, 1), len(effect)))
         maps = _maps(results, primary)
         per_item[cond] = maps
         entry: dict[str, Any] = {
@@ -128,7 +129,7 @@ def summarise_task(state: TaskState, c: dict, n_heads: int, labels: list[list[st
                                    for i in top]
         out["conditions"][cond] = entry
     if "base" in per_item and len(per_item) > 1:
-        out["shift"] = bootstrap_shift(per_item, c["top_k"], c["bootstrap"], c["seed"])
+        out["shift"] = bootstrap_shift(per_item, c.top_k, c.bootstrap, c.seed)
     return out
 
 
@@ -144,32 +145,32 @@ def _score_rows(name: str, state: TaskState) -> list[dict[str, Any]]:
     return rows
 
 
-def analyze(config: dict, data_dir: str | Path, out: str | Path, show_progress: bool = True,
+def analyze(config: Config, data_dir: str | Path, out: str | Path, show_progress: bool = True,
             argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the circuit analysis for ``config`` (its ``circuits`` section, ``model``, ``dtype``) on the
     generated data in ``data_dir``; write the results folder ``out`` and return circuits.json's content."""
-    c = config["circuits"]
+    c = config.circuits
     out = Path(out)
     started = time.perf_counter()
-    write_json(out / "config.json", {"config": config, "provenance": provenance(), "argv": list(argv or []),
+    write_json(out / "config.json", {"config": config.to_dict(), "provenance": provenance(), "argv": list(argv or []),
                                      "data": str(data_dir)})
-    adapters = {t: adapter_for(config, t) for t in c["tasks"]}  # fail early on a missing adapter
-    load_kw = dict(dtype=c["dtype"] or config["dtype"], attn_implementation=config["attn_implementation"])
-    base = load_model(config["model"], **load_kw)
+    adapters = {t: adapter_for(config, t) for t in c.tasks}  # fail early on a missing adapter
+    load_kw = dict(dtype=c.dtype or config.dtype, attn_implementation=config.attn_implementation)
+    base = load_model(config.model, **load_kw)
     states: dict[str, TaskState] = {}
-    for name in c["tasks"]:
-        task = get_task(name, config["data"]["task_params"].get(name))
-        items = load_items(data_dir, name, "test", split=c["split"])
+    for name in c.tasks:
+        task = get_task(name, config.data.task_params.get(name))
+        items = load_items(data_dir, name, "test", split=c.split)
         if not items:
-            raise DataError(f"{data_dir}/{name}/test.jsonl has no {c['split']} items")
-        pool = load_items(data_dir, name, "train", split=config["eval"]["demo_split"])
-        demos = demo_order(pool, c["demo_seed"], name, c["shots"])
-        pairs, skipped = make_pairs(task, items, base.tokenizer, [[], demos], c["n_items"], c["corruption"], c["seed"])
+            raise DataError(f"{data_dir}/{name}/test.jsonl has no {c.split} items")
+        pool = load_items(data_dir, name, "train", split=config.eval.demo_split)
+        demos = demo_order(pool, c.demo_seed, name, c.shots)
+        pairs, skipped = make_pairs(task, items, base.tokenizer, [[], demos], c.n_items, c.corruption, c.seed)
         if len(pairs) < 2:
             raise DataError(f"{name}: only {len(pairs)} usable clean/corrupted pairs among {len(items)} items "
                             f"(skipped: {skipped})")
-        if len(pairs) < c["n_items"]:
-            log.warning("%s: %d pairs (asked for %d): too few items with a usable twin", name, len(pairs), c["n_items"])
+        if len(pairs) < c.n_items:
+            log.warning("%s: %d pairs (asked for %d): too few items with a usable twin", name, len(pairs), c.n_items)
         states[name] = state = TaskState(task, pairs, demos, skipped)
         run_condition(base, state, "base", [], c, show_progress)
         run_condition(base, state, "icl", demos, c, show_progress)
@@ -195,8 +196,8 @@ def analyze(config: dict, data_dir: str | Path, out: str | Path, show_progress: 
         plots[name] = {k: Path(v).relative_to(out).as_posix() for k, v in written.items()}
         rows += _score_rows(name, state)
     result = {
-        "model": config["model"], "models": model_info, "method": c["method"], "corruption": c["corruption"],
-        "split": c["split"], "grid": {"layers": n_layers, "heads": n_heads, "columns": "heads 0..H-1, then MLP"},
+        "model": config.model, "models": model_info, "method": c.method, "corruption": c.corruption,
+        "split": c.split, "grid": {"layers": n_layers, "heads": n_heads, "columns": "heads 0..H-1, then MLP"},
         "tasks": tasks_out, "plots": plots, "wall_seconds": round(time.perf_counter() - started, 1),
         "provenance": provenance(),
     }

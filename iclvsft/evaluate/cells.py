@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Config
 from ..data import load_items, normalise_question
 from ..errors import DataError
 from ..prompts import completion_text
@@ -50,15 +51,15 @@ def _first(items: Sequence[Item], split: str, limit: int) -> list[Item]:
     return part[:limit] if limit else part
 
 
-def select_items(task: Task, test: Sequence[Item], cfg: dict) -> list[Item]:
+def select_items(task: Task, test: Sequence[Item], cfg: Config) -> list[Item]:
     """The items a run evaluates for one task: per split in eval.splits, the first eval.limit."""
-    ev = cfg["eval"]
-    return [i for split in ev["splits"] if split in task.splits for i in _first(test, split, ev["limit"])]
+    ev = cfg.eval
+    return [i for split in ev.splits if split in task.splits for i in _first(test, split, ev.limit)]
 
 
-def items_to_evaluate(data_dir: Path, name: str, cfg: dict) -> list[Item]:
+def items_to_evaluate(data_dir: Path, name: str, cfg: Config) -> list[Item]:
     """:func:`select_items` for task ``name`` from ``data_dir``."""
-    task = get_task(name, cfg["data"]["task_params"].get(name))
+    task = get_task(name, cfg.data.task_params.get(name))
     return select_items(task, load_items(data_dir, name, "test"), cfg)
 
 
@@ -79,14 +80,14 @@ class TaskInputs:
             raise DataError(f"{cell.key}: demonstrations {leaked[:3]} are test questions; regenerate the data")
 
 
-def task_inputs(data_dir: Path, name: str, cfg: dict, tokenizer) -> TaskInputs:
+def task_inputs(data_dir: Path, name: str, cfg: Config, tokenizer) -> TaskInputs:
     """The task in the config's prompt format, with its items and demonstrations shown in that format."""
-    ev = cfg["eval"]
-    task = task_view(get_task(name, cfg["data"]["task_params"].get(name)), cfg["format"], cfg["prompt_style"], tokenizer)
+    ev = cfg.eval
+    task = task_view(get_task(name, cfg.data.task_params.get(name)), cfg.format, cfg.prompt_style, tokenizer)
     test = [task.present(i) for i in load_items(data_dir, name, "test")]
     train = [task.present(i) for i in load_items(data_dir, name, "train")]
-    max_new = (ev["max_new_tokens"] or task.max_new_tokens
+    max_new = (ev.max_new_tokens or task.max_new_tokens
                or max_new_tokens_for(tokenizer, task, [i.answer for i in train]))
     return TaskInputs(task=task, items=select_items(task, test, cfg),
-                      demo_pool=[i for i in train if i.split == ev["demo_split"]], max_new_tokens=max_new,
+                      demo_pool=[i for i in train if i.split == ev.demo_split], max_new_tokens=max_new,
                       test_questions={normalise_question(i.question) for i in test})

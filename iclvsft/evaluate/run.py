@@ -14,6 +14,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
+from ..config import Config
 from ..data import load_manifest
 from ..errors import ConfigError, DataError
 from ..io import progress, provenance, write_json
@@ -34,7 +35,7 @@ SAMPLES_FILE = "samples.jsonl"
 
 @dataclass
 class EvalPlan:
-    config: dict
+    config: Config
     data_dir: Path
     out: Path
     model_name: str
@@ -48,13 +49,13 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())
     if plan.out.exists() and not plan.out.is_dir():
         raise ConfigError(f"--out {plan.out} is a file; choose a folder")
-    ev = plan.config["eval"]
-    tasks = ev["tasks"] or plan.config["data"]["tasks"]
-    cells = plan_cells(tasks, ev["shots"], ev["demo_seeds"])
+    ev = plan.config.eval
+    tasks = ev.tasks or plan.config.data.tasks
+    cells = plan_cells(tasks, ev.shots, ev.demo_seeds)
     core = requested_identity(plan, tasks)
     for task in tasks:
         if not items_to_evaluate(plan.data_dir, task, plan.config):
-            raise DataError(f"{plan.data_dir}/{task}/test.jsonl holds no test items of splits {ev['splits']}; "
+            raise DataError(f"{plan.data_dir}/{task}/test.jsonl holds no test items of splits {ev.splits}; "
                             "regenerate the data with data.test_pattern / data.test_control > 0")
     samples = plan.out / SAMPLES_FILE
     done = {(r["cell"], r["item_id"]) for r in read_samples(samples)}
@@ -64,15 +65,15 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
         state.wait_for_everyone()
         return json.loads((plan.out / "metrics.json").read_text())
     if loaded is None:
-        loaded = load_model(plan.model_name, dtype=plan.config["dtype"],
-                            attn_implementation=plan.config["attn_implementation"], adapter=plan.adapter,
+        loaded = load_model(plan.model_name, dtype=plan.config.dtype,
+                            attn_implementation=plan.config.attn_implementation, adapter=plan.adapter,
                             device=str(state.device))
     loaded.model.eval()
     identity = {**core, "dtype": str(loaded.info.get("dtype")),
                 "attn_implementation": loaded.info.get("attn_implementation")}
     identity = _claim_folder(plan, identity, loaded, state)
-    _run_cells(plan, cells, done, identity, Evaluator(loaded.model, loaded.tokenizer, ev["batch_size"],
-                                                      ev["constrained"]), state, show_progress)
+    _run_cells(plan, cells, done, identity, Evaluator(loaded.model, loaded.tokenizer, ev.batch_size,
+                                                      ev.constrained), state, show_progress)
     return json.loads((plan.out / "metrics.json").read_text())
 
 
@@ -80,7 +81,7 @@ def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
     """What identifies the run before the model is loaded (the resolved dtype/attention join later):
     the weights by content (an adapter retrained in place is another run), the test file and the
     train pool the demonstrations come from by sha256, the generators' version, every eval setting."""
-    cfg, ev = plan.config, plan.config["eval"]
+    cfg, ev = plan.config, plan.config.eval
     manifest = load_manifest(plan.data_dir)
     files = {t: manifest["tasks"][t]["files"] for t in tasks if t in manifest["tasks"]}
     return {
@@ -89,12 +90,12 @@ def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
         "adapter_sha256": weights_identity(str(plan.adapter)) if plan.adapter else None,
         "generator": manifest.get("generator"),
         "train_sha256": {t: f["train"]["sha256"] for t, f in files.items()},
-        "dtype_requested": cfg["dtype"], "attn_requested": cfg["attn_implementation"], "format": cfg["format"],
-        "prompt_style": cfg["prompt_style"],
+        "dtype_requested": cfg.dtype, "attn_requested": cfg.attn_implementation, "format": cfg.format,
+        "prompt_style": cfg.prompt_style,
         "data_seed": manifest.get("seed"),
         "data_sha256": {t: f["test"]["sha256"] for t, f in files.items()},
-        "demo_mode": ev["demo_mode"], "demo_split": ev["demo_split"], "splits": ev["splits"], "limit": ev["limit"],
-        "constrained": ev["constrained"], "max_new_tokens": ev["max_new_tokens"],
+        "demo_mode": ev.demo_mode, "demo_split": ev.demo_split, "splits": ev.splits, "limit": ev.limit,
+        "constrained": ev.constrained, "max_new_tokens": ev.max_new_tokens,
     }
 
 
@@ -117,7 +118,7 @@ def _claim_folder(plan: EvalPlan, identity: dict, loaded, state) -> dict:
     identity = {**identity, **{k: {**(saved.get(k) or {}), **identity[k]} for k in PER_TASK}}  # every task so far
     if state.is_main_process:
         plan.out.mkdir(parents=True, exist_ok=True)
-        write_json(plan.out / RUN_FILE, {"identity": identity, "config": plan.config,
+        write_json(plan.out / RUN_FILE, {"identity": identity, "config": plan.config.to_dict(),
                                           "model_info": json.loads(json.dumps(loaded.info, default=str)),
                                           "processes": state.num_processes, "provenance": provenance(),
                                           "argv": sys.argv})
@@ -127,8 +128,8 @@ def _claim_folder(plan: EvalPlan, identity: dict, loaded, state) -> dict:
 
 def _run_cells(plan: EvalPlan, cells: list[Cell], done: set, identity: dict, evaluator: Evaluator, state,
                show_progress: bool) -> None:
-    ev = plan.config["eval"]
-    chunk = ev["batch_size"] * state.num_processes * 2
+    ev = plan.config.eval
+    chunk = ev.batch_size * state.num_processes * 2
     quiet = not (show_progress and state.is_main_process)
     by_task: dict[str, TaskInputs] = {}
     bar = progress(total=len(cells), desc="cells", unit="cell", disable=quiet)
@@ -145,7 +146,7 @@ def _run_cells(plan: EvalPlan, cells: list[Cell], done: set, identity: dict, eva
                                   nested=True):
                 part = todo[start:start + chunk]
                 with state.split_between_processes(part) as mine:
-                    rows = _score(evaluator, inp, mine, demos, cell, ev["demo_mode"])
+                    rows = _score(evaluator, inp, mine, demos, cell, ev.demo_mode)
                 rows = gather_object(rows) if state.num_processes > 1 else rows
                 if state.is_main_process:
                     order = {i.id: n for n, i in enumerate(part)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..evaluate.cells import cell_keys
 from ..evaluate.tables import aligned
 from ..metrics import baselines, fmt_ci, fmt_pct, paired_difference
@@ -70,22 +71,22 @@ def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str
     return out
 
 
-def ladder_summary(rungs: list, config: dict) -> dict:
+def ladder_summary(rungs: list, config: Config) -> dict:
     """Every rung's numbers (``rungs``: :func:`iclvsft.ladder.plan_ladder`)."""
-    out = {"config": config["name"], "model": config["model"], "shortened": config["ladder"]["shortened"],
+    out = {"config": config.name, "model": config.model, "shortened": config.ladder.shortened,
            "rungs": []}
     for rung in rungs:
-        lad = rung.config["ladder"]
-        ev = rung.config["eval"]
-        icl_rows = planned_rows(rung.icl_dir / "metrics.json", cell_keys(rung.tasks, ev["shots"], ev["demo_seeds"]))
-        ft_rows = {t: planned_rows(eval_dir / "metrics.json", cell_keys(group, cfg["eval"]["shots"], ev["demo_seeds"]))
+        lad = rung.config.ladder
+        ev = rung.config.eval
+        icl_rows = planned_rows(rung.icl_dir / "metrics.json", cell_keys(rung.tasks, ev.shots, ev.demo_seeds))
+        ft_rows = {t: planned_rows(eval_dir / "metrics.json", cell_keys(group, cfg.eval.shots, ev.demo_seeds))
                    for group, cfg, _, eval_dir in rung.ft for t in group}
         out["rungs"].append({
             "index": rung.index, "name": rung.name, "why": rung.why, "changes": rung.changes,
-            "scoring": lad["scoring"], "icl_select": lad["icl_select"],
+            "scoring": lad.scoring, "icl_select": lad.icl_select,
             "folders": {"icl": str(rung.icl_dir), "ft": {"+".join(g): str(d) for g, _, d, _ in rung.ft}},
-            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad["scoring"], lad["icl_select"], lad["fixed_k"],
-                                   config["reproduce"]["max_invalid"]) for t in rung.tasks}})
+            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad.scoring, lad.icl_select, lad.fixed_k,
+                                   config.reproduce.max_invalid) for t in rung.tasks}})
     # every verdict of the ladder is one family (Holm)
     out["family"] = {"size": judge([t for r in out["rungs"] for t in r["tasks"].values()]), "alpha": 0.05,
                      "correction": "Holm"}

@@ -18,6 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..cards import write_model_card
+from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_text, provenance, write_json
 from ..models import OFFLINE_MODELS, peak_memory_bytes, weights_identity
@@ -47,21 +48,21 @@ SUMMARY_FILE = "summary.json"
 NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps", "report_to")
 
 
-def default_out_dir(config: dict) -> Path:
+def default_out_dir(config: Config) -> Path:
     """``runs/ft-<task+task>-<N>-<method>``: where finetune.py writes when --out is not given."""
-    ft = config["ft"]
-    return Path("runs") / f"ft-{'+'.join(ft['tasks'])}-{ft['n_train']}-{ft['method']}"
+    ft = config.ft
+    return Path("runs") / f"ft-{'+'.join(ft.tasks)}-{ft.n_train}-{ft.method}"
 
 
 # --- the output folder ----------------------------------------------------------------------------
 
-def run_identity(config: dict, data_record: dict) -> dict[str, Any]:
+def run_identity(config: Config, data_record: dict) -> dict[str, Any]:
     """What must match for a rerun into the same folder to resume it: the base model (by content where it
     has content to hash), precision, format, ft, the rows (per task the train file's sha256)."""
-    ft = {k: v for k, v in config["ft"].items() if k not in NON_SEMANTIC_FT_KEYS}
-    return {"model": config["model"], "model_sha256": weights_identity(config["model"]), "dtype": config["dtype"],
-            "attn_implementation": config["attn_implementation"], "format": config["format"],
-            "prompt_style": config["prompt_style"], "ft": ft,
+    ft = {k: v for k, v in config.ft.to_dict().items() if k not in NON_SEMANTIC_FT_KEYS}
+    return {"model": config.model, "model_sha256": weights_identity(config.model), "dtype": config.dtype,
+            "attn_implementation": config.attn_implementation, "format": config.format,
+            "prompt_style": config.prompt_style, "ft": ft,
             "rows": data_record}
 
 
@@ -93,16 +94,16 @@ def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
     return "resume"
 
 
-def is_finished(config: dict, out: str | Path, data_dir: str | Path) -> bool:
+def is_finished(config: Config, out: str | Path, data_dir: str | Path) -> bool:
     """True when ``out`` holds a finished run of exactly this config and these rows (reuse it);
     False when there is none yet or it is unfinished (finetune() resumes it). A finished run made
     with other settings raises ConfigError: reusing it would silently report the wrong model."""
     out = Path(out)
     if not (out / SUMMARY_FILE).is_file():
         return False
-    ft = config["ft"]
-    _, data_record = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"], config["data"]["task_params"],
-                                 config["format"], ft["rows"])
+    ft = config.ft
+    _, data_record = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
+                                 config.format, ft.rows)
     diff = compare_identity(out / RUN_CONFIG_FILE, run_identity(config, data_record),
                             remedy=f"move {out} away to train it again")
     if diff is None:
@@ -161,9 +162,9 @@ def throughput(history: list[dict]) -> float | None:
     return round(sum(e["tokens"] for e in timed) / seconds, 2) if seconds else None
 
 
-def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path = "data", *, overwrite: bool = False,
+def finetune(config: Config, out: str | Path | None = None, data_dir: str | Path = "data", *, overwrite: bool = False,
              callbacks: Iterable[Any] = (), show_progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``config['model']`` on ``config['ft']`` and write the output folder ``out``.
+    """Fine-tune ``config.model`` on ``config.ft`` and write the output folder ``out``.
 
     ``config`` is a resolved config (:func:`iclvsft.config.load_config`) whose ``ft.tasks`` names at
     least one task. Resumes an unfinished run in ``out``; refuses a finished one unless ``overwrite``.
@@ -171,33 +172,33 @@ def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path =
     Returns a :class:`FinetuneResult` (on every process; only the main one writes files).
     """
     started = time.perf_counter()
-    ft = config["ft"]
-    if not ft["tasks"]:
+    ft = config.ft
+    if not ft.tasks:
         raise ConfigError("no task to fine-tune on: pass --task (or set ft.tasks in the config)")
     out = Path(out) if out is not None else default_out_dir(config)
-    rows, data_record = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"],
-                                    config["data"]["task_params"], config["format"], ft["rows"])
+    rows, data_record = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed,
+                                    config.data.task_params, config.format, ft.rows)
     identity = run_identity(config, data_record)
     action = inspect_output(out, identity, overwrite)
 
     precision = plan_precision(config, training_device())
     args, sharded = _trainer_arguments(config, out, precision, show_progress)
-    resume = _prepare_folder(out, action, args, {"identity": identity, "config": config, "data_dir": str(data_dir),
+    resume = _prepare_folder(out, action, args, {"identity": identity, "config": config.to_dict(), "data_dir": str(data_dir),
                                                  "out": str(out)})
 
     model, tokenizer, model_info = build_model(config, precision, args.device, sharded=sharded)
-    if config["prompt_style"] != "raw":  # the rows' text needs the model's chat template
-        rows, _ = select_rows(data_dir, ft["tasks"], ft["n_train"], ft["train_seed"], config["data"]["task_params"],
-                              config["format"], ft["rows"], style=config["prompt_style"], tokenizer=tokenizer)
-    features, token_stats = tokenize_rows(rows, tokenizer, loss_on=ft["loss_on"], max_length=ft["max_length"],
-                                          append_eos=ft["append_eos"])
+    if config.prompt_style != "raw":  # the rows' text needs the model's chat template
+        rows, _ = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
+                              config.format, ft.rows, style=config.prompt_style, tokenizer=tokenizer)
+    features, token_stats = tokenize_rows(rows, tokenizer, loss_on=ft.loss_on, max_length=ft.max_length,
+                                          append_eos=ft.append_eos)
     trainer, output, train_seconds = _train(config, out, args, model, tokenizer, model_info, features, token_stats,
                                             precision, resume, callbacks, show_progress)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     summary = _summary(config, trainer, output, precision, model_info, data_record, token_stats, resume,
                        train_seconds, time.perf_counter() - started)
     if args.process_index == 0:
-        if not ft["keep_checkpoints"]:
+        if not ft.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         point_adapter_at_base(out, model_info)
         write_model_card(out, config, summary)
@@ -208,7 +209,7 @@ def finetune(config: dict, out: str | Path | None = None, data_dir: str | Path =
     return FinetuneResult(summary=summary, model=unwrapped, tokenizer=tokenizer, out=out, trainer=trainer)
 
 
-def _trainer_arguments(config: dict, out: Path, precision: Precision, show_progress: bool):
+def _trainer_arguments(config: Config, out: Path, precision: Precision, show_progress: bool):
     """The Trainer's arguments, checked against the launcher; also whether the run is sharded."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gradient_accumulation(config, world_size)  # fail before loading anything
@@ -241,10 +242,10 @@ def _prepare_folder(out: Path, action: str, args, run_config: dict) -> str | Non
 def _train(config, out, args, model, tokenizer, model_info, features, token_stats, precision, resume, callbacks,
            show_progress):
     """Run the Trainer (resuming from ``resume``) and save the weights; returns (trainer, output, seconds)."""
-    ft = config["ft"]
-    collator = make_collator(ft["batching"], tokenizer.pad_token_id, ft["max_length"],
-                             model_info["attn_implementation"], ft["logits_on"])
-    loss_func = labelled_logits_loss if ft["logits_on"] == "labels" else None
+    ft = config.ft
+    collator = make_collator(ft.batching, tokenizer.pad_token_id, ft.max_length,
+                             model_info["attn_implementation"], ft.logits_on)
+    loss_func = labelled_logits_loss if ft.logits_on == "labels" else None
     with warnings.catch_warnings():
         # peft looks the base model up on the hub to see whether the vocabulary was resized; offline
         # names are not hub ids, so the lookup fails and warns at every checkpoint. Harmless: we never resize.
@@ -259,8 +260,8 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
             trainer.add_callback(LossProgressCallback())
         keep_reports_in(trainer, out / REPORT_DIR)
         logger.info("fine-tuning %s (%s, %s) on %d rows of %s: %s tokens, batch %d = %d x %d devices x %d steps",
-                    config["model"], ft["method"], precision.dtype, len(features), ",".join(ft["tasks"]),
-                    f"{token_stats['tokens']:,}", ft["batch_size"], ft["per_device_batch_size"], args.world_size,
+                    config.model, ft.method, precision.dtype, len(features), ",".join(ft.tasks),
+                    f"{token_stats['tokens']:,}", ft.batch_size, ft.per_device_batch_size, args.world_size,
                     args.gradient_accumulation_steps)
         train_started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
@@ -295,15 +296,15 @@ def point_adapter_at_base(out: Path, model_info: dict) -> None:
 
 def _summary(config, trainer, output, precision, model_info, data_record, token_stats, resume, train_seconds,
              wall_seconds) -> dict[str, Any]:
-    ft, args, state = config["ft"], trainer.args, trainer.state
+    ft, args, state = config.ft, trainer.args, trainer.state
     return {
         "status": "finished",
-        "model": config["model"],
-        "method": ft["method"],
-        "tasks": list(ft["tasks"]),
-        "n_train": ft["n_train"],
-        "loss_on": ft["loss_on"],
-        "batching": ft["batching"],
+        "model": config.model,
+        "method": ft.method,
+        "tasks": list(ft.tasks),
+        "n_train": ft.n_train,
+        "loss_on": ft.loss_on,
+        "batching": ft.batching,
         "precision": vars(precision),
         "model_info": model_info,
         "data": data_record,
@@ -311,7 +312,7 @@ def _summary(config, trainer, output, precision, model_info, data_record, token_
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": state.epoch,
-        "effective_batch_size": ft["per_device_batch_size"] * args.gradient_accumulation_steps * args.world_size,
+        "effective_batch_size": ft.per_device_batch_size * args.gradient_accumulation_steps * args.world_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "world_size": args.world_size,
         "device": str(args.device),

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 
+from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_text, jsonl_line, progress
 from ..models import count_parameters, load_model, resolve_attn_implementation, resolve_device, resolve_dtype
@@ -26,14 +27,14 @@ CHECKPOINT_DIR = "checkpoints"
 PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def gradient_accumulation(config: dict, world_size: int) -> int:
+def gradient_accumulation(config: Config, world_size: int) -> int:
     """Accumulation steps so that per-device batch x devices x steps == ``ft.batch_size``."""
-    ft = config["ft"]
-    per_step = ft["per_device_batch_size"] * world_size
-    if ft["batch_size"] % per_step:
-        raise ConfigError(f"ft.batch_size {ft['batch_size']} is not a multiple of ft.per_device_batch_size "
-                          f"{ft['per_device_batch_size']} x {world_size} processes; change one of them")
-    return ft["batch_size"] // per_step
+    ft = config.ft
+    per_step = ft.per_device_batch_size * world_size
+    if ft.batch_size % per_step:
+        raise ConfigError(f"ft.batch_size {ft.batch_size} is not a multiple of ft.per_device_batch_size "
+                          f"{ft.per_device_batch_size} x {world_size} processes; change one of them")
+    return ft.batch_size // per_step
 
 
 @dataclass
@@ -46,9 +47,9 @@ class Precision:
     fp16: bool
 
 
-def plan_precision(config: dict, device) -> Precision:
-    """Resolve ``config['dtype']`` for ``device`` (see :func:`iclvsft.models.resolve_dtype`) and ``ft.method``."""
-    dtype = resolve_dtype(config["dtype"], device, name=config["model"])
+def plan_precision(config: Config, device) -> Precision:
+    """Resolve ``config.dtype`` for ``device`` (see :func:`iclvsft.models.resolve_dtype`) and ``ft.method``."""
+    dtype = resolve_dtype(config.dtype, device, name=config.model)
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.float32:
         return Precision(name, "float32", bf16=False, fp16=False)
@@ -56,7 +57,7 @@ def plan_precision(config: dict, device) -> Precision:
         raise ConfigError("dtype fp16 trains only on CUDA (it needs a gradient scaler); use bf16 or fp32 here")
     # LoRA: the frozen base may live in half precision (the adapter is fp32, peft's default).
     # Full: fp32 master weights; the half-precision math comes from autocast.
-    load = name if config["ft"]["method"] == "lora" else "float32"
+    load = name if config.ft.method == "lora" else "float32"
     return Precision(name, load, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
 
 
@@ -74,7 +75,7 @@ class ModelPlan:
     note: str = ""  # one line for the log when the choice needs explaining
 
 
-def plan_model(config: dict, precision: Precision, device, sharded: bool = False,
+def plan_model(config: Config, precision: Precision, device, sharded: bool = False,
                deepspeed_zero3: bool = False) -> ModelPlan:
     """Load dtype, attention and autocast of a training run; nothing is loaded.
 
@@ -98,7 +99,7 @@ def plan_model(config: dict, precision: Precision, device, sharded: bool = False
     else:
         load, cast_to = precision.load_dtype, precision.load_dtype
     autocast_dtype = getattr(torch, autocast) if autocast and not deepspeed_zero3 else None
-    attn = resolve_attn_implementation(config["attn_implementation"], device, getattr(torch, load),
+    attn = resolve_attn_implementation(config.attn_implementation, device, getattr(torch, load),
                                        autocast_dtype=autocast_dtype)
     load_device = "cpu" if sharded or device.type != "cuda" else "cuda"
     # load_model accepts flash_attention_2 only for a CUDA load in half precision (inference rules)
@@ -120,7 +121,7 @@ def _deepspeed_zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def build_model(config: dict, precision: Precision, device, sharded: bool = False):
+def build_model(config: Config, precision: Precision, device, sharded: bool = False):
     """Load the model for training: LoRA-wrapped (peft) or all parameters trainable.
 
     ``device``: where training runs. Sharded runs (FSDP, DeepSpeed ZeRO-3) load on CPU and let the
@@ -128,11 +129,11 @@ def build_model(config: dict, precision: Precision, device, sharded: bool = Fals
     is switched on after loading when the weights are loaded on CPU or in fp32 (load_model accepts it
     only for a CUDA load in half precision).
     """
-    ft = config["ft"]
+    ft = config.ft
     device = torch.device(device)
     plan = plan_model(config, precision, device, sharded=sharded, deepspeed_zero3=sharded and _deepspeed_zero3())
     load_device = "cpu" if sharded or device.type != "cuda" else str(device)
-    loaded = load_model(config["model"], dtype=plan.load_dtype, device=load_device,
+    loaded = load_model(config.model, dtype=plan.load_dtype, device=load_device,
                         attn_implementation=plan.attn_at_load)
     model = loaded.model
     if plan.switch_attn:
@@ -143,12 +144,12 @@ def build_model(config: dict, precision: Precision, device, sharded: bool = Fals
         model = model.to(getattr(torch, plan.cast_to))
     model.config.use_cache = False
     attn_used = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if ft["batching"] == "padding_free" and attn_used not in PACKING_SAFE_ATTENTION:
+    if ft.batching == "padding_free" and attn_used not in PACKING_SAFE_ATTENTION:
         raise ConfigError(f"ft.batching=padding_free needs an attention kernel that honours position-id packing "
                           f"({', '.join(PACKING_SAFE_ATTENTION)}); the model uses {attn_used!r}: set ft.batching=padded")
-    set_seed(ft["train_seed"])  # LoRA initialisation
-    if ft["method"] == "lora":
-        lora = ft["lora"]
+    set_seed(ft.train_seed)  # LoRA initialisation
+    if ft.method == "lora":
+        lora = ft.lora
         peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                  target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
         try:
@@ -171,7 +172,7 @@ def training_device():
     return torch.device("cpu") if use_cpu else resolve_device("auto")
 
 
-def training_arguments(config: dict, out: Path, precision: Precision, world_size: int, device=None,
+def training_arguments(config: Config, out: Path, precision: Precision, world_size: int, device=None,
                        show_progress: bool = True):
     """``transformers.TrainingArguments`` for the ``ft`` section (checkpoints under ``out/checkpoints``).
 
@@ -179,36 +180,36 @@ def training_arguments(config: dict, out: Path, precision: Precision, world_size
     processes started by ``accelerate launch`` (torchrun) as one gloo job (MULTI_CPU) instead of
     independent single-process runs.
     """
-    ft = config["ft"]
+    ft = config.ft
     device = device if device is not None else training_device()
     kwargs: dict[str, Any] = dict(
         output_dir=str(out / CHECKPOINT_DIR),
         use_cpu=device.type == "cpu",
-        per_device_train_batch_size=ft["per_device_batch_size"],
+        per_device_train_batch_size=ft.per_device_batch_size,
         gradient_accumulation_steps=gradient_accumulation(config, world_size),
-        learning_rate=ft["learning_rate"],
-        lr_scheduler_type=ft["lr_scheduler"],
-        warmup_steps=ft["warmup_steps"],
-        weight_decay=ft["weight_decay"],
-        max_grad_norm=ft["max_grad_norm"],
-        optim=ft["optimizer"],
-        num_train_epochs=ft["epochs"] if ft["max_steps"] == 0 else 1.0,
-        max_steps=ft["max_steps"] if ft["max_steps"] > 0 else -1,
+        learning_rate=ft.learning_rate,
+        lr_scheduler_type=ft.lr_scheduler,
+        warmup_steps=ft.warmup_steps,
+        weight_decay=ft.weight_decay,
+        max_grad_norm=ft.max_grad_norm,
+        optim=ft.optimizer,
+        num_train_epochs=ft.epochs if ft.max_steps == 0 else 1.0,
+        max_steps=ft.max_steps if ft.max_steps > 0 else -1,
         bf16=precision.bf16,
         fp16=precision.fp16,
-        activation_checkpointing=ft["gradient_checkpointing"],  # transformers 5's name for gradient checkpointing
+        activation_checkpointing=ft.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         # non-reentrant checkpointing needs no input that requires grad (frozen embeddings under LoRA)
-        activation_checkpointing_kwargs={"use_reentrant": False} if ft["gradient_checkpointing"] else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if ft.gradient_checkpointing else None,
         logging_strategy="steps",
-        logging_steps=ft["logging_steps"],
-        save_strategy="steps" if ft["save_steps"] > 0 else "no",
-        save_steps=ft["save_steps"] if ft["save_steps"] > 0 else 500,
+        logging_steps=ft.logging_steps,
+        save_strategy="steps" if ft.save_steps > 0 else "no",
+        save_steps=ft.save_steps if ft.save_steps > 0 else 500,
         save_total_limit=1,  # resuming needs only the newest checkpoint
-        seed=ft["train_seed"],
-        data_seed=ft["train_seed"],
+        seed=ft.train_seed,
+        data_seed=ft.train_seed,
         # padding-free batches carry no padding: count every input token; padded ones: the attention mask
-        include_num_input_tokens_seen="all" if ft["batching"] == "padding_free" else "non_padding",
-        report_to=report_to_list(ft["report_to"]) or "none",
+        include_num_input_tokens_seen="all" if ft.batching == "padding_free" else "non_padding",
+        report_to=report_to_list(ft.report_to) or "none",
         remove_unused_columns=False,
         dataloader_pin_memory=False,
         disable_tqdm=not show_progress,

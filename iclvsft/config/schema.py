@@ -1,30 +1,21 @@
-"""Configs: typed sections (the schema, with a help string per key), YAML files over their
-defaults, then CLI overrides; every key and value checked here, at load, before any heavy import.
+"""The config schema: typed, frozen sections with a help string per key (shown by ``--help``), their
+defaults, the checks each key needs, and the facts derived from several keys (``Config.eval_tasks``).
 
-A resolved config is a plain nested dict (``load_config``), built from ``DEFAULTS`` = the dataclasses
-below. A key that is not in the schema is an error (with the closest valid key suggested), and a value
-must have the default's type. Mappings listed in ``OPEN`` take any keys and are checked by their
-owner (``data.task_params.<task>`` by the task's config dataclass). Overrides use dotted keys:
-``data.seed=3`` or ``data.tasks=[expression,code]``; values are parsed as YAML.
+:mod:`iclvsft.config.load` builds a :class:`Config` from YAML and overrides; everything after reads its
+attributes (``cfg.ft.learning_rate``). A config is never edited: a variant is ``derive(cfg, {...})``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import ConfigError
-from .io import load_yaml
-from .reporting import REPORTERS, report_to_list, reporter_installed
-from .tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list, task_in_format
-from .tasks.base import DISTRIBUTIONS, check_distribution
+from ..errors import ConfigError
+from ..reporting import REPORTERS, report_to_list, reporter_installed
+from ..tasks import FORMATS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list
+from ..tasks.base import DISTRIBUTIONS, check_distribution
 
 ALL_TASKS = list(TASKS)
 
@@ -45,6 +36,35 @@ CORRUPTIONS = ("answer", "control")
 FT_ROWS = ("prompt", "authors_train")
 LADDER_SCORING = ("strict", "substring")
 LADDER_SELECT = ("fixed", "max")
+class Section:
+    """What every config section has: ``to_dict()`` (for config.json and run identities), and, while the
+    modules move to attribute access, read-only item access (``section["key"]``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (v.to_dict() if isinstance(v := getattr(self, f.name), Section) else copy.deepcopy(v))
+                for f in dataclasses.fields(self)}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._names() else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names()
+
+    def keys(self) -> list[str]:
+        return list(self._names())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self._names()]
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self))
+
+
 def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
            below: float | None = None) -> Any:
     """A config field: its default, a help string (shown by --help), and the checks that need no context."""
@@ -56,6 +76,11 @@ def option(default: Any, help: str, *, choices: Iterable[str] | None = None, min
 
 def section(cls: type, help: str) -> Any:
     return field(default_factory=cls, metadata={"help": help, "section": cls})
+
+
+def _set(section: Any, name: str, value: Any) -> None:
+    """A check's normalised value (task names parsed) written into its frozen section, once, while it is built."""
+    object.__setattr__(section, name, value)
 
 
 def _need(ok: bool, message: str) -> None:
@@ -72,8 +97,8 @@ def _int_list(name: str, values: list, minimum: int, empty_ok: bool = False) -> 
     _need(len(set(values)) == len(values), f"{name} must not repeat a value, got {values!r}")
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(Section):
     seed: int = option(0, "the data seed: every item's RNG derives from it (iclvsft.rng)")
     tasks: list = option(ALL_TASKS, "tasks to generate")
     train_pattern: int = option(4096, "train pool pattern rows per task (FT rows and ICL demonstrations)", minimum=0)
@@ -86,7 +111,7 @@ class DataConfig:
                                "generators and need_false items; docs/authors-data.md)", choices=DISTRIBUTIONS)
 
     def check(self, config: dict) -> None:
-        self.tasks = parse_task_list(self.tasks)
+        _set(self, "tasks", parse_task_list(self.tasks))
         for task in self.tasks:
             check_distribution(get_task(task), self.distribution)
         for task, params in self.task_params.items():
@@ -95,8 +120,8 @@ class DataConfig:
             get_task(task, params)  # raises ConfigError for an unknown task, key or bad value
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class EvalConfig(Section):
     tasks: list = option([], "tasks to evaluate; empty: data.tasks")
     shots: list = option([0, 4, 16], "k demonstrations per prompt (0 = zero-shot)")
     demo_seeds: list = option([0, 1, 2], "one demo set per (k, demo seed); k = 0 runs once")
@@ -112,7 +137,7 @@ class EvalConfig:
 
     def check(self, config: dict) -> None:
         if self.tasks:
-            self.tasks = parse_task_list(self.tasks)
+            _set(self, "tasks", parse_task_list(self.tasks))
         _int_list("eval.shots", self.shots, 0)
         _int_list("eval.demo_seeds", self.demo_seeds, 0, empty_ok=not any(self.shots))
         _need(bool(self.splits) and all(s in SPLITS for s in self.splits) and len(set(self.splits)) == len(self.splits),
@@ -120,8 +145,8 @@ class EvalConfig:
         _need(self.demo_split in SPLITS, f"eval.demo_split must be one of {', '.join(SPLITS)}, got {self.demo_split!r}")
 
 
-@dataclass
-class LoraConfig:
+@dataclass(frozen=True)
+class LoraConfig(Section):
     r: int = option(16, "adapter rank", minimum=1)
     alpha: int = option(32, "scaling numerator: the update is (alpha / r) * B @ A")
     dropout: float = option(0.05, "dropout on the adapter's input", minimum=0, below=1)
@@ -135,8 +160,8 @@ class LoraConfig:
               f"ft.lora.target_modules must be 'all-linear' or a non-empty list of module names, got {targets!r}")
 
 
-@dataclass
-class FtConfig:
+@dataclass(frozen=True)
+class FtConfig(Section):
     method: str = option("lora", "lora (peft adapter, base frozen) | full (every parameter, fp32 master weights)",
                          choices=FT_METHODS)
     tasks: list = option([], "tasks trained together, n_train rows each (several = the paper's mixed file); empty: --task")
@@ -184,7 +209,7 @@ class FtConfig:
 
     def check(self, config: dict) -> None:
         if self.tasks:
-            self.tasks = parse_task_list(self.tasks)
+            _set(self, "tasks", parse_task_list(self.tasks))
         _need(self.max_steps > 0 or self.epochs > 0, f"ft.epochs must be > 0 when ft.max_steps is 0, got {self.epochs}")
         _need(self.learning_rate > 0, f"ft.learning_rate must be > 0, got {self.learning_rate}")
         _need(self.batch_size >= 1 and self.batch_size % self.per_device_batch_size == 0,
@@ -200,8 +225,8 @@ class FtConfig:
                   f"pip install {REPORTERS[name][0]} (or ft.report_to=none)")
 
 
-@dataclass
-class ReproduceConfig:
+@dataclass(frozen=True)
+class ReproduceConfig(Section):
     models: list = option([], "models to study, each gets the full sweep; empty: [model]")
     icl: bool = option(True, "the ICL sweep of the eval section (shots x demo seeds) on the base model")
     ft_tasks: list = option([], "tasks fine-tuned one at a time; empty: data.tasks")
@@ -235,15 +260,13 @@ class ReproduceConfig:
         _int_list("reproduce.ft_eval_shots", self.ft_eval_shots, 0)
         for name, values in self.ft_protocol_n_train.items():
             _int_list(f"reproduce.ft_protocol_n_train.{name}", values, 1)
-        for name in self.ft_protocols:
-            protocol_ft(config, name)
         _need(not self.compare_protocol or self.compare_protocol in self.ft_protocols,
               f"reproduce.compare_protocol {self.compare_protocol!r} is not one of reproduce.ft_protocols "
               f"({', '.join(self.ft_protocols)})")
 
 
-@dataclass
-class CircuitsConfig:
+@dataclass(frozen=True)
+class CircuitsConfig(Section):
     enabled: bool = option(False, "reproduce.py runs the analysis (and adds its report section) only when true")
     tasks: list = option(["expression"], "tasks to analyse; each needs a corruption (its task file's `corrupt`)")
     split: str = option("pattern", "test split the clean items come from", choices=("pattern", "control"))
@@ -268,7 +291,7 @@ class CircuitsConfig:
     seed: int = option(0, "seeds the choice of corruption edits and the bootstrap")
 
     def check(self, config: dict) -> None:
-        self.tasks = parse_task_list(self.tasks)
+        _set(self, "tasks", parse_task_list(self.tasks))
         kinds = corruption_kinds()
         for name in self.tasks:
             _need(name in kinds, f"circuits.tasks: no corruption is defined for {name!r}; supported: "
@@ -277,8 +300,8 @@ class CircuitsConfig:
                   f"{name!r} (it has {', '.join(kinds[name])})")
 
 
-@dataclass
-class LadderConfig:
+@dataclass(frozen=True)
+class LadderConfig(Section):
     tasks: list = option([], "the ladder's tasks (each rung's ICL and FT are evaluated on each); empty: no ladder")
     rungs: list = option([], "cumulative rungs from the authors' setup to ours, each {name, why, set: {dotted.key: "
                          "value}}: the first sets the authors' setup over this config, each next one changes one "
@@ -293,7 +316,7 @@ class LadderConfig:
 
     def check(self, config: dict) -> None:
         if self.tasks:
-            self.tasks = parse_task_list(self.tasks)
+            _set(self, "tasks", parse_task_list(self.tasks))
         for n, rung in enumerate(self.rungs):
             _need(isinstance(rung, dict) and isinstance(rung.get("name"), str) and isinstance(rung.get("set", {}), dict)
                   and set(rung) <= {"name", "why", "set"},
@@ -301,8 +324,8 @@ class LadderConfig:
                   f"got {rung!r}")
 
 
-@dataclass
-class Config:
+@dataclass(frozen=True)
+class Config(Section):
     name: str = option("", "the config's name (results/<name>/); defaults to the YAML file's stem")
     data: DataConfig = section(DataConfig, "data generation (generate_data.py)")
     model: str = option("qwen2.5-coder-0.5b-instruct", "the model under study: an offline name "
@@ -326,175 +349,21 @@ class Config:
     ladder: LadderConfig = section(LadderConfig, "reproduce.py: the ladder from the authors' setup to ours, one "
                                    "factor per rung (README \"Ladder\")")
 
+    # Defaults that depend on other keys, each worked out here and only here.
+    @property
+    def eval_tasks(self) -> list[str]:
+        """The tasks evaluated: ``eval.tasks``, else ``data.tasks``."""
+        return list(self.eval.tasks or self.data.tasks)
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    return {f.name: (_as_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else copy.deepcopy(v))
-            for f in dataclasses.fields(obj)}
+    @property
+    def models(self) -> list[str]:
+        """The models studied: ``reproduce.models``, else ``[model]``."""
+        return list(self.reproduce.models) or [self.model]
 
-
-DEFAULTS: dict[str, Any] = _as_dict(Config())
-
-OPEN = {("data", "task_params"), ("reproduce", "ft_protocols"), ("reproduce", "ft_protocol_tasks"),
-        ("reproduce", "ft_protocol_n_train")}
-
-# Keys whose value may be a string or a list of strings (LoRA target modules: "all-linear" or
-# [q_proj, v_proj]); _check_type accepts exactly those two shapes for them, nothing else.
-STR_OR_LIST = {"ft.lora.target_modules", "ft.report_to"}
-
-
-def schema_field(dotted: str) -> dataclasses.Field:
-    """The schema field of a dotted key (``circuits.n_items``): its type, default, help and checks."""
-    cls: Any = Config
-    parts = dotted.split(".")
-    for n, part in enumerate(parts):
-        found = {f.name: f for f in dataclasses.fields(cls)}.get(part)
-        if found is None:
-            raise KeyError(dotted)
-        if n == len(parts) - 1:
-            return found
-        cls = found.metadata.get("section")
-        if cls is None:
-            raise KeyError(dotted)
-    raise KeyError(dotted)
+    @property
+    def ft_tasks(self) -> list[str]:
+        """The tasks fine-tuned one at a time: ``reproduce.ft_tasks``, else ``data.tasks``."""
+        return list(self.reproduce.ft_tasks or self.data.tasks)
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_type(dotted: str, value: Any, default: Any) -> None:
-    if default is None or value is None:
-        return
-    if dotted in STR_OR_LIST:
-        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-            raise ConfigError(f"config key {dotted!r} must be a string or a list of strings, got {value!r}")
-        return
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(f"config key {dotted!r} must be of type {type(default).__name__}, got {value!r}")
-
-
-def merge(base: dict, update: dict, where: str, path: tuple[str, ...] = ()) -> dict:
-    """``update`` merged into a copy of ``base``; unknown keys and wrong types raise ConfigError."""
-    out = copy.deepcopy(base)
-    if not isinstance(update, dict):
-        raise ConfigError(f"{where}: {'.'.join(path) or 'the config'} must be a mapping, got {update!r}")
-    for key, value in update.items():
-        dotted = ".".join((*path, str(key)))
-        if path in OPEN:
-            out[key] = copy.deepcopy(value)
-            continue
-        if key not in base:
-            raise ConfigError(f"{where}: unknown config key {dotted!r}{_suggest(str(key), base)}; "
-                              f"valid keys here: {', '.join(sorted(base))}")
-        if (*path, key) in OPEN:  # an open mapping is replaced, not merged: `ft_protocols: {}` means none
-            _check_type(dotted, value, base[key])
-            out[key] = copy.deepcopy(value)
-        elif isinstance(base[key], dict):
-            out[key] = merge(base[key], value, where, (*path, key))
-        else:
-            _check_type(dotted, value, base[key])
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_override(text: str) -> dict:
-    """``"data.seed=3"`` -> ``{"data": {"seed": 3}}``."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. data.seed=3")
-    key, raw = text.split("=", 1)
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: cannot parse the value ({e})") from None
-    if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; a number is meant
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()) else value
-        except ValueError:
-            pass
-    return nest(key.strip(), value)
-
-
-def nest(dotted: str, value: Any) -> dict:
-    """``("data.seed", 3)`` -> ``{"data": {"seed": 3}}``: a dotted key as the nested mapping ``merge`` takes."""
-    for part in reversed(dotted.split(".")):
-        value = {part: value}
-    return value
-
-
-def load_config(path: str | Path | None = None, overrides: Iterable[str | dict] = ()) -> dict:
-    """Defaults, then the YAML file at ``path``, then each override (``"a.b=v"`` or a nested dict)."""
-    config = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; the presets are in configs/ (cpu.yaml, quick.yaml, paper.yaml)")
-        try:
-            loaded = load_yaml(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        config = merge(config, loaded, str(path))
-        config["name"] = config["name"] or path.stem
-    for override in overrides:
-        update = parse_override(override) if isinstance(override, str) else override
-        config = merge(config, update, "command line")
-    validate(config)
-    return config
-
-
-def check_section(name: str, values: dict, config: dict) -> dict:
-    """One section (``values``: merged and type-checked) against its schema: each key's choices and
-    range, then the section's own cross-key ``check``. Returns it with normalised values (task lists
-    parsed), in schema order."""
-    return _as_dict(_build(schema_field(name).metadata["section"], values, name, config))
-
-
-def protocol_ft(config: dict, protocol: str) -> dict:
-    """The ft section FT protocol ``protocol`` trains with: ``config['ft']`` and the protocol's
-    overrides (``reproduce.ft_protocols``), merged and checked like any ft section."""
-    overrides = config["reproduce"]["ft_protocols"][protocol] or {}
-    ft = merge(DEFAULTS["ft"], config["ft"], "config", ("ft",))
-    return check_section("ft", merge(ft, overrides, f"reproduce.ft_protocols.{protocol}", ("ft",)), config)
-
-
-def _check_value(f: dataclasses.Field, value: Any, dotted: str) -> None:
-    choices, lo, below = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("below")
-    _need(choices is None or value in choices, f"{dotted} must be one of {', '.join(choices or ())}, got {value!r}")
-    _need(lo is None or value >= lo, f"{dotted} must be >= {lo}, got {value!r}")
-    _need(below is None or value < below, f"{dotted} must be in [{lo}, {below}), got {value!r}")
-
-
-def _build(cls: type, values: dict, where: str, config: dict) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        sub = f.metadata.get("section")
-        if sub is not None:
-            kwargs[f.name] = _build(sub, values[f.name], f"{where}.{f.name}", config)
-        else:
-            _check_value(f, values[f.name], f"{where}.{f.name}")
-            kwargs[f.name] = values[f.name]
-    obj = cls(**kwargs)
-    obj.check(config)
-    return obj
-
-
-def validate(config: dict) -> None:
-    """Every key of ``config`` checked against the schema; normalised values written back."""
-    for f in dataclasses.fields(Config):
-        if f.name not in config:  # a partial config built by hand (tests)
-            continue
-        if f.metadata.get("section") is None:
-            _check_value(f, config[f.name], f.name)
-        else:
-            config[f.name] = check_section(f.name, config[f.name], config)
-    if config.get("format", "ours") != "ours" and "eval" in config:
-        for name in config["eval"]["tasks"] or config["data"]["tasks"]:
-            task_in_format(get_task(name), config["format"])  # one line for a task without that format
+DEFAULTS: dict[str, Any] = Config().to_dict()
