@@ -5,8 +5,11 @@ this module is the second, independent route: it actually runs the program texts
 each one printed, so the data layer can refuse to write an item whose answer disagrees.
 
 One child process serves a whole batch (one process per program would cost ~20 ms each, and the
-data layer checks thousands of programs per run). The child is contained twice over, and each layer
-is meant to hold on its own:
+data layer checks thousands of programs per run). The child is the script
+:mod:`iclvsft.sandbox_child`, started by path as ``python -I -S`` with its job as JSON on stdin:
+isolated mode and no ``site``, so only the standard library is importable in it (not iclvsft, not
+its folder's modules, not site-packages). It is contained twice over, and each layer is meant to
+hold on its own:
 
 **Operating-system layer** (what the kernel enforces, whatever the program manages inside Python):
 
@@ -94,6 +97,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -200,243 +204,9 @@ def _launcher() -> tuple[list[str], list[str], list[str]]:
     return found
 
 
-# The child's program. Everything it needs is imported and set up before the OS layer goes in
-# (after Landlock it cannot open a file) and before the audit hook (after that only "compile" and
-# "exec" audit events are allowed).
-_CHILD = r'''
-import ast, builtins, io, json, os, signal, sys
-try:
-    import resource
-except ImportError:  # not on this platform: the other layers and the parent's watchdog remain
-    resource = None
-try:
-    import ctypes
-except ImportError:
-    ctypes = None
-
-job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-sources, timeout_s, max_output = job["sources"], job["timeout_s"], job["max_output"]
-result_fd, off = job["result_fd"], set(job["off"])
-active, missing = list(job["active"]), list(job["missing"])
-
-# fd 0 and fd 1 lead nowhere from now on: the results travel on result_fd only.
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 0)
-os.dup2(null, 1)
-os.close(null)
-
-# OS layer 1: no privileges. A uid change clears the parent-death signal, so set it again below.
-if os.geteuid() == 0:
-    if "privilege drop" in off:
-        missing.append("privilege drop (switched off; running as root)")
-    else:
-        try:
-            import pwd
-            entry = pwd.getpwnam("nobody")
-            uid, gid = entry.pw_uid, entry.pw_gid
-        except (ImportError, KeyError):
-            uid = gid = 65534
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-        except OSError:
-            pass
-        if 0 in (os.getuid(), os.geteuid(), os.getgid(), os.getegid()):
-            missing.append("privilege drop (failed; running as root)")
-        else:
-            active.append(f"privilege drop (root -> uid {uid})")
-else:
-    active.append(f"unprivileged user (uid {os.geteuid()})")
-
-# OS layer 2: resource limits (set after the drop, where RLIMIT_NPROC binds).
-if resource is not None:
-    def limit(name, value):
-        kind = getattr(resource, name, None)
-        if kind is None:
-            return
-        try:
-            soft, hard = resource.getrlimit(kind)
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            resource.setrlimit(kind, (value, value))
-        except (ValueError, OSError):
-            pass
-    limit("RLIMIT_CORE", 0)
-    limit("RLIMIT_FSIZE", 0)
-    limit("RLIMIT_NPROC", 0)
-    limit("RLIMIT_CPU", int(job["cpu_s"]) + 1)
-    limit("RLIMIT_AS", int(job["memory_bytes"]))
-    active.append("rlimits (memory, cpu, fsize 0, nproc 0, core 0)")
-
-# OS layer 3: prctl and Landlock, through libc.
-libc = None
-if ctypes is not None and sys.platform.startswith("linux"):
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        libc = None
-if libc is None:
-    missing.append("no_new_privs and landlock (no ctypes/libc)")
-else:
-    def prctl(option, value):
-        u = ctypes.c_ulong
-        return libc.prctl(ctypes.c_int(option), u(value), u(0), u(0), u(0))
-    prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the launcher
-    prctl(4, 0)                    # PR_SET_DUMPABLE 0: no ptrace or /proc/<pid>/mem by same-uid processes
-    if "no_new_privs" not in off and prctl(38, 1) == 0:  # PR_SET_NO_NEW_PRIVS
-        active.append("no_new_privs")
-    else:
-        missing.append("no_new_privs")
-
-    def landlock():
-        if "landlock" in off:
-            return "switched off"
-        syscall = libc.syscall
-        syscall.restype = ctypes.c_long
-        abi = syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-        if abi < 1:
-            return "not supported by this kernel"
-        fs = (1 << 13) - 1                                   # ABI 1: execute .. make_sym
-        fs |= (1 << 13) if abi >= 2 else 0                   # refer
-        fs |= (1 << 14) if abi >= 3 else 0                   # truncate
-        fs |= (1 << 15) if abi >= 5 else 0                   # ioctl_dev
-        net = 3 if abi >= 4 else 0                           # bind_tcp, connect_tcp
-        scoped = 3 if abi >= 6 else 0                        # abstract unix sockets, signals
-        attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
-        size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-        fd = syscall(ctypes.c_long(444), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-        if fd < 0:
-            return f"ruleset refused ({os.strerror(ctypes.get_errno())})"
-        try:
-            if syscall(ctypes.c_long(446), ctypes.c_int(fd), ctypes.c_uint32(0)) != 0:
-                return f"restrict_self refused ({os.strerror(ctypes.get_errno())})"
-        finally:
-            os.close(fd)
-        return abi
-
-    state = landlock()
-    if isinstance(state, int):
-        active.append(f"landlock (ABI {state}: no file access, no tcp"
-                      + (", no signals or abstract sockets outside" if state >= 6 else "") + ")")
-    else:
-        missing.append(f"landlock ({state})")
-
-
-class SandboxTimeout(BaseException):
-    """Raised inside a program that runs past its time limit (BaseException: `except Exception` misses it)."""
-
-
-running = [False]
-
-
-def on_alarm(signum, frame):
-    if running[0]:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)  # fire again if the program swallows this one
-        raise SandboxTimeout()
-
-
-signal.signal(signal.SIGALRM, on_alarm)
-
-# Interpreter layer: restricted builtins as Python wrappers (a real builtin function's __self__ is
-# the builtins module; a wrapper's __globals__ needs a "_" attribute), a source check and the hook.
-FUNCS = ("abs", "all", "any", "divmod", "isinstance", "len", "max", "min", "pow", "repr", "round", "sorted", "sum")
-TYPES = (
-    "bool", "dict", "enumerate", "filter", "float", "int", "list", "map", "range", "reversed", "set", "str",
-    "tuple", "zip",
-    "ArithmeticError", "AssertionError", "Exception", "IndexError", "KeyError", "OverflowError",
-    "RecursionError", "StopIteration", "TypeError", "ValueError", "ZeroDivisionError",
-)
-OUT = [None]
-wrappers = {"__builtins__": {}, "OUT": OUT, "REAL_print": builtins.print}
-wrappers.update({"REAL_" + name: getattr(builtins, name) for name in FUNCS})
-exec(compile("".join(f"def {name}(*args, **kwargs):\n    return REAL_{name}(*args, **kwargs)\n" for name in FUNCS)
-             + "def print(*args, sep=' ', end='\\n', flush=False):\n"
-               "    REAL_print(*args, sep=sep, end=end, file=OUT[0])\n", "<sandbox builtins>", "exec"), wrappers)
-guard = "interpreter" not in off
-if guard:
-    SAFE = {name: wrappers[name] for name in FUNCS + ("print",)}
-    SAFE.update({name: getattr(builtins, name) for name in TYPES})
-    active.append("interpreter guard (source check, restricted builtins, audit hook)")
-else:  # tests only: the OS layer alone (not a missing OS layer, so not in `missing`)
-    SAFE = dict(vars(builtins), print=wrappers["print"])
-
-# Frame, generator, coroutine and traceback attributes: the ways from a value back to a frame and
-# its globals; str.format/format_map, which look attributes up by name at run time. Every attribute
-# starting with "_" is refused as well.
-BAD_ATTRS = frozenset((
-    "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "cr_origin", "ag_frame",
-    "ag_code", "ag_await", "tb_frame", "tb_next", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
-    "f_trace", "format", "format_map",
-))
-
-
-def check(tree):
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute):
-            names, what = (node.attr,), "attribute"
-        elif isinstance(node, ast.MatchClass):
-            names, what = node.kwd_attrs, "attribute"
-        elif isinstance(node, ast.Name):
-            names, what = ((node.id,) if node.id.startswith("__") else ()), "name"
-        else:
-            continue
-        for name in names:
-            if name.startswith("_") or name in BAD_ATTRS:
-                raise RuntimeError(f"sandbox: {what} {name!r} is not allowed")
-
-
-def send(row):
-    data = (json.dumps(row) + "\n").encode("utf-8")
-    while data:
-        data = data[os.write(result_fd, data):]
-
-
-def hook(event, args):
-    if event not in {"compile", "exec"}:
-        raise RuntimeError(f"sandbox: {event!r} is not allowed")
-
-
-if guard:
-    sys.addaudithook(hook)
-del hook
-sys.setrecursionlimit(200)
-send({"layers": {"active": active, "missing": missing}})
-
-for index, source in enumerate(sources):
-    buf = io.StringIO()
-    error = None
-    try:
-        tree = ast.parse(source, f"<program {index}>", "exec")
-        if guard:
-            check(tree)
-        code = compile(tree, f"<program {index}>", "exec")
-        del tree
-        OUT[0] = buf
-        namespace = {"__builtins__": dict(SAFE), "__name__": "__main__"}
-        running[0] = True
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            exec(code, namespace)
-        finally:
-            running[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        del namespace
-    except SandboxTimeout:
-        error = f"TimeoutError: program ran longer than {timeout_s:g} s"
-    except BaseException as exc:  # the program's own error, reported as one line
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    finally:
-        running[0] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        OUT[0] = None
-    text = buf.getvalue()
-    if len(text) > max_output:
-        text = text[:max_output]
-        error = error or f"OutputError: program printed more than {max_output} characters"
-    send({"i": index, "stdout": text, "error": error})
-'''
+# The child's program (a script, started by path in isolated mode): it sets up every layer itself
+# and reads its job from stdin. Not imported here: nothing of iclvsft is loaded in the child.
+_CHILD = str(Path(__file__).resolve().with_name("sandbox_child.py"))
 
 
 def run_programs(sources: Sequence[str], timeout_s: float = 1.0, total_timeout_s: float = 120.0,
@@ -483,7 +253,7 @@ def _run_child(sources: list[str], timeout_s: float, deadline: float, memory_mb:
     payload = json.dumps(job).encode("utf-8")
     done: list[SandboxResult] = []
     try:
-        proc = subprocess.Popen(prefix + [sys.executable, "-I", "-S", "-c", _CHILD], stdin=subprocess.PIPE,
+        proc = subprocess.Popen(prefix + [sys.executable, "-I", "-S", _CHILD], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={},
                                 cwd=tempfile.gettempdir(), close_fds=True, pass_fds=(write_end,))
     except BaseException:

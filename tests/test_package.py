@@ -116,6 +116,15 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
     where = subprocess.run([str(python), "-c", "import iclvsft.commands as c; print(c.__file__, c.CONFIG_DIR)"],
                            cwd=work, capture_output=True, text=True, env=ENV).stdout.split()
     assert where[0].startswith(str(tmp_path / "venv")), where  # the wheel, not the checkout
+    # The sandbox's child is a script file of the package: shipped, and started from the installed copy.
+    assert "iclvsft/sandbox_child.py" in names
+    ran = subprocess.run([str(python), "-c", "from iclvsft import sandbox; print(sandbox._CHILD); "
+                          "print(sandbox.run_programs(['print(6 * 7)', 'import os'], timeout_s=5.0))"],
+                         cwd=work, capture_output=True, text=True, env=ENV, timeout=120)
+    child, results = ran.stdout.splitlines()[-2:]
+    assert child.startswith(str(tmp_path / "venv")) and child.endswith("sandbox_child.py"), ran.stdout + ran.stderr
+    assert results == ("[SandboxResult(stdout='42\\n', error=None), "
+                       "SandboxResult(stdout='', error='ImportError: __import__ not found')]"), ran.stdout + ran.stderr
     helped = run("--help")
     assert helped.returncode == 0 and all(name in helped.stdout for name in SCRIPTS)
     r = run("generate", "--config", "quick", "--tasks", "expression", "--quiet", "data.train_pattern=8",

@@ -13,8 +13,11 @@ import json
 import logging
 import os
 import shutil
+import site
 import socket
 import subprocess
+import sys
+import sysconfig
 import tempfile
 
 import pytest
@@ -294,3 +297,42 @@ def test_missing_os_layer_warns_once_and_the_interpreter_guard_still_blocks(capl
     warnings = [r.getMessage() for r in caplog.records if r.name == "iclvsft.sandbox"]
     assert len(warnings) == 1 and "landlock" in warnings[0] and "namespaces" in warnings[0]
     assert results[0].error and results[1].error.startswith("ImportError") and results[2].stdout == "3\n"
+
+
+# Module names a program might try: the package, its modules as top-level names (the child script's
+# own folder), the tests' folder, and third-party packages of the project's environment.
+UNREACHABLE = ("iclvsft", "sandbox", "sandbox_child", "tasks", "conftest", "numpy", "yaml")
+
+
+def test_child_script_sees_only_the_standard_library(monkeypatch):
+    """The child is iclvsft/sandbox_child.py started by path with ``-I -S``: its folder, the project
+    and site-packages are not on its sys.path, so neither iclvsft nor a sibling module is importable."""
+    imports = [f"import {name}" for name in UNREACHABLE]
+    assert all(r == SandboxResult("", "ImportError: __import__ not found") for r in run_programs(imports))
+    # Interpreter guard and Landlock off (test-only knobs): the import system really searches sys.path.
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter", "landlock"}))
+    probe = ("import sys\nprint(sys.flags.isolated, sys.flags.no_site, sys.flags.safe_path)\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(UNREACHABLE) + "))\n"
+             "print(*sys.path, sep='\\n')")
+    *results, shown = run_programs(imports + [probe], timeout_s=5.0)
+    for name, result in zip(UNREACHABLE, results):
+        assert result == SandboxResult("", f"ModuleNotFoundError: No module named '{name}'"), (name, result)
+    assert shown.ok, shown
+    flags, modules, *path = shown.stdout.splitlines()
+    assert flags == "1 1 True" and modules == "[]"
+    package = os.path.dirname(os.path.realpath(sandbox.__file__))
+    outside = [os.path.dirname(package), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+               *site.getsitepackages()]
+    for entry in path:
+        real = os.path.realpath(entry)
+        assert real != package and not any(real == os.path.realpath(p) for p in outside), (entry, path)
+        assert "site-packages" not in real and "dist-packages" not in real, (entry, path)
+
+
+def test_child_script_does_nothing_when_imported():
+    """Only ``python sandbox_child.py`` runs the child; importing the module (a documentation tool,
+    a linter plugin) neither reads stdin nor touches the importer's fds 0 and 1."""
+    r = subprocess.run([sys.executable, "-c", "import iclvsft.sandbox_child as c, sys; print(c.RECURSION_LIMIT)"],
+                       input=b"not a job", capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r
+    assert os.path.isfile(sandbox._CHILD) and sandbox._CHILD.endswith(os.path.join("iclvsft", "sandbox_child.py"))
