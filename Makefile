@@ -53,7 +53,7 @@ $(VENV)/.models-scale: requirements-models-scale.txt $(VENV)/.deps
 reproduce-scale: $(VENV)/.deps $(VENV)/.models-test $(VENV)/.models-study $(VENV)/.models-scale
 	$(BIN)/python reproduce.py --config configs/cpu_scale.yaml
 
-# The ladder from the authors' setup to ours (configs/ladder.yaml, README "Ladder").
+# The ladder from the authors' setup to ours (configs/ladder.yaml, docs/ladder.md).
 reproduce-ladder: $(VENV)/.deps $(VENV)/.models-study
 	$(BIN)/python reproduce.py --config configs/ladder.yaml
 

@@ -7,7 +7,7 @@ Clean = a test item, corrupted = a minimal edit of it that changes the answer's 
 token length); metric = logit difference between the two answers' first tokens; attribution patching
 (gradient x activation difference) and/or exact activation patching; shift = distance of the ICL and FT
 maps from the base map (1 - cosine, normalised L1, top-k overlap) with bootstrap intervals. See
-README.md, "Circuit shift", for the method and every choice.
+docs/circuits.md for the method and every choice.
 
 Writes DIR/config.json, DIR/scores.jsonl (one row per task x condition x pair), DIR/circuits.json,
 DIR/circuits.md and DIR/plots/<task>/*.png. Needs the generated data (generate_data.py).

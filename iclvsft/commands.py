@@ -23,7 +23,6 @@ Heavy imports (torch, transformers) happen only after the options are parsed, so
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -251,9 +250,7 @@ def test_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int
         if state.is_main_process and out.exists():
             shutil.rmtree(out)
         state.wait_for_everyone()
-    remedy = (r"choose another --out or move that folder away",
-              "choose another --out, move that folder away, or pass --overwrite to replace it")
-    with _rewritten_errors([remedy]):
+    with _worded_errors({"move_folder": "move that folder away, or pass --overwrite to replace it"}):
         metrics = evaluate(EvalPlan(config, default_data_dir(args, config), out, config.model, args.adapter),
                            show_progress=not args.quiet)
     if PartialState().is_main_process:  # the state evaluate() initialised
@@ -269,18 +266,17 @@ test_main.__test__ = False  # a command, not a pytest test, wherever a test modu
 
 RESULTS_ENTRIES = {"config.json", "icl", "ft", "ft_eval", "circuits", "ladder", "plots", "report.md", "summary.json",
                    "timings.json"}
-# Messages of the shared stages name finetune.py's and test.py's options; reproduce.py's are --results
-# (the folder every stage writes under) and --overwrite (the whole study).
-REPRODUCE_FLAGS = [
-    (r"\banother --out\b", "another --results"),
-    (r"^--out (\S+)", r"\1 (under --results)"),
-    (r"use another results folder", "choose another --results"),
-    (r"pass --overwrite to start over", "pass --overwrite to rerun the whole study from scratch"),
-    (r"pass --overwrite to train it again", "pass --overwrite to rerun the whole study from scratch"),
-    (r"move that run away to train it again$", "move that run away to train it again, or pass --overwrite to rerun "
-                                                "the whole study from scratch"),
-    (r"pass another --data folder$", "pass another --data folder, or --overwrite to regenerate it and rerun the study"),
-]
+# The shared stages' remedies, worded for reproduce.py: its folder is --results (every stage writes
+# under it) and --overwrite reruns the whole study.
+STUDY_OVER = "pass --overwrite to rerun the whole study from scratch"
+REPRODUCE_WORDS = {
+    "another_out": "choose another --results",
+    "another_results": "choose another --results",
+    "overwrite_train": STUDY_OVER,
+    "overwrite_start": STUDY_OVER,
+    "move_run": f"move that run away to train it again, or {STUDY_OVER}",
+    "another_data": "pass another --data folder, or --overwrite to regenerate it and rerun the study",
+}
 
 
 def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -329,7 +325,7 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
 
     from .study import run_study
 
-    with _rewritten_errors(REPRODUCE_FLAGS, out_flag="--results"):
+    with _worded_errors(REPRODUCE_WORDS, out_flag="--results"):
         if args.overwrite:
             _clear_folder(results, RESULTS_ENTRIES, "config.json", "reproduce results")
             from .data import generate, is_up_to_date
@@ -339,10 +335,8 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
             if results.exists():
                 shutil.rmtree(results)
         report = run_study(config, data, results, show_progress=not args.quiet)
-    text = report.read_text()
-    headline = text[text.index("## Headline"):].split("\n## ", 1)[0] if "## Headline" in text else text
-    print(headline)
-    print(f"wrote {report}")
+    print(report.headline)
+    print(f"wrote {report.path}")
     return 0
 
 
@@ -384,21 +378,17 @@ def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 # ---------------------------------------------------------------------------------------------- errors
 
 @contextmanager
-def _rewritten_errors(rules: list[tuple[str, str]], out_flag: str | None = None) -> Iterator[None]:
-    """Re-raise a project error with ``rules`` (regex, replacement) applied to its message, so a
-    message from a shared stage names this command's options. With ``out_flag``, a file-system error
-    that :func:`iclvsft.cli.run` would explain with "--out" names ``out_flag`` instead."""
+def _worded_errors(words: dict[str, str], out_flag: str = "--out") -> Iterator[None]:
+    """Re-raise a project error with its remedies worded by ``words`` and its output folder named by
+    ``out_flag`` (see :class:`iclvsft.errors.IclvsftError`); with an ``out_flag`` other than --out, a
+    file-system error that :func:`iclvsft.cli.run` would explain with "--out" names ``out_flag``."""
     try:
         yield
     except IclvsftError as e:
-        message = str(e)
-        for pattern, replacement in rules:
-            message = re.sub(pattern, replacement, message)
-        if message == str(e):
-            raise
-        raise type(e)(message) from None
+        e.reword(words, out_flag)
+        raise
     except OSError as e:
-        remedy = cli.FILE_SYSTEM_ERRORS.get(e.errno) if out_flag else None
+        remedy = cli.FILE_SYSTEM_ERRORS.get(e.errno) if out_flag != "--out" else None
         if remedy is None:
             raise
         remedy = remedy.replace("--out", out_flag)

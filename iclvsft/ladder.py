@@ -1,4 +1,4 @@
-"""The ladder from the authors' setup to ours (reproduce.py with a ``ladder`` section; README "Ladder").
+"""The ladder from the authors' setup to ours (reproduce.py with a ``ladder`` section; docs/ladder.md).
 
 Rung 0 applies the first rung's settings to the config (the authors' setup); every next rung changes
 one more factor, cumulatively, ending at our protocol. Each rung is a whole config: its ICL sweep on

@@ -30,7 +30,7 @@ def differences(saved: Any, current: Any, path: str = "") -> list[str]:
 ADDED_KEYS = {"prompt_style": "raw"}
 
 
-def read_identity(path: Path, remedy: str = "move the folder away") -> dict | None:
+def read_identity(path: Path, remedies: tuple[str, ...] = ("move_folder",)) -> dict | None:
     """The identity recorded in ``path``; None when there is no such file. An unreadable file raises
     :class:`ConfigError`."""
     if not path.is_file():
@@ -40,17 +40,17 @@ def read_identity(path: Path, remedy: str = "move the folder away") -> dict | No
         if not isinstance(saved, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is unreadable; {remedy}") from None
+        raise ConfigError(f"{path} is unreadable", *remedies) from None
     return {**ADDED_KEYS, **saved}
 
 
 def compare_identity(path: Path, identity: dict, keys: Iterable[str] | None = None,
-                     remedy: str = "move the folder away", per_task: Iterable[str] = ()) -> list[str] | None:
+                     remedies: tuple[str, ...] = ("move_folder",), per_task: Iterable[str] = ()) -> list[str] | None:
     """What differs between the identity recorded in ``path`` and ``identity`` (only ``keys`` when
     given); None when ``path`` does not exist. ``per_task``: keys whose values map task -> value and
     are compared on the tasks both sides name (a run of other tasks into the folder is the same run
     for the tasks they share). An unreadable file raises :class:`ConfigError`."""
-    saved = read_identity(path, remedy)
+    saved = read_identity(path, remedies)
     if saved is None:
         return None
     current = json.loads(json.dumps(identity, default=str))  # as it would be written

@@ -49,7 +49,7 @@ from .jobs import FTRun, plan_ft, with_eval
 from .ladder import run_ladder
 from .models import release_memory
 from .plan import Invocation, check_plan
-from .report import Comparison, FTResult, build_summary, write_report
+from .report import Comparison, FTResult, WrittenReport, build_summary, write_report
 from .runs import differences, summarise_differences
 
 PARTIAL = ("## Partial report\n\nThe study is still running: {done} of {total} models done (left: {left}){more}. This "
@@ -96,7 +96,7 @@ class Study:
         with self.timed("data"):
             if not is_up_to_date(self.config, self.data_dir):
                 if (self.data_dir / "manifest.json").exists():
-                    raise ConfigError(f"{self.data_dir} holds data made with other settings; pass another --data folder")
+                    raise ConfigError(f"{self.data_dir} holds data made with other settings", "another_data")
                 generate(self.config, self.data_dir, show_progress=self.runners.show_progress)
 
     def models(self) -> None:
@@ -145,8 +145,8 @@ class Study:
 
 
 def run_study(config: Config, data_dir: Path, results: Path, show_progress: bool = True,
-              runners: Runners | None = None) -> Path:
-    """Run (or resume) every stage; returns the path of report.md. ``runners``: what trains and evaluates
+              runners: Runners | None = None) -> WrittenReport:
+    """Run (or resume) every stage; returns report.md as written (path, headline). ``runners``: what trains and evaluates
     (tests pass wrappers of the real ones)."""
     runners = dataclasses.replace(runners or Runners(), show_progress=show_progress)
     study = Study(config, data_dir, results, runners)

@@ -1,4 +1,4 @@
-"""The code task (SPEC task 2) and its sandbox: answers confirmed by running the programs, split
+"""The code task (docs/data.md) and its sandbox: answers confirmed by running the programs, split
 invariants, determinism, config validation, and the sandbox's refusals and limits."""
 from __future__ import annotations
 

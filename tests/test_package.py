@@ -253,27 +253,35 @@ def test_entry_point_errors_are_one_line(monkeypatch, capsys):
 
 
 def test_reproduce_messages_name_its_own_flags():
-    def rewritten(error):
-        with pytest.raises(ConfigError) as caught, commands._rewritten_errors(commands.REPRODUCE_FLAGS, "--results"):
+    """The shared stages raise remedies as keys (iclvsft/evaluate/run.py, iclvsft/train/run.py, study.py);
+    reproduce.py words them for --results and its --overwrite, test.py and finetune.py keep the defaults."""
+    def worded(error, words=commands.REPRODUCE_WORDS, flag="--results"):
+        with pytest.raises((ConfigError, OSError)) as caught, commands._worded_errors(words, flag):
             raise error
         return str(caught.value)
 
-    # the shared stages' remedies (iclvsft/evaluate/run.py, iclvsft/train/run.py) and cli.run's
-    msg = rewritten(ConfigError("results/quick/icl/m holds results of another run (differs in limit: 1 -> 2); "
-                                "choose another --out or move that folder away"))
-    assert "choose another --results or move that folder away" in msg and "--out" not in msg
-    msg = rewritten(ConfigError("--out results/quick/ft/x is a file; choose a folder"))
-    assert msg.startswith("results/quick/ft/x (under --results) is a file")
-    msg = rewritten(ConfigError("r/ft/x holds an unfinished run with another config (lr); rerun with the same settings "
-                                "to resume it, or pass --overwrite to start over"))
-    assert "pass --overwrite to rerun the whole study" in msg
-    msg = rewritten(ConfigError("r/ft/x holds a finished run made with other settings (ft.learning_rate: 0.0002 -> "
-                                "0.01); use another results folder, or move that run away to train it again"))
+    other_run = ConfigError("results/quick/icl/m holds results of another run (differs in limit: 1 -> 2)",
+                            "another_out", "move_folder")
+    assert str(other_run).endswith("; choose another --out, or move that folder away")  # test.py's own wording
+    msg = worded(other_run)
+    assert msg.endswith("; choose another --results, or move that folder away") and "--out" not in msg
+    msg = worded(ConfigError("is a file", "choose_folder", out="results/quick/ft/x"))
+    assert msg == "results/quick/ft/x (under --results) is a file; choose a folder"
+    assert str(ConfigError("is a file", "choose_folder", out="x")) == "--out x is a file; choose a folder"
+    msg = worded(ConfigError("r/ft/x holds an unfinished run with another config (lr)", "resume", "overwrite_start"))
+    assert msg.endswith("rerun with the same settings to resume it, or pass --overwrite to rerun the whole study "
+                        "from scratch")
+    msg = worded(ConfigError("r/ft/x holds a finished run made with other settings (ft.learning_rate: 0.0002 -> 0.01)",
+                             "another_results", "move_run"))
     assert "choose another --results" in msg and msg.endswith("or pass --overwrite to rerun the whole study from scratch")
-    msg = rewritten(ConfigError("data/quick holds data made with other settings; pass another --data folder"))
+    msg = worded(ConfigError("data/quick holds data made with other settings", "another_data"))
     assert msg.endswith("or --overwrite to regenerate it and rerun the study")
-    msg = rewritten(OSError(errno.EROFS, "Read-only file system", "results/quick/report.md"))
+    msg = worded(OSError(errno.EROFS, "Read-only file system", "results/quick/report.md"))
     assert "choose another --results" in msg and "--out" not in msg and "results/quick/report.md" in msg
+    plain = ConfigError("no remedy {braces} kept as written")
+    assert worded(plain) == "no remedy {braces} kept as written"
+    with pytest.raises(ValueError, match="unknown remedies"):
+        ConfigError("x", "no_such_remedy")
 
 
 def test_overwrite_only_clears_folders_the_command_wrote(tmp_path):

@@ -439,7 +439,7 @@ def test_plan_flags_need_plan():
 
 
 def test_cpu_time_estimates_match_the_measured_cpu_study():
-    """configs/cpu.yaml on the project's 2-core CPU (README "Results", results/cpu/timings.json):
+    """configs/cpu.yaml on the project's 2-core CPU (docs/results.md, results/cpu/timings.json):
     ICL sweep 5.8 min, the twelve LoRA runs with their evaluations 19.7 min. Estimates within 50%."""
     config = load_config(str(ROOT / "configs" / "cpu.yaml"))
     rows = plan.plan_study(config, Machine(0, 0.0, 23 * GIB, ""), Path("results/cpu")).rows

@@ -1,5 +1,5 @@
-"""Bad inputs and hostile environments: one clear line and exit 2, nothing overwritten (issue 15's
-test plan; each case failed with a traceback or a silent wrong result before)."""
+"""Bad inputs and hostile environments: one clear line and exit 2, nothing overwritten (each case here
+failed with a traceback or a silent wrong result before it was fixed)."""
 import json
 import os
 import runpy

@@ -1,6 +1,6 @@
 """Fine-tuning (iclvsft/train/, finetune.py) on the tiny random Qwen2, CPU only.
 
-What must hold (issue 4): prompt tokens carry label -100 and every row keeps a label token after
+What must hold: prompt tokens carry label -100 and every row keeps a label token after
 truncation; the three batchings give the same loss on the same rows (padding-free packing is exact);
 the loss falls on a repeated small batch; LoRA leaves the base bit-identical and changes the adapter,
 and the saved adapter reproduces the in-memory logits; a full run saves a loadable model; an

@@ -1,5 +1,5 @@
 """Circuit shift: which attention heads and MLPs carry the answer, under base, ICL and fine-tuned
-conditions (SPEC "The experiment", issue 6; README "Circuit shift" explains the method and choices).
+conditions (docs/circuits.md explains the method and choices).
 
 Modules, bottom-up: ``hooks`` (model anatomy, :func:`run_patched`: the one hooked forward pass),
 ``pairs`` (clean / corrupted pairs; the edits are the tasks' ``corrupt``), ``patching`` (attribution

@@ -305,7 +305,7 @@ class LadderConfig(Section):
     tasks: list = option([], "the ladder's tasks (each rung's ICL and FT are evaluated on each); empty: no ladder")
     rungs: list = option([], "cumulative rungs from the authors' setup to ours, each {name, why, set: {dotted.key: "
                          "value}}: the first sets the authors' setup over this config, each next one changes one "
-                         "factor (README \"Ladder\")")
+                         "factor (docs/ladder.md)")
     scoring: str = option("strict", "how a rung scores: strict (the completion must start with the answer) | "
                           "substring (the authors': the gold string anywhere in the completion)",
                           choices=LADDER_SCORING)
@@ -347,7 +347,7 @@ class Config(Section):
                                        "carry the answer under base zero-shot, base + k demonstrations and base + "
                                        "fine-tuned adapter")
     ladder: LadderConfig = section(LadderConfig, "reproduce.py: the ladder from the authors' setup to ours, one "
-                                   "factor per rung (README \"Ladder\")")
+                                   "factor per rung (docs/ladder.md)")
 
     # Defaults that depend on other keys, each worked out here and only here.
     @property

@@ -2,7 +2,7 @@
 
 ``cells`` (what is computed) -> ``evaluator`` (scoring with a loaded model) -> ``run`` (the folder,
 resume, sharding) -> ``samples`` / ``tables`` (samples.jsonl, metrics.json, table.md). How and why:
-README.md, "How evaluation works".
+docs/engine.md.
 """
 
 from __future__ import annotations

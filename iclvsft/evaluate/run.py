@@ -48,7 +48,7 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     # (over gloo); without it each would run, and write, the whole evaluation on its own.
     state = PartialState(cpu=not torch.cuda.is_available())
     if plan.out.exists() and not plan.out.is_dir():
-        raise ConfigError(f"--out {plan.out} is a file; choose a folder")
+        raise ConfigError("is a file", "choose_folder", out=plan.out)
     ev = plan.config.eval
     tasks = ev.tasks or plan.config.data.tasks
     cells = plan_cells(tasks, ev.shots, ev.demo_seeds)
@@ -110,10 +110,11 @@ def _nothing_left(plan: EvalPlan, core: dict, cells: list[Cell], done: set, task
 def _claim_folder(plan: EvalPlan, identity: dict, loaded, state) -> dict:
     """Refuse a folder holding another run (on every process, so a refusal stops them all); write
     run.json with the identity, its per-task hashes covering every task evaluated there so far."""
-    remedy = "choose another --out or move that folder away"
-    diff = compare_identity(plan.out / RUN_FILE, identity, remedy=remedy, per_task=PER_TASK)
+    remedies = ("another_out", "move_folder")
+    diff = compare_identity(plan.out / RUN_FILE, identity, remedies=remedies, per_task=PER_TASK)
     if diff:
-        raise ConfigError(f"{plan.out} holds results of another run (differs in {summarise_differences(diff)}); {remedy}")
+        raise ConfigError(f"{plan.out} holds results of another run (differs in {summarise_differences(diff)})",
+                          *remedies)
     saved = read_identity(plan.out / RUN_FILE) or {}
     identity = {**identity, **{k: {**(saved.get(k) or {}), **identity[k]} for k in PER_TASK}}  # every task so far
     if state.is_main_process:

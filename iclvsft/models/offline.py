@@ -70,7 +70,7 @@ def _split_parts(package: str, module: str, version: str, count: int) -> tuple[O
                  for i in range(1, count + 1))
 
 
-# The offline names (SPEC "Models"). requirements-models-*.txt pin the same packages (a test checks).
+# The offline names (docs/models.md). requirements-models-*.txt pin the same packages (a test checks).
 OFFLINE_MODELS: dict[str, OfflineModel] = {
     "qwen2.5-coder-0.5b-instruct": OfflineModel(
         name="qwen2.5-coder-0.5b-instruct",

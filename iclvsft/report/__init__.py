@@ -7,14 +7,26 @@ comparison at the declared cells, rows-to-match) -> ``render`` (report.md) and `
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from ..io import atomic_write_text, slug, write_json
 from .plots import plot, plot_sizes
-from .render import protocol_comparison, render, size_table
+from .render import headline, protocol_comparison, render, size_table
 from .summary import Comparison, FTResult, build_summary, condition, judge_summaries, task_summary
 
 
-def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str] = ()) -> Path:
+class WrittenReport(NamedTuple):
+    """report.md as written: its path and its headline section (the first model's; a report without
+    models, e.g. the ladder's alone, is all headline)."""
+
+    path: Path
+    headline: str
+
+    def read_text(self) -> str:
+        return self.path.read_text()
+
+
+def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str] = ()) -> WrittenReport:
     """report.md (one part per model), summary.json and plots/ under ``out_dir``. Every verdict of the
     report is judged here, as one family (Holm over all models and tasks)."""
     judge_summaries(summaries)
@@ -30,9 +42,10 @@ def write_report(out_dir: Path, summaries: list[dict], extra_sections: list[str]
         sizes += [f"![accuracy vs model size](plots/{Path(path).name})", ""]
     write_json(out_dir / "summary.json", {"models": summaries})
     report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(parts + sizes) + "".join(f"{s}\n" for s in extra_sections))
-    return report
+    text = "\n".join(parts + sizes) + "".join(f"{s}\n" for s in extra_sections)
+    atomic_write_text(report, text)
+    return WrittenReport(report, "\n".join(headline(summaries[0])) if summaries else text)
 
 
-__all__ = ["Comparison", "FTResult", "build_summary", "condition", "judge_summaries", "plot", "render", "task_summary",
-           "write_report"]
+__all__ = ["Comparison", "FTResult", "WrittenReport", "build_summary", "condition", "judge_summaries", "plot", "render",
+           "task_summary", "write_report"]

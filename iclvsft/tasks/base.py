@@ -22,7 +22,7 @@ DISTRIBUTIONS = ("ours", "authors")  # config key data.distribution (docs/author
 
 @dataclass(frozen=True)
 class Item:
-    """One question with its gold answer (SPEC "Vocabulary").
+    """One question with its gold answer (docs/data.md).
 
     ``shortcut_answer`` is what the task's shortcut predicts; equal to ``answer`` on ``pattern``,
     different on ``control``. It is ``None`` where the shortcut yields no answer (see algebra).

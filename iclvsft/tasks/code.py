@@ -251,7 +251,7 @@ def _value_function2(shape: str, op: str, k: int, p: dict[str, Any], z: int, a: 
 
 @dataclass
 class CodeConfig(TaskConfig):
-    """Knobs of the code task (defaults follow SPEC task 2).
+    """Knobs of the code task (defaults: docs/data.md, the code task).
 
     input_range       v, the program's input, is drawn from [lo, hi] (within [-100, 100]).
     k_range           function2's constant k (k >= 1, so ``//`` never divides by zero).

@@ -1,5 +1,5 @@
 """Prompt formats: ``ours`` (each task file's header and question, the default) and ``authors`` (the
-formats of the authors' release, for the ladder from their setup to ours, README "Ladder").
+formats of the authors' release, for the ladder from their setup to ours, docs/ladder.md).
 
 A format is a *view* of a task: the same items, shown with another header, question text, answer
 text and token budget. ``task_in_format(task, "authors")`` returns a task-like object whose
@@ -22,7 +22,7 @@ PROMPT_STYLES = ("raw", "chat")
 
 @dataclass(frozen=True)
 class AuthorsFormat:
-    """The authors' release for one task (their scripts, read in full; issue 12).
+    """The authors' release for one task (their scripts, read in full; docs/authors-data.md).
 
     header            their evaluation header (a line of its own); the FT rows never had one
     answer_sep        between their query and their answer

@@ -1,4 +1,4 @@
-"""Task 5, parity (SPEC: "sequences determining answers through parity"; not in the authors' code).
+"""Task 5, parity (the paper's "sequences determining answers through parity"; not in the authors' code).
 
 A sequence of 8-16 two- or three-digit integers; is their sum even or odd? The answer is fixed by the
 parity of the count of odd numbers, so the sum itself is never needed. That shortcut is always valid,

@@ -1,8 +1,8 @@
 """Fine-tuning: LoRA or full-parameter, one task or several mixed, single CPU to multi-GPU.
 
 ``rows`` (rows, tokens, labels, collators) -> ``setup`` (precision, model, Trainer arguments, the
-log callback) -> ``run`` (the output folder, resume, training, summary). How and why: README.md,
-"Fine-tuning".
+log callback) -> ``run`` (the output folder, resume, training, summary). How and why:
+docs/engine.md.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def labelled_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None)
 
 def make_collator(batching: str, pad_token_id: int, max_length: int, attn_implementation: str | None = None,
                   logits_on: str = "all"):
-    """The collator for ``ft.batching`` (README "Fine-tuning"); ``logits_on="labels"`` wraps it in
+    """The collator for ``ft.batching`` (docs/engine.md); ``logits_on="labels"`` wraps it in
     :class:`LabelledLogitsCollator` (train with :func:`labelled_logits_loss` then)."""
     if batching == "padding_free":
         flash = bool(attn_implementation and attn_implementation.startswith("flash_attention"))

@@ -76,21 +76,20 @@ def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
     if not out.exists():
         return "new"
     if not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; choose a folder")
+        raise ConfigError("is a file", "choose_folder", out=out)
     if not any(out.iterdir()):
         return "new"
     if not (out / RUN_CONFIG_FILE).is_file():
-        raise ConfigError(f"--out {out} is not empty and holds no {RUN_CONFIG_FILE}: not a finetune.py output "
-                          f"folder, so it is left alone; choose another --out")
+        raise ConfigError(f"is not empty and holds no {RUN_CONFIG_FILE}: not a finetune.py output folder, so it "
+                          "is left alone", "another_out", out=out)
     if overwrite:
         return "clear"
     if (out / SUMMARY_FILE).is_file():
-        raise ConfigError(f"{out} holds a finished run ({SUMMARY_FILE}); pass --overwrite to train it again "
-                          f"or choose another --out")
-    diff = compare_identity(out / RUN_CONFIG_FILE, identity, remedy="pass --overwrite to start over")
+        raise ConfigError(f"{out} holds a finished run ({SUMMARY_FILE})", "overwrite_train", "another_out")
+    diff = compare_identity(out / RUN_CONFIG_FILE, identity, remedies=("overwrite_start",))
     if diff:
-        raise ConfigError(f"{out} holds an unfinished run with another config ({summarise_differences(diff)}); "
-                          f"rerun with the same settings to resume it, or pass --overwrite to start over")
+        raise ConfigError(f"{out} holds an unfinished run with another config ({summarise_differences(diff)})",
+                          "resume", "overwrite_start")
     return "resume"
 
 
@@ -104,13 +103,12 @@ def is_finished(config: Config, out: str | Path, data_dir: str | Path) -> bool:
     ft = config.ft
     _, data_record = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
                                  config.format, ft.rows)
-    diff = compare_identity(out / RUN_CONFIG_FILE, run_identity(config, data_record),
-                            remedy=f"move {out} away to train it again")
+    diff = compare_identity(out / RUN_CONFIG_FILE, run_identity(config, data_record), remedies=("move_run",))
     if diff is None:
-        raise ConfigError(f"{out / RUN_CONFIG_FILE} is missing; move {out} away to train it again")
+        raise ConfigError(f"{out / RUN_CONFIG_FILE} is missing", "move_run")
     if diff:
-        raise ConfigError(f"{out} holds a finished run made with other settings ({summarise_differences(diff)}); "
-                          "use another results folder, or move that run away to train it again")
+        raise ConfigError(f"{out} holds a finished run made with other settings ({summarise_differences(diff)})",
+                          "another_results", "move_run")
     return True
 
 
