@@ -104,7 +104,7 @@ def test_config_errors():
         load_config(None, ["data.task_params.relation.n_city=5"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
-    assert load_config(None, ["ft.learning_rate=1e-5"])["ft"]["learning_rate"] == 1e-5  # YAML 1.1 reads a string
+    assert load_config(None, ["ft.learning_rate=1e-5"]).ft.learning_rate == 1e-5  # YAML 1.1 reads a string
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -128,7 +128,7 @@ def test_values_that_would_silently_change_results_are_refused(bad, match):
 
 
 def test_zero_shot_only_needs_no_demo_seed():
-    assert load_config(None, ["eval.shots=[0]", "eval.demo_seeds=[]"])["eval"]["demo_seeds"] == []
+    assert load_config(None, ["eval.shots=[0]", "eval.demo_seeds=[]"]).eval.demo_seeds == []
 
 
 def test_schema_checks_every_section_at_load():
@@ -168,7 +168,7 @@ def test_schema_checks_every_section_at_load():
 @pytest.mark.parametrize("preset", ["cpu", "quick", "paper"])
 def test_presets_load(preset):
     config = load_config(ROOT / "configs" / f"{preset}.yaml")
-    assert config["name"] == preset and config["data"]["tasks"]
+    assert config.name == preset and config.data.tasks
 
 
 def test_generate_data_script(tmp_path):

@@ -153,16 +153,16 @@ def test_a_rung_whose_fine_tuned_model_is_mostly_invalid_gives_no_verdict():
 def test_ladder_preset_plans_shared_folders(root, tmp_path):
     config = load_config(root / "configs" / "ladder.yaml")
     rungs = plan_ladder(config, tmp_path)
-    assert [r.config["format"] for r in rungs][:5] == ["authors"] * 4 + ["ours"]
-    assert rungs[0].config["ft"]["rows"] == "authors_train" and rungs[3].config["ft"]["rows"] == "prompt"
+    assert [r.config.format for r in rungs][:5] == ["authors"] * 4 + ["ours"]
+    assert rungs[0].config.ft.rows == "authors_train" and rungs[3].config.ft.rows == "prompt"
     # rungs 1-2 change only how results are read: the same folders as rung 0
     assert rungs[1].icl_dir == rungs[2].icl_dir == rungs[0].icl_dir
     assert rungs[1].ft[0][2] == rungs[2].ft[0][2] == rungs[0].ft[0][2]
     assert rungs[3].icl_dir == rungs[0].icl_dir and rungs[3].ft[0][2] != rungs[0].ft[0][2]
     assert [len(r.ft) for r in rungs] == [1, 1, 1, 1, 1, 1, 4, 4]
     last = rungs[-1].config
-    assert (last["ft"]["method"], last["ft"]["loss_on"], last["format"], last["ladder"]["scoring"],
-            last["ladder"]["icl_select"]) == ("lora", "completion", "ours", "strict", "fixed")
+    assert (last.ft.method, last.ft.loss_on, last.format, last.ladder.scoring,
+            last.ladder.icl_select) == ("lora", "completion", "ours", "strict", "fixed")
 
 
 def test_bad_rung_key_fails_at_load(root, tmp_path):

@@ -183,7 +183,7 @@ def test_7b_full_ft_needs_sharding_or_offload():
     assert h200_estimate("qwen2.5-7b", "full") > 141e9
     config = paper()
     authors = one_run_per_protocol(config)["authors"]
-    ft, shape = authors.config["ft"], KNOWN_SHAPES["qwen2.5-7b"]
+    ft, shape = authors.config.ft, KNOWN_SHAPES["qwen2.5-7b"]
     fts = plan.ft_shape(ft, config)
     kwargs = dict(tokens=fts.tokens_per_pass, logit_positions=fts.logit_positions, optimizer=ft["optimizer"],
                   accumulation=plan.accumulation_for(ft, 1))
@@ -232,7 +232,7 @@ def test_resolve_attn_decides_from_the_compute_dtype(fake_cuda):
 def test_every_paper_protocol_resolves_on_a_cuda_machine_with_flash_attn(fake_cuda):
     config = paper()
     runs = one_run_per_protocol(config)
-    assert set(runs) == set(config["reproduce"]["ft_protocols"])
+    assert set(runs) == set(config.reproduce.ft_protocols)
     expected = {  # method -> (load dtype, cast, autocast, attention, passed to load_model, switched after)
         "lora": ("bfloat16", "bfloat16", "bfloat16", "flash_attention_2", "flash_attention_2", False),
         "full": ("float32", "float32", "bfloat16", "flash_attention_2", "auto", True),
@@ -241,10 +241,10 @@ def test_every_paper_protocol_resolves_on_a_cuda_machine_with_flash_attn(fake_cu
         cfg = run.config
         precision = setup.plan_precision(cfg, fake_cuda)
         got = setup.plan_model(cfg, precision, fake_cuda)
-        want = expected[cfg["ft"]["method"]]
+        want = expected[cfg.ft.method]
         assert (got.load_dtype, got.cast_to, got.autocast, got.attn, got.attn_at_load, got.switch_attn) == want, name
         assert precision.bf16 and not precision.fp16  # the Trainer's autocast
-        if cfg["ft"]["method"] == "full":
+        if cfg.ft.method == "full":
             assert "autocast" in got.note and "fp32 master weights" in got.note
         # DeepSpeed ZeRO-3 (loaded on CPU, partitioned): its engine keeps bf16 weights and the fp32 master
         # copy in the optimizer, so the weights load in bf16, are not cast, and get FlashAttention-2 after loading
@@ -390,9 +390,9 @@ def test_plan_launch_command_trains_the_folder_reproduce_reads(capsys):
     run = next(r for r in plan_ft(paper()) if r.protocol == "authors" and "7B" in r.model and r.train_seed == 0)
     assert out == str(Path("results/paper/ft") / run.rel)
     launched = load_config(args[args.index("--config") + 1], [f"model={model}", *overrides])
-    assert launched["ft"] == run.config["ft"] and launched["model"] == run.model
-    check = check_accelerate_config(ROOT / config_file, launched["ft"], processes, root=ROOT)
-    assert check.processes * launched["ft"]["per_device_batch_size"] * check.accumulation == 16
+    assert launched.ft == run.config.ft and launched.model == run.model
+    check = check_accelerate_config(ROOT / config_file, launched.ft, processes, root=ROOT)
+    assert check.processes * launched.ft.per_device_batch_size * check.accumulation == 16
 
 
 def test_check_plan_refuses_what_cannot_run_here(tmp_path):

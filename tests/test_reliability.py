@@ -60,7 +60,7 @@ def test_a_key_written_twice_is_refused_not_silently_the_last(tmp_path, capsys, 
         load_config(path)
     with pytest.raises(ConfigError, match="key 'a' appears twice"):
         load_config(None, ["reproduce.ft_protocols={a: {}, a: {learning_rate: 1.0e-5}}"])
-    assert load_config(None, ["reproduce.ft_protocols={a: {}, b: {}}"])["reproduce"]["ft_protocols"] == {"a": {}, "b": {}}
+    assert load_config(None, ["reproduce.ft_protocols={a: {}, b: {}}"]).reproduce.ft_protocols == {"a": {}, "b": {}}
     monkeypatch.setattr(sys, "argv", ["finetune.py", "--config", str(path), "--task", "expression", "--out",
                                       str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit_:

@@ -30,7 +30,7 @@ TINY = ["model=tiny-random-qwen2", "data.tasks=[expression,boolean,relation]", "
 
 def quick_config():
     config = load_config(ROOT / "configs" / "quick.yaml", TINY)
-    assert set(config["reproduce"]["ft_protocols"]) >= {"answer_lora", "authors"}
+    assert set(config.reproduce.ft_protocols) >= {"answer_lora", "authors"}
     return config
 
 

@@ -166,7 +166,7 @@ def test_ft_config_checks():
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
     config = load_config(None, ["ft.lora.target_modules=[q_proj,v_proj]"])
-    assert config["ft"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert config.ft.lora.target_modules == ["q_proj", "v_proj"]
     for bad, match in [("ft.lora.target_modules=[1]", "string or a list"), ("ft.method=qlora", "ft.method"),
                        ("ft.loss_on=prompt", "ft.loss_on"), ("ft.batch_size=6", "multiple"),
                        ("ft.batching=packed", "ft.batching"), ("ft.tasks=[nope]", "unknown task"),

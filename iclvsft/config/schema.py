@@ -37,32 +37,11 @@ FT_ROWS = ("prompt", "authors_train")
 LADDER_SCORING = ("strict", "substring")
 LADDER_SELECT = ("fixed", "max")
 class Section:
-    """What every config section has: ``to_dict()`` (for config.json and run identities), and, while the
-    modules move to attribute access, read-only item access (``section["key"]``)."""
+    """What every config section has: its values as a plain dict (for config.json and run identities)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (v.to_dict() if isinstance(v := getattr(self, f.name), Section) else copy.deepcopy(v))
                 for f in dataclasses.fields(self)}
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self._names() else default
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._names()
-
-    def keys(self) -> list[str]:
-        return list(self._names())
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, getattr(self, k)) for k in self._names()]
-
-    def _names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(self))
 
 
 def option(default: Any, help: str, *, choices: Iterable[str] | None = None, minimum: float | None = None,
