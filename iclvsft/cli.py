@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import DEFAULTS, load_config, nest, schema_field
+from .config import DEFAULTS, Config, load_config, nest, schema_field
 from .errors import IclvsftError
 
 OVERRIDES_HELP = ("config overrides as dotted KEY=VALUE pairs, values parsed as YAML, applied after --config "
@@ -72,7 +72,7 @@ def add_config_flag(p: argparse.ArgumentParser, flag: str, key: str) -> None:
     p.add_argument(flag, **kwargs)
 
 
-def resolve(args: argparse.Namespace) -> dict:
+def resolve(args: argparse.Namespace) -> Config:
     """Config = defaults < --config file < KEY=VALUE overrides < the config options that were given."""
     named = {k.removeprefix("config:"): v for k, v in vars(args).items() if k.startswith("config:") and v is not None}
     extra = [nest(k, v) for k, v in named.items()]

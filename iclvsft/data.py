@@ -27,6 +27,7 @@ from .cards import dataset_card
 from .config import Config, DataConfig
 from .errors import DataError
 from .io import atomic_write_text, dumps_json, git_commit, progress, read_jsonl, sha256_file, write_jsonl
+from .scoring import FORMATS
 from .tasks import POOLS, TASKS, Item, Task, get_task
 
 GENERATE_HINT = "generate the data with `python generate_data.py --out <folder>` (or fix --data)"
@@ -39,7 +40,7 @@ def normalise_question(question: str) -> str:
 
 def pool_sizes(config: Config, task: Task, pool: str) -> dict[str, int]:
     data = config.data
-    return {split: data[f"{pool}_{split}"] for split in task.splits}
+    return {split: getattr(data, f"{pool}_{split}") for split in task.splits}
 
 
 def generate_pool(task: Task, seed: int, pool: str, split: str, n: int, seen: set[str],
@@ -65,8 +66,6 @@ def generate_pool(task: Task, seed: int, pool: str, split: str, n: int, seen: se
 
 def check_items(task: Task, items: list[Item]) -> None:
     """The invariants every generated item must meet, re-checked before anything is written."""
-    from .scoring import FORMATS
-
     fmt = FORMATS[task.answer_format]
     for item in items:
         if fmt.strict(item.answer) != item.answer:

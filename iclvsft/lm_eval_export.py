@@ -65,7 +65,9 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, cli
+from .commands import _parse, default_data_dir
+from .commands import _parser as command_parser
 from .config import Config, derive
 from .errors import ConfigError, DataError, IclvsftError
 from .io import atomic_write_text, dumps_json, jsonl_line, sha256_file
@@ -261,7 +263,7 @@ def _cell_files(config: Config, data_dir: Path, tokenizer) -> tuple[dict[str, st
     from .evaluate import items_to_evaluate, plan_cells, prompt_sha, task_inputs
 
     ev = config.eval
-    tasks = ev.tasks or config.data.tasks
+    tasks = config.eval_tasks
     files: dict[str, str] = {}
     cells: list[dict] = []
     by_task: dict[str, list[str]] = {}
@@ -396,8 +398,6 @@ def _write(out_dir: Path, files: dict[str, str], force: bool) -> None:
 # ------------------------------------------------------------------------------------- command line
 
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from .commands import _parser as command_parser
-
     p = command_parser(__doc__.splitlines()[0], prog or "python -m iclvsft.lm_eval_export", {
         "--model": "model", "--tasks": "eval.tasks", "--shots": "eval.shots", "--demo-seeds": "eval.demo_seeds",
         "--demo-mode": "eval.demo_mode", "--limit": "eval.limit"})
@@ -416,9 +416,6 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``python -m iclvsft.lm_eval_export [ARGS]`` (``argv`` default ``sys.argv[1:]``, ``prog`` the name
     ``--help`` shows); returns the exit status: a project error prints one line and returns 2."""
-    from . import cli
-    from .commands import _parse, default_data_dir
-
     try:
         args = _parse(_parser(prog), argv)  # --config: a file or a shipped preset's name
         config = cli.resolve(args)
@@ -458,6 +455,4 @@ def lm_eval_command(config: Config, out: Path) -> str:
 
 
 if __name__ == "__main__":
-    from . import cli as _cli
-
-    _cli.run(main)
+    cli.run(main)

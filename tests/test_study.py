@@ -208,7 +208,7 @@ def test_the_verdicts_ft_cell_gets_its_own_train_seeds():
         seeds.setdefault((r.protocol, r.tasks, r.n_train), []).append(r.train_seed)
     assert seeds[("answer_lora", ("expression",), 256)] == [0, 1, 2] == seeds[("answer_lora", ("relation",), 256)]
     assert seeds[("answer_lora", ("expression",), 16)] == [0] and seeds[("other", ("expression",), 256)] == [0]
-    assert load_config(ROOT / "configs" / "cpu.yaml")["reproduce"]["compare_train_seeds"] == [0, 1, 2]
+    assert load_config(ROOT / "configs" / "cpu.yaml").reproduce.compare_train_seeds == [0, 1, 2]
 
 
 def test_a_finished_circuits_folder_is_reused_only_with_its_own_settings(tmp_path):

@@ -176,11 +176,11 @@ def test_ft_config_checks():
     assert train.gradient_accumulation(load_config(None, []), world_size=2) == 2  # 16 = 4 x 2 x 2
     with pytest.raises(ConfigError, match="multiple"):
         train.gradient_accumulation(load_config(None, []), world_size=3)
-    authors = load_config(ROOT / "configs" / "ft_authors.yaml")["ft"]
-    assert (authors["method"], authors["learning_rate"], authors["warmup_steps"], authors["lr_scheduler"],
-            authors["batch_size"], authors["max_steps"], authors["loss_on"], authors["n_train"]) == \
+    authors = load_config(ROOT / "configs" / "ft_authors.yaml").ft
+    assert (authors.method, authors.learning_rate, authors.warmup_steps, authors.lr_scheduler,
+            authors.batch_size, authors.max_steps, authors.loss_on, authors.n_train) == \
         ("full", 1e-5, 20, "constant_with_warmup", 16, 100, "sequence", 1000)
-    assert authors["tasks"] == ["expression", "relation", "boolean", "code"]
+    assert authors.tasks == ["expression", "relation", "boolean", "code"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
     assert all(torch.equal(base[k], reference[k]) for k in reference)  # the base is bit-identical
 
     set_seed(0)  # the adapter as initialised (same seed, same config) vs as trained
-    lora = tiny_config()["ft"]["lora"]
+    lora = tiny_config().ft.lora
     fresh = get_peft_model(build_tiny_model(), LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
                                                           lora_dropout=lora["dropout"], target_modules="all-linear",
                                                           task_type="CAUSAL_LM")).state_dict()
@@ -232,7 +232,7 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
         assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
     summary = json.loads((out / train.SUMMARY_FILE).read_text())
     assert summary["steps"] == 4 and summary["provenance"]["versions"]["peft"]
-    assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"]["ft"]["n_train"] == 8
+    assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"].ft["n_train"] == 8
     # the model card is written from the run (not peft's blank template)
     card = (out / "README.md").read_text()
     assert "base_model:" not in card and "base_model_local: tiny-random-qwen2" in card  # no Hub id to name

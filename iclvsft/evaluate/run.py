@@ -50,7 +50,7 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
     if plan.out.exists() and not plan.out.is_dir():
         raise ConfigError("is a file", "choose_folder", out=plan.out)
     ev = plan.config.eval
-    tasks = ev.tasks or plan.config.data.tasks
+    tasks = plan.config.eval_tasks
     cells = plan_cells(tasks, ev.shots, ev.demo_seeds)
     core = requested_identity(plan, tasks)
     for task in tasks:

@@ -8,8 +8,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..data import load_items
 from ..errors import DataError
 from ..io import jsonl_line
+from ..prompts import build_prompt
+from ..tasks import get_task, task_view
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,6 @@ def rebuild_prompt(row: dict, data_dir: str | Path, task_params: dict | None = N
     """The exact prompt a samples.jsonl row was scored with: its task's header in the row's format,
     the demonstrations named by ``demo_ids`` (from the data folder's train pool), then ``question``
     (``prompt_sha256`` of the result equals the row's). A chat-style row needs the model's ``tokenizer``."""
-    from ..data import load_items
-    from ..prompts import build_prompt
-    from ..tasks import get_task, task_view
-
     task = task_view(get_task(row["task"], (task_params or {}).get(row["task"])), row.get("format", "ours"),
                      row.get("prompt_style", "raw"), tokenizer)
     pool = {i.id: i for i in load_items(data_dir, row["task"], "train")}

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ConfigError
+from ..io import folder_sha256
 from .offline import OFFLINE_MODELS, adapter_base, ensure_offline_model, read_marker
 from .params import count_parameters
 from .precision import resolve_attn_implementation, resolve_device, resolve_dtype
@@ -134,8 +135,6 @@ def weights_identity(name: str) -> str | None:
     sha256 of an offline model (its cache is verified against it on load), the sha256 of a local
     folder's weight and config files (a model or adapter saved again in place is another model),
     None for the tiny model (built from code) and hub ids (no content to hash offline)."""
-    from ..io import folder_sha256
-
     if name == TINY_MODEL_NAME:
         return None
     if name in OFFLINE_MODELS:
