@@ -80,8 +80,9 @@ def model_card(config: Config, summary: dict, results: dict | None = None) -> Mo
                       "copy, not the original release")
     else:
         provenance = f"{info.get('source')} `{info.get('path')}`"
-    hyper = {k: getattr(ft, k) for k in ("method", "loss_on", "append_eos", "epochs", "max_steps", "learning_rate", "lr_scheduler",
-                                "warmup_steps", "weight_decay", "optimizer", "batch_size", "max_length", "train_seed")}
+    hyper = {k: getattr(ft, k) for k in ("method", "loss_on", "append_eos", "epochs", "max_steps", "learning_rate",
+                                         "lr_scheduler", "warmup_steps", "weight_decay", "optimizer", "batch_size",
+                                         "max_length", "train_seed")}
     if ft.method == "lora":
         hyper["lora"] = ft.lora.to_dict()
     loss = summary["final_loss"]

@@ -74,7 +74,7 @@ def default_data_dir(args: argparse.Namespace, config: Config, dest: str = "data
     given = getattr(args, dest, None)
     if given:
         return Path(given)
-    if args.config is not None and config.get("name"):
+    if args.config is not None and config.name:
         return Path("data") / config.name
     return Path("data")
 

@@ -145,7 +145,7 @@ def test_schema_checks_every_section_at_load():
     from iclvsft.config import protocol_ft
 
     config = load_config(None, ["ft.lora.target_modules=[q_proj,v_proj]"])
-    assert protocol_ft(config, "answer_lora")["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert protocol_ft(config, "answer_lora").lora.target_modules == ["q_proj", "v_proj"]
     # every key documents itself, and the scripts' options take their help and type from it
     from dataclasses import fields
 

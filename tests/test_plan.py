@@ -185,7 +185,7 @@ def test_7b_full_ft_needs_sharding_or_offload():
     authors = one_run_per_protocol(config)["authors"]
     ft, shape = authors.config.ft, KNOWN_SHAPES["qwen2.5-7b"]
     fts = plan.ft_shape(ft, config)
-    kwargs = dict(tokens=fts.tokens_per_pass, logit_positions=fts.logit_positions, optimizer=ft["optimizer"],
+    kwargs = dict(tokens=fts.tokens_per_pass, logit_positions=fts.logit_positions, optimizer=ft.optimizer,
                   accumulation=plan.accumulation_for(ft, 1))
     one_gpu = Machine(1, 80 * GIB, 200 * GIB, "")
     single = train_memory(shape, "full", **kwargs)
@@ -472,7 +472,7 @@ def test_every_accelerate_config_is_checked_against_the_batch(path):
         if isinstance(want, int):
             check = check_accelerate_config(path, ft, root=ROOT)
             assert check.accumulation == want, protocol
-            assert check.processes * ft["per_device_batch_size"] * check.accumulation == ft["batch_size"]
+            assert check.processes * ft.per_device_batch_size * check.accumulation == ft.batch_size
         else:
             with pytest.raises(ConfigError, match=rf"does not divide ft.batch_size 16; set {want}"):
                 check_accelerate_config(path, ft, root=ROOT)

@@ -218,8 +218,8 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
 
     set_seed(0)  # the adapter as initialised (same seed, same config) vs as trained
     lora = tiny_config().ft.lora
-    fresh = get_peft_model(build_tiny_model(), LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                                          lora_dropout=lora["dropout"], target_modules="all-linear",
+    fresh = get_peft_model(build_tiny_model(), LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                                          lora_dropout=lora.dropout, target_modules="all-linear",
                                                           task_type="CAUSAL_LM")).state_dict()
     trained = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert trained and all(not torch.equal(v, fresh[k]) for k, v in trained.items())

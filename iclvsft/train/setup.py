@@ -150,8 +150,8 @@ def build_model(config: Config, precision: Precision, device, sharded: bool = Fa
     set_seed(ft.train_seed)  # LoRA initialisation
     if ft.method == "lora":
         lora = ft.lora
-        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                 target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
         try:
             with quiet_peft_deprecation():
                 model = get_peft_model(model, peft_config)
