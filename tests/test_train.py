@@ -232,7 +232,7 @@ def test_lora_base_bit_identical_adapter_changed_and_reloads(data_dir, tmp_path)
         assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-6)
     summary = json.loads((out / train.SUMMARY_FILE).read_text())
     assert summary["steps"] == 4 and summary["provenance"]["versions"]["peft"]
-    assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"].ft["n_train"] == 8
+    assert json.loads((out / train.RUN_CONFIG_FILE).read_text())["config"]["ft"]["n_train"] == 8
     # the model card is written from the run (not peft's blank template)
     card = (out / "README.md").read_text()
     assert "base_model:" not in card and "base_model_local: tiny-random-qwen2" in card  # no Hub id to name
