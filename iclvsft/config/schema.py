@@ -24,6 +24,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 FT_METHODS = ("lora", "full")
 LOSS_ON = ("completion", "sequence")
+LOSS_AVERAGES = ("tokens", "rows")
 BATCHING = ("padding_free", "padded", "max_length")
 LOGITS_ON = ("labels", "all")
 # transformers schedulers that need no extra arguments (tests check they exist in transformers).
@@ -149,6 +150,9 @@ class FtConfig(Section):
     loss_on: str = option("completion", "completion (answer tokens only) | sequence (prompt + answer: the authors')",
                           choices=LOSS_ON)
     append_eos: bool = option(True, "end each completion with the eos token (teaches stopping); the authors did not")
+    loss_average: str = option("tokens", "tokens: the step's loss is the mean over all its labelled tokens "
+                               "(transformers') | rows: each row's token mean, averaged over the step's rows (the "
+                               "authors': one row per pass with gradient accumulation)", choices=LOSS_AVERAGES)
     epochs: float = option(2.0, "passes over the rows; ignored when max_steps > 0")
     max_steps: int = option(0, "> 0: exactly this many optimizer steps (the authors: 100), overrides epochs",
                             minimum=0)

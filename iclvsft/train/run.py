@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text, provenance, write_json
 from ..models import OFFLINE_MODELS, peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
+from .loss import RowIndexCollator, RowMeanTrainer
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
     CHECKPOINT_DIR,
@@ -46,6 +47,9 @@ REPORT_DIR = "runs"
 SUMMARY_FILE = "summary.json"
 # ft keys that change neither the data nor the optimisation: a resumed run may differ in these.
 NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps", "report_to")
+# ft keys added after runs were recorded, at the value every earlier run trained with: left out of the
+# identity at that value, so runs recorded before the key existed stay the same run.
+DEFAULT_ADDED_FT = {"loss_average": "tokens"}
 
 
 def default_out_dir(config: Config) -> Path:
@@ -59,7 +63,8 @@ def default_out_dir(config: Config) -> Path:
 def run_identity(config: Config, data_record: dict) -> dict[str, Any]:
     """What must match for a rerun into the same folder to resume it: the base model (by content where it
     has content to hash), precision, format, ft, the rows (per task the train file's sha256)."""
-    ft = {k: v for k, v in config.ft.to_dict().items() if k not in NON_SEMANTIC_FT_KEYS}
+    ft = {k: v for k, v in config.ft.to_dict().items() if k not in NON_SEMANTIC_FT_KEYS
+          and DEFAULT_ADDED_FT.get(k, object()) != v}
     return {"model": config.model, "model_sha256": weights_identity(config.model), "dtype": config.dtype,
             "attn_implementation": config.attn_implementation, "format": config.format,
             "prompt_style": config.prompt_style, "ft": ft,
@@ -244,11 +249,14 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
     collator = make_collator(ft.batching, tokenizer.pad_token_id, ft.max_length,
                              model_info["attn_implementation"], ft.logits_on)
     loss_func = labelled_logits_loss if ft.logits_on == "labels" else None
+    trainer_class = Trainer
+    if ft.loss_average == "rows":  # the loss needs each position's row: RowMeanTrainer computes it
+        collator, loss_func, trainer_class = RowIndexCollator(collator), None, RowMeanTrainer
     with warnings.catch_warnings():
         # peft looks the base model up on the hub to see whether the vocabulary was resized; offline
         # names are not hub ids, so the lookup fails and warns at every checkpoint. Harmless: we never resize.
         warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)")
-        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
+        trainer = trainer_class(model=model, args=args, train_dataset=features, data_collator=collator,
                           processing_class=tokenizer, compute_loss_func=loss_func,
                           callbacks=[TrainLogCallback(out / LOG_FILE), *callbacks])
         # Each step's log goes to train_log.jsonl (and report_to); the console gets a progress bar with the
