@@ -4,6 +4,7 @@ folders each writes. Pure (no I/O, no heavy import): :mod:`iclvsft.study` runs t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,14 @@ def plan_ft(config: Config) -> list[FTRun]:
 
 
 class RungFT(NamedTuple):
-    """One fine-tuned model of a ladder rung and the folders it is trained into and evaluated in."""
+    """One fine-tuned model of a ladder rung (its tasks, train seed) and the folders it is trained into and
+    evaluated in."""
 
     tasks: tuple[str, ...]
     config: Config
     ft_dir: Path
     eval_dir: Path
+    seed: int = 0
 
 
 @dataclass
@@ -89,6 +92,11 @@ class Rung:
     config: Config  # the resolved config of this rung (ladder.rungs emptied)
     icl_dir: Path
     ft: list[RungFT] = field(default_factory=list)
+    data_name: str = ""  # "": the study's data folder; else the sibling folder "<data>-<data_name>" it reads
+
+    def data_dir(self, study_data: Path) -> Path:
+        """The data folder this rung reads: the study's, or (its data section differs) a sibling of it."""
+        return study_data if not self.data_name else study_data.with_name(f"{study_data.name}-{self.data_name}")
 
     @property
     def tasks(self) -> list[str]:
@@ -104,6 +112,17 @@ def rung_configs(config: Config) -> list[tuple[dict, Config]]:
                          f"ladder.rungs[{n}] ({rung['name']})")
         out.append((rung, current))
     return out
+
+
+def _data_name(config: Config, rung: Config) -> str:
+    """"" when a rung reads the study's data; else a name for its own folder (its distribution, and a hash
+    of its data section when more than the distribution differs)."""
+    ours, its = config.data.to_dict(), rung.data.to_dict()
+    if its == ours:
+        return ""
+    if {k: v for k, v in its.items() if k != "distribution"} == {k: v for k, v in ours.items() if k != "distribution"}:
+        return its["distribution"]
+    return f"{its['distribution']}-{hashlib.sha256(json.dumps(its, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 def _key(cfg: Config, *parts: str) -> str:
@@ -124,13 +143,14 @@ def plan_ladder(config: Config, results: Path) -> list[Rung]:
         cfg = derive(cfg, {"eval.tasks": tasks})
         base = results / "ladder" / f"rung{n}"
         rung = Rung(n, entry["name"], entry.get("why", ""), dict(entry.get("set") or {}), cfg,
-                    owners.setdefault(("icl", _key(cfg, "eval")), base / "icl"))
+                    owners.setdefault(("icl", _key(cfg, "eval")), base / "icl"), data_name=_data_name(config, cfg))
         for group in task_groups(cfg.ft, tasks):
-            ft_cfg = derive(cfg, {"ft.tasks": list(group), "eval.tasks": list(group),
-                                  "eval.shots": list(cfg.reproduce.ft_eval_shots)})
-            name = "+".join(group)
-            ft_dir = owners.setdefault(("ft", _key(ft_cfg, "ft")), base / "ft" / name)
-            eval_dir = owners.setdefault(("ft_eval", _key(ft_cfg, "ft", "eval")), base / "ft_eval" / name)
-            rung.ft.append(RungFT(group, ft_cfg, ft_dir, eval_dir))
+            for seed in cfg.ladder.train_seeds:
+                ft_cfg = derive(cfg, {"ft.tasks": list(group), "ft.train_seed": seed, "eval.tasks": list(group),
+                                      "eval.shots": list(cfg.reproduce.ft_eval_shots)})
+                name = "+".join(group) + ("" if cfg.ladder.train_seeds == [0] else f"/s{seed}")
+                ft_dir = owners.setdefault(("ft", _key(ft_cfg, "ft")), base / "ft" / name)
+                eval_dir = owners.setdefault(("ft_eval", _key(ft_cfg, "ft", "eval")), base / "ft_eval" / name)
+                rung.ft.append(RungFT(group, ft_cfg, ft_dir, eval_dir, seed))
         rungs.append(rung)
     return rungs

@@ -7,6 +7,9 @@ a rung whose ICL (or FT) settings equal an earlier rung's reuses that rung's fol
 changes only how results are read (scoring, which ICL cell) costs nothing, and a resumed ladder
 recomputes nothing that is complete (each folder resumes like the main study's).
 
+A rung whose data section differs from the config's (rung 0: the authors' distribution) reads its own
+data folder beside ``--data``, ``<data>-<distribution>``, generated when missing.
+
 Layout under ``results/<config name>/ladder/``::
 
     rung<i>/icl/                 test.py output: the base model under rung i's evaluation settings
@@ -19,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config
+from .data import generate, is_up_to_date
+from .errors import ConfigError
 from .evaluate import EvalPlan
 from .fit import Runners, fit_and_evaluate
 from .io import write_json
@@ -32,10 +37,15 @@ def run_ladder(config: Config, data_dir: Path, results: Path, runners: Runners |
     runners = runners or Runners()
     rungs = plan_ladder(config, results)
     for rung in rungs:
-        runners.evaluate(EvalPlan(rung.config, data_dir, rung.icl_dir, rung.config.model, None),
+        data = rung.data_dir(data_dir)
+        if rung.data_name and not is_up_to_date(rung.config, data):  # a rung with its own data (their distribution)
+            if (data / "manifest.json").exists():
+                raise ConfigError(f"{data} holds data made with other settings", "another_data")
+            generate(rung.config, data, show_progress=runners.show_progress)
+        runners.evaluate(EvalPlan(rung.config, data, rung.icl_dir, rung.config.model, None),
                          show_progress=runners.show_progress)
         for ft in rung.ft:
-            fit_and_evaluate(ft.config, ft.ft_dir, ft.eval_dir, data_dir, runners)
+            fit_and_evaluate(ft.config, ft.ft_dir, ft.eval_dir, data, runners)
     summary = ladder_summary(rungs, config)
     write_json(results / "ladder" / "ladder.json", summary)
     return ladder_section(summary, results / "plots", link_prefix="plots/"), summary

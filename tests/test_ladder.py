@@ -119,50 +119,79 @@ def test_select_icl_takes_the_best_k_or_the_fixed_one():
 
 
 def test_rung_numbers_by_hand():
-    """ICL right on 8 of 8 pattern items only by substring, FT right on all: under substring scoring
-    the paired difference is 0; under strict, ICL 0/8 vs FT 8/8 (-100, McNemar p = 2 / 2^8)."""
+    """ICL right on 8 of 8 pattern items only by substring, FT right on all: substring reads ICL 8/8 (a
+    paired difference of 0), strict reads ICL 0/8 vs FT 8/8 (-100, McNemar p = 2 / 2^8). Both are shown;
+    the verdict is strict's, the study's rule."""
     icl = [_row("t", 4, "pattern", False, item=n, substring=True) for n in range(8)]
-    ft = [_row("t", 0, "pattern", True, item=n) for n in range(8)]
-    for r in ft:
-        r["demo_seed"] = None
-    sub = rung_task("t", icl, ft, "substring", "max", 16)
-    strict = rung_task("t", icl, ft, "strict", "max", 16)
-    assert sub["k"] == 4 and sub["icl"]["pattern"]["mean"] == 1.0 and sub["icl_minus_ft"]["diff"] == 0.0
-    assert strict["icl"]["pattern"]["mean"] == 0.0 and strict["icl_minus_ft"]["diff"] == -1.0
-    assert strict["icl_minus_ft"]["p"] == 2 / 2 ** 8
-    assert strict["verdict"] == "contradicts" and sub["verdict"] == "no clear difference"
+    ft = [{**_row("t", 0, "pattern", True, item=n), "demo_seed": None, "completion": " 1"} for n in range(8)]
+    rung = rung_task("t", icl, [ft], "max", 16)
+    assert rung["k"] == 4 and rung["substring"]["icl"]["pattern"]["mean"] == 1.0
+    assert rung["strict"]["icl"]["pattern"]["mean"] == 0.0 and rung["icl"] == rung["strict"]["icl"]
+    assert rung["icl_minus_ft"]["diff"] == -1.0 and rung["icl_minus_ft"]["p"] == 2 / 2 ** 8
+    assert rung["verdict"] == "contradicts"
+    assert rung["ft_completions"] == {"n": 8, "top": [[" 1", 8]]}
     # 4 items only: McNemar p = 0.125, no verdict either way
-    assert rung_task("t", icl[:4], ft[:4], "strict", "max", 16)["verdict"] == "no clear difference"
+    assert rung_task("t", icl[:4], [ft[:4]], "max", 16)["verdict"] == "no clear difference"
+
+
+def test_train_seeds_are_pooled_like_the_study():
+    """Two FT seeds, each right on 4 of 8 items (different ones): pooled 50%, and the paired difference uses
+    each item's mean over the seeds."""
+    icl = [_row("t", 4, "pattern", True, item=n) for n in range(8)]
+    seeds = [[{**_row("t", 0, "pattern", (n + s) % 2 == 0, item=n), "demo_seed": None, "completion": "x"}
+              for n in range(8)] for s in range(2)]
+    rung = rung_task("t", icl, seeds, "fixed", 4)
+    assert rung["ft_seeds"] == 2 and rung["ft"]["pattern"]["mean"] == 0.5
+    assert rung["icl_minus_ft"]["diff"] == 0.5 and rung["ft_completions"]["n"] == 16
 
 
 def test_a_rung_whose_fine_tuned_model_is_mostly_invalid_gives_no_verdict():
     """The old ladder's rungs 1-3: FT never ends its answer, every completion unparseable under the
-    strict parse, yet substring scoring counts it right. Under the study's max_invalid rule: no verdict."""
+    strict parse, yet substring scoring counts it right. Under the study's max_invalid rule: no verdict;
+    substring is still shown beside it."""
     icl = [_row("t", 4, "pattern", n < 2, item=n) for n in range(8)]
     ft = [{**_row("t", 0, "pattern", False, item=n, substring=True), "demo_seed": None, "invalid": True,
-           "strict": None} for n in range(8)]
-    rung = rung_task("t", icl, ft, "substring", "max", 16, max_invalid=0.5)
+           "strict": None, "completion": "1111"} for n in range(8)]
+    rung = rung_task("t", icl, [ft], "max", 16, max_invalid=0.5)
     assert rung["ft"]["invalid"]["mean"] == 1.0 and rung["invalid_flagged"] == {"FT": 1.0}
+    assert rung["substring"]["ft"]["pattern"]["mean"] == 1.0 and rung["ft_completions"]["top"] == [["1111", 8]]
     assert rung["verdict"] == "no verdict (invalid)"
     assert judge([rung]) == 0 and rung["verdict"] == "no verdict (invalid)"  # not in the family either
-    assert rung_task("t", icl, ft, "substring", "max", 16, max_invalid=1.0)["verdict"] == "contradicts"
+    # without the rule, strict reads ICL 2/8 vs FT 0/8: 2 discordant items, no clear difference
+    assert rung_task("t", icl, [ft], "max", 16, max_invalid=1.0)["verdict"] == "no clear difference"
 
 
 # --- the preset and the runner ----------------------------------------------------------------------
 
-def test_ladder_preset_plans_shared_folders(root, tmp_path):
+def test_ladder_preset_plans_one_factor_per_rung(root, tmp_path):
     config = load_config(root / "configs" / "ladder.yaml")
     rungs = plan_ladder(config, tmp_path)
-    assert [r.config.format for r in rungs][:5] == ["authors"] * 4 + ["ours"]
-    assert rungs[0].config.ft.rows == "authors_train" and rungs[3].config.ft.rows == "prompt"
-    # rungs 1-2 change only how results are read: the same folders as rung 0
-    assert rungs[1].icl_dir == rungs[2].icl_dir == rungs[0].icl_dir
-    assert rungs[1].ft[0][2] == rungs[2].ft[0][2] == rungs[0].ft[0][2]
-    assert rungs[3].icl_dir == rungs[0].icl_dir and rungs[3].ft[0][2] != rungs[0].ft[0][2]
-    assert [len(r.ft) for r in rungs] == [1, 1, 1, 1, 1, 1, 4, 4]
-    last = rungs[-1].config
-    assert (last.ft.method, last.ft.loss_on, last.format, last.ladder.scoring,
-            last.ladder.icl_select) == ("lora", "completion", "ours", "strict", "fixed")
+    first, last = rungs[0].config, rungs[-1].config
+    # rung 0: the authors' data, formats and training, exactly (100 steps, 20 warm-up, 16 rows, per-row loss)
+    assert (first.data.distribution, first.format, first.ft.rows, first.ft.method) == ("authors", "authors",
+                                                                                        "authors_train", "full")
+    assert (first.ft.max_steps, first.ft.warmup_steps, first.ft.batch_size, first.ft.loss_average,
+            first.ft.loss_on, first.ft.append_eos) == (100, 20, 16, "rows", "sequence", False)
+    assert rungs[0].data_name == "authors" and all(not r.data_name for r in rungs[1:])
+    assert [len(r.ft) for r in rungs] == [3] + [1] * 6 + [4] * 4 + [12]  # 3 seeds at the first and the last rung
+    # each rung after the first sets one key (the train seeds ride along where they change), and no rung
+    # sets a key back to an earlier rung's value
+    for r in rungs[1:]:
+        assert len(set(r.changes) - {"ladder.train_seeds"}) == 1 or r.name in (
+            "one model per task", "our optimisation (answer-only LoRA)", "the main study's cells and seeds"), r.name
+    # a rung that changes only how ICL is read reuses the fine-tuned models
+    fixed = next(r for r in rungs if r.name == "ICL at a fixed k")
+    before = rungs[fixed.index - 1]
+    assert fixed.icl_dir == before.icl_dir and [f.ft_dir for f in fixed.ft] == [f.ft_dir for f in before.ft]
+    # the last rung is configs/cpu.yaml's protocol
+    cpu = load_config(root / "configs" / "cpu.yaml")
+    for key in ("method", "loss_on", "append_eos", "loss_average", "n_train", "epochs", "learning_rate",
+                "lr_scheduler", "warmup_steps", "max_steps", "batch_size", "rows"):
+        assert getattr(last.ft, key) == getattr(cpu.ft, key) or (key, getattr(last.ft, key)) == ("n_train", 256), key
+    assert (last.format, last.data.distribution, last.eval.demo_mode, last.eval.shots, last.eval.demo_seeds) == (
+        cpu.format, cpu.data.distribution, cpu.eval.demo_mode, cpu.eval.shots, cpu.eval.demo_seeds)
+    assert last.ladder.icl_select == "fixed" and last.ladder.fixed_k == cpu.reproduce.compare_shots
+    assert last.ladder.train_seeds == cpu.reproduce.compare_train_seeds and last.ft.tasks == []
 
 
 def test_bad_rung_key_fails_at_load(root, tmp_path):
@@ -188,6 +217,8 @@ def _small_ladder(root, tmp_path):
                 s[key] = small
         if "ft.epochs" in s:
             s["ft.max_steps"] = 2
+        if "eval.shots" in s:
+            s["eval.shots"] = [0, 2]
         s["ft.per_device_batch_size"] = s["ft.batch_size"] = 4
     path = tmp_path / "ladder_small.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -203,16 +234,21 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     assert "## From the authors' setup to ours" in text and "![ladder](plots/ladder.png)" in text
     assert (tmp_path / "r" / "plots" / "ladder.png").is_file()
     summary = json.loads((tmp_path / "r" / "ladder" / "ladder.json").read_text())
-    assert len(summary["rungs"]) == 8 and all(set(r["tasks"]) == set(TASKS) for r in summary["rungs"])
+    assert len(summary["rungs"]) == 12 and all(set(r["tasks"]) == set(TASKS) for r in summary["rungs"])
     assert all(t["ft"] is not None and t["icl"] is not None for r in summary["rungs"] for t in r["tasks"].values())
-    # rung 0 evaluated the authors' prompts and FT rows; rung 4 ours
+    assert all(t["substring"]["ft"] is not None and t["ft_completions"]["n"] > 0
+               for r in summary["rungs"] for t in r["tasks"].values())
+    assert [r["tasks"]["expression"]["ft_seeds"] for r in summary["rungs"]][::11] == [3, 3]
+    # rung 0 evaluated the authors' prompts and FT rows on their data (its own folder beside --data)
     rows0 = [json.loads(line) for line in (tmp_path / "r" / "ladder" / "rung0" / "icl" / "samples.jsonl").open()]
     assert {r["answer"] for r in rows0 if r["task"] == "boolean"} <= {"1", "0"}
+    manifest = json.loads((tmp_path / "data-authors" / "manifest.json").read_text())
+    assert manifest["data_config"]["distribution"] == "authors"
     from iclvsft.evaluate.evaluator import prompt_sha
     from iclvsft.evaluate.samples import rebuild_prompt
 
-    assert all(prompt_sha(rebuild_prompt(r, tmp_path / "data")) == r["prompt_sha256"] for r in rows0)
-    assert not (tmp_path / "r" / "ladder" / "rung1").exists()  # scoring-only rungs computed nothing
+    assert all(prompt_sha(rebuild_prompt(r, tmp_path / "data-authors")) == r["prompt_sha256"] for r in rows0)
+    assert not (tmp_path / "r" / "ladder" / "rung10").exists()  # reading ICL at a fixed k computed nothing
     # a second run recomputes nothing and writes the same report
     again = run_study(config, tmp_path / "data", tmp_path / "r", show_progress=False,
                       runners=Runners(finetune=lambda *a, **k: pytest.fail("retrained a finished rung")))

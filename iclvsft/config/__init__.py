@@ -13,7 +13,6 @@ from .schema import (
     DTYPES,
     FT_METHODS,
     FT_ROWS,
-    LADDER_SCORING,
     LADDER_SELECT,
     LOGITS_ON,
     LOSS_ON,
@@ -31,7 +30,7 @@ from .schema import (
 
 __all__ = [
     "ALL_TASKS", "ATTN_IMPLEMENTATIONS", "BATCHING", "CIRCUIT_CONDITIONS", "CIRCUIT_METHODS", "CORRUPTIONS", "DEFAULTS",
-    "DEMO_MODES", "DTYPES", "FT_METHODS", "FT_ROWS", "LADDER_SCORING", "LADDER_SELECT", "LOGITS_ON", "LOSS_ON",
+    "DEMO_MODES", "DTYPES", "FT_METHODS", "FT_ROWS", "LADDER_SELECT", "LOGITS_ON", "LOSS_ON",
     "LR_SCHEDULERS", "OPEN", "CircuitsConfig", "Config", "DataConfig", "EvalConfig", "FtConfig", "LadderConfig",
     "LoraConfig", "ReproduceConfig", "Section", "build", "check_section", "derive", "load_config", "merge", "nest",
     "parse_override", "protocol_ft", "schema_field",

@@ -35,7 +35,6 @@ CIRCUIT_CONDITIONS = ("base", "icl", "ft")
 CIRCUIT_METHODS = ("attribution", "activation", "both")
 CORRUPTIONS = ("answer", "control")
 FT_ROWS = ("prompt", "authors_train")
-LADDER_SCORING = ("strict", "substring")
 LADDER_SELECT = ("fixed", "max")
 class Section:
     """What every config section has: its values as a plain dict (for config.json and run identities)."""
@@ -289,17 +288,18 @@ class LadderConfig(Section):
     rungs: list = option([], "cumulative rungs from the authors' setup to ours, each {name, why, set: {dotted.key: "
                          "value}}: the first sets the authors' setup over this config, each next one changes one "
                          "factor (docs/ladder.md)")
-    scoring: str = option("strict", "how a rung scores: strict (the completion must start with the answer) | "
-                          "substring (the authors': the gold string anywhere in the completion)",
-                          choices=LADDER_SCORING)
+    train_seeds: list = option([0], "train seeds of each rung's fine-tuned model(s) (a rung's `set` may change "
+                               "them, e.g. three seeds at the first and the last rung)")
     icl_select: str = option("fixed", "the ICL cell a rung reports: fixed (k = fixed_k) | max (the k of eval.shots "
-                             "with the best pattern accuracy: the authors')", choices=LADDER_SELECT)
+                             "with the best pattern accuracy by the authors' substring score: their reading)",
+                             choices=LADDER_SELECT)
     fixed_k: int = option(16, "k of the ICL cell when icl_select is fixed", minimum=1)
     shortened: str = option("", "what the preset shortens relative to the authors' setup (stated in the report)")
 
     def check(self, config: dict) -> None:
         if self.tasks:
             _set(self, "tasks", parse_task_list(self.tasks))
+        _int_list("ladder.train_seeds", self.train_seeds, 0)
         for n, rung in enumerate(self.rungs):
             _need(isinstance(rung, dict) and isinstance(rung.get("name"), str) and isinstance(rung.get("set", {}), dict)
                   and set(rung) <= {"name", "why", "set"},

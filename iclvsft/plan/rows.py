@@ -355,11 +355,11 @@ def _ladder_rows(config: Config, machine: Machine, results: Path, shape_of, conf
             for task in cfg.eval.tasks:
                 rows.append(_eval_row(cfg, model, shape_of(model), task, list(cfg.eval.shots),
                                       list(cfg.eval.demo_seeds), machine, stage=f"ladder {rung.index} ICL"))
-        for group, ft_cfg, ft_dir, _ in rung.ft:
-            if str(ft_dir) in seen:
+        for ft in rung.ft:
+            if str(ft.ft_dir) in seen:
                 continue
-            seen.add(str(ft_dir))
-            run = FTRun(model, f"rung{rung.index}", tuple(group), ft_cfg.ft.n_train, ft_cfg.ft.train_seed, ft_cfg)
+            seen.add(str(ft.ft_dir))
+            run = FTRun(model, f"rung{rung.index}", tuple(ft.tasks), ft.config.ft.n_train, ft.seed, ft.config)
             rows.append(_ft_row(cfg, [run], shape_of(model), machine, results, config_arg,
                                 stage=f"ladder {rung.index} FT"))
     return rows

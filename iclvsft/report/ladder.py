@@ -1,12 +1,14 @@
 """The ladder's numbers and its report section "From the authors' setup to ours".
 
-Per rung and task: the ICL cell the rung reports (the best k on pattern items under ``max``, the
-fixed k under ``fixed``), the fine-tuned model zero-shot, each with pattern and control accuracy and
-the shortcut rate under the rung's scoring (strict or the authors' substring), and the paired ICL − FT
-difference on the same pattern items with its verdict.
+Per rung and task: the ICL cell the rung reports (the best k on pattern items by the authors' substring
+score under ``max``, the fixed k under ``fixed``), the fine-tuned model(s) zero-shot (one per train seed),
+each with pattern and control accuracy and the shortcut rate under strict scoring and under the authors'
+substring scoring side by side, the fine-tuned model's most frequent completions, and the paired ICL − FT
+difference on the same pattern items (strict) with the study's verdict.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +48,39 @@ def select_icl(by_k: dict[int, list[list[dict]]], select: str, fixed_k: int, fie
     return best_k
 
 
-def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str, select: str, fixed_k: int,
+def _completions(ft_seeds: list[list[dict]], top: int = 3) -> dict:
+    """The fine-tuned model's most frequent completions on pattern items (all seeds): what it answers."""
+    texts = [r["completion"] for rows in ft_seeds for r in rows if r["split"] == "pattern"]
+    counts = Counter(texts)
+    return {"n": len(texts), "top": [[text, n] for text, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]}
+
+
+def rung_task(task: str, icl_rows: list[dict], ft_seed_rows: list[list[dict]], select: str, fixed_k: int,
               max_invalid: float = 1.0) -> dict:
-    _, _, field = SCORING[scoring]
+    """One task of one rung: the ICL cell (``fixed_k``, or the best k by the authors' substring score), the
+    fine-tuned model(s) (one list of rows per train seed), both read by strict and by substring scoring; the
+    verdict is the study's: strict scoring, the exact paired test, no verdict past ``max_invalid``."""
     by_k = seeds_by_k(icl_rows, task)
-    k = select_icl(by_k, select, fixed_k, field)
-    ft_seeds = seeds_by_k(ft_rows, task).get(0, [])
-    out: dict[str, Any] = {"k": k, "icl": _side(by_k[k], scoring) if k is not None else None,
-                           "ft": _side(ft_seeds, scoring) if ft_seeds else None, "icl_minus_ft": None}
+    k = select_icl(by_k, select, fixed_k, SCORING["substring"][2])
+    ft_seeds = [rows for rows in ([r for r in seed if r["task"] == task and r["k"] == 0] for seed in ft_seed_rows)
+                if rows]
+    out: dict[str, Any] = {"k": k}
+    for scoring in SCORING:
+        out[scoring] = {"icl": _side(by_k[k], scoring) if k is not None else None,
+                        "ft": _side(ft_seeds, scoring) if ft_seeds else None}
+    out["icl"], out["ft"], out["icl_minus_ft"] = out["strict"]["icl"], out["strict"]["ft"], None
+    out["ft_seeds"] = len(ft_seeds)
     if k is not None and ft_seeds:
         icl_p = [[r for r in rows if r["split"] == "pattern"] for rows in by_k[k]]
         ft_p = [[r for r in rows if r["split"] == "pattern"] for rows in ft_seeds]
-        ids, matrix = aligned(icl_p + ft_p, field)
+        ids, matrix = aligned(icl_p + ft_p, SCORING["strict"][2])
         if ids:
             out["icl_minus_ft"] = paired_difference(matrix[:len(icl_p)], matrix[len(icl_p):])
     # the study's rule: a side over the invalid limit (strict parse, on pattern items) gives no verdict
     out["invalid_flagged"] = invalid_flagged({"ICL": (out["icl"] or {}).get("invalid"),
                                               "FT": (out["ft"] or {}).get("invalid")}, max_invalid)
     out["verdict"] = preliminary_verdict(out["icl_minus_ft"], out["invalid_flagged"])  # final once judged
+    out["ft_completions"] = _completions(ft_seeds)
     items = next(iter(by_k.values()), [[]])[0]
     out["baselines"] = {s: baselines([r["answer"] for r in items if r["split"] == s],
                                      [r["shortcut_answer"] for r in items if r["split"] == s])
@@ -72,20 +89,24 @@ def rung_task(task: str, icl_rows: list[dict], ft_rows: list[dict], scoring: str
 
 
 def ladder_summary(rungs: list, config: Config) -> dict:
-    """Every rung's numbers (``rungs``: :func:`iclvsft.ladder.plan_ladder`)."""
+    """Every rung's numbers (``rungs``: :func:`iclvsft.jobs.plan_ladder`)."""
     out = {"config": config.name, "model": config.model, "shortened": config.ladder.shortened,
            "rungs": []}
     for rung in rungs:
         lad = rung.config.ladder
         ev = rung.config.eval
         icl_rows = planned_rows(rung.icl_dir / "metrics.json", cell_keys(rung.tasks, ev.shots, ev.demo_seeds))
-        ft_rows = {t: planned_rows(eval_dir / "metrics.json", cell_keys(group, cfg.eval.shots, ev.demo_seeds))
-                   for group, cfg, _, eval_dir in rung.ft for t in group}
+        ft_rows: dict[str, list[list[dict]]] = {}
+        for ft in rung.ft:
+            rows = planned_rows(ft.eval_dir / "metrics.json", cell_keys(ft.tasks, ft.config.eval.shots, ev.demo_seeds))
+            for t in ft.tasks:
+                ft_rows.setdefault(t, []).append(rows)
         out["rungs"].append({
             "index": rung.index, "name": rung.name, "why": rung.why, "changes": rung.changes,
-            "scoring": lad.scoring, "icl_select": lad.icl_select,
-            "folders": {"icl": str(rung.icl_dir), "ft": {"+".join(g): str(d) for g, _, d, _ in rung.ft}},
-            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad.scoring, lad.icl_select, lad.fixed_k,
+            "icl_select": lad.icl_select, "train_seeds": list(lad.train_seeds),
+            "folders": {"icl": str(rung.icl_dir), "ft": {"+".join(ft.tasks) + f"/s{ft.seed}": str(ft.ft_dir)
+                                                         for ft in rung.ft}},
+            "tasks": {t: rung_task(t, icl_rows, ft_rows.get(t, []), lad.icl_select, lad.fixed_k,
                                    config.reproduce.max_invalid) for t in rung.tasks}})
     # every verdict of the ladder is one family (Holm)
     out["family"] = {"size": judge([t for r in out["rungs"] for t in r["tasks"].values()]), "alpha": 0.05,
@@ -113,41 +134,58 @@ SHORT_VERDICT = {"supports": "ICL > FT", "contradicts": "FT > ICL", "no clear di
                  "no verdict (invalid)": "no verdict: invalid", "ICL only": "–"}
 
 
+def _completion_cell(c: dict) -> str:
+    if not c or not c["n"]:
+        return "–"
+    return ", ".join(f"`{text!r}` {100 * n / c['n']:.0f}%" for text, n in c["top"])
+
+
 def ladder_section(summary: dict, plot_dir: Path, link_prefix: str = "") -> str:
     rungs = summary["rungs"]
     tasks = list(rungs[0]["tasks"]) if rungs else []
     lines = ["## From the authors' setup to ours", "",
              "Rung 0 is the authors' setup; each next rung changes one factor, cumulatively, and ends at our protocol. "
-             "Every rung reports ICL and FT on the same test items under that rung's scoring and ICL selection. "
-             "*ICL > FT* (the paper's claim) or *FT > ICL* where the study's exact paired test of ICL − FT on pattern "
-             "items rejects at 5% after Holm's correction over every verdict of this ladder "
-             f"({summary.get('family', {}).get('size', 0)} comparisons), *≈* where it does not; "
-             "*no verdict: invalid* where a compared cell's invalid share on "
-             "pattern items (strict parse) exceeds reproduce.max_invalid: such a cell is not a measurement of what was "
-             "learned, whatever the scoring. A rung that changes only how results are read reuses the earlier rung's "
-             "completions.", ""]
+             "Every rung reports ICL and FT on the same test items, read two ways side by side: strict (the completion "
+             "must start with the answer; the study's scoring) and substring (the authors': the gold string anywhere "
+             "in the completion). The verdict is the study's: *ICL > FT* (the paper's claim) or *FT > ICL* where the "
+             "exact paired test of ICL − FT on pattern items under strict scoring rejects at 5% after Holm's "
+             f"correction over every verdict of this ladder ({summary.get('family', {}).get('size', 0)} comparisons), "
+             "*≈* where it does not; *no verdict: invalid* where a compared cell's invalid share on pattern items "
+             "(strict parse) exceeds reproduce.max_invalid: such a cell is not a measurement of what was learned, "
+             "whatever the scoring.", ""]
     if summary.get("shortened"):
         lines += [f"Shortened to run on this machine: {summary['shortened']}", ""]
-    lines += ["| rung | change | scoring, ICL cell | " + " | ".join(f"{t}: ICL − FT (verdict)" for t in tasks) + " |",
-              "|---|---|---|" + "---|" * len(tasks)]
+    lines += ["| rung | change | ICL cell | FT seeds | " + " | ".join(f"{t}: ICL − FT (verdict)" for t in tasks) + " |",
+              "|---|---|---|---|" + "---|" * len(tasks)]
     for r in rungs:
         sel = "best k" if r["icl_select"] == "max" else "fixed k"
         cells = [f"{_diff(t['icl_minus_ft'])} ({SHORT_VERDICT[t['verdict']]}{_adjusted(t)})" for t in r["tasks"].values()]
-        lines.append(f"| {r['index']} | {r['name']} | {r['scoring']}, {sel} | " + " | ".join(cells) + " |")
-    lines += ["", "Pattern accuracy, control accuracy and shortcut rate on control, in % (95% intervals in "
-              "ladder.json), for the ICL cell (k) and the fine-tuned model:", "",
-              "| rung | task | ICL k | ICL pattern | ICL control | ICL shortcut | FT pattern | FT control | FT shortcut "
-              "| FT invalid (pattern) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {r['index']} | {r['name']} | {sel} | {len(r.get('train_seeds', [0]))} | " + " | ".join(cells)
+                     + " |")
+    lines += ["", "Pattern accuracy (strict, with its 95% interval; substring beside it), control accuracy, shortcut "
+              "rate on control and invalid share on pattern items (strict parse), in %, for the ICL cell (k) and the "
+              "fine-tuned model(s):", "",
+              "| rung | task | ICL k | ICL pattern | ICL pattern (substring) | ICL control | ICL shortcut | ICL invalid "
+              "| FT pattern | FT pattern (substring) | FT control | FT shortcut | FT invalid |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rungs:
         for task, t in r["tasks"].items():
             icl, ft = t["icl"] or {}, t["ft"] or {}
+            sub = t.get("substring") or {}
+            icl_sub, ft_sub = sub.get("icl") or {}, sub.get("ft") or {}
             lines.append(f"| {r['index']} | {task} | {t['k'] if t['k'] is not None else '–'} | "
-                         f"{fmt_ci(icl.get('pattern'))} | {_pct(icl.get('control'))} | {_pct(icl.get('shortcut'))} | "
-                         f"{fmt_ci(ft.get('pattern'))} | {_pct(ft.get('control'))} | {_pct(ft.get('shortcut'))} | "
-                         f"{_pct(ft.get('invalid'))} |")
+                         f"{fmt_ci(icl.get('pattern'))} | {_pct(icl_sub.get('pattern'))} | {_pct(icl.get('control'))} | "
+                         f"{_pct(icl.get('shortcut'))} | {_pct(icl.get('invalid'))} | "
+                         f"{fmt_ci(ft.get('pattern'))} | {_pct(ft_sub.get('pattern'))} | {_pct(ft.get('control'))} | "
+                         f"{_pct(ft.get('shortcut'))} | {_pct(ft.get('invalid'))} |")
+    lines += ["", "What the fine-tuned model answers: its most frequent completions on pattern items (share of "
+              "items, all seeds):", "", "| rung | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for r in rungs:
+        lines.append(f"| {r['index']} | " + " | ".join(_completion_cell(t.get("ft_completions") or {})
+                                                    for t in r["tasks"].values()) + " |")
     lines += ["", "What each rung changes, and why in this order:", ""]
     for r in rungs:
-        changes = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "nothing (scoring/selection only)"
+        changes = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "nothing"
         lines.append(f"{r['index']}. **{r['name']}**: {r['why']} ({changes})")
     lines.append("")
     if rungs:
