@@ -138,11 +138,17 @@ def plan_ladder(config: Config, results: Path) -> list[Rung]:
         raise ConfigError("ladder.tasks is empty: name the tasks the ladder evaluates")
     owners: dict[tuple[str, str], Path] = {}
     rungs = []
-    for n, (entry, cfg) in enumerate(rung_configs(config)):
+    configs = rung_configs(config)
+    # the first rung once more on each of ladder.first_rung_models, right after it
+    steps = [(0, *configs[0], "")] + [(0, configs[0][0], derive(configs[0][1], {"model": m}), str(m))
+                                      for m in config.ladder.first_rung_models] if configs else []
+    steps += [(n, entry, cfg, "") for n, (entry, cfg) in enumerate(configs) if n > 0]
+    for n, entry, cfg, other in steps:
         tasks = list(cfg.ladder.tasks)
         cfg = derive(cfg, {"eval.tasks": tasks})
-        base = results / "ladder" / f"rung{n}"
-        rung = Rung(n, entry["name"], entry.get("why", ""), dict(entry.get("set") or {}), cfg,
+        base = results / "ladder" / (f"rung{n}" + (f"-{slug(other)}" if other else ""))
+        name = entry["name"] + (f" on {other}" if other else "")
+        rung = Rung(n, name, entry.get("why", ""), dict(entry.get("set") or {}), cfg,
                     owners.setdefault(("icl", _key(cfg, "eval")), base / "icl"), data_name=_data_name(config, cfg))
         for group in task_groups(cfg.ft, tasks):
             for seed in cfg.ladder.train_seeds:

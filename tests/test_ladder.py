@@ -165,7 +165,12 @@ def test_a_rung_whose_fine_tuned_model_is_mostly_invalid_gives_no_verdict():
 
 def test_ladder_preset_plans_one_factor_per_rung(root, tmp_path):
     config = load_config(root / "configs" / "ladder.yaml")
-    rungs = plan_ladder(config, tmp_path)
+    every = plan_ladder(config, tmp_path)
+    others = [r for r in every if r.config.model != config.model]  # rung 0 again on other models, right after it
+    assert [(r.index, r.config.model) for r in others] == [(0, m) for m in config.ladder.first_rung_models]
+    assert every[1:1 + len(others)] == others and all(r.config.ft == every[0].config.ft for r in others)
+    assert len({r.icl_dir for r in every[:1 + len(others)]}) == 1 + len(others)  # their own folders
+    rungs = [r for r in every if r.config.model == config.model]
     first, last = rungs[0].config, rungs[-1].config
     # rung 0: the authors' data, formats and training, exactly (100 steps, 20 warm-up, 16 rows, per-row loss)
     assert (first.data.distribution, first.format, first.ft.rows, first.ft.method) == ("authors", "authors",
@@ -207,6 +212,7 @@ def _small_ladder(root, tmp_path):
     """The preset on the tiny model, every rung, a few items and steps."""
     config = yaml.safe_load((root / "configs" / "ladder.yaml").read_text())
     config.update(model="tiny-random-qwen2", name="ladder_small")
+    config["ladder"]["first_rung_models"] = ["tiny-random-qwen2"]  # the path runs; the same model shares rung 0's folders
     config["data"].update(train_pattern=40, test_pattern=3, test_control=3)
     config["eval"].update(limit=3, shots=[1, 2], batch_size=4)
     config["ladder"]["fixed_k"] = 2
@@ -234,11 +240,12 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     assert "## From the authors' setup to ours" in text and "![ladder](plots/ladder.png)" in text
     assert (tmp_path / "r" / "plots" / "ladder.png").is_file()
     summary = json.loads((tmp_path / "r" / "ladder" / "ladder.json").read_text())
-    assert len(summary["rungs"]) == 12 and all(set(r["tasks"]) == set(TASKS) for r in summary["rungs"])
+    assert len(summary["rungs"]) == 13 and all(set(r["tasks"]) == set(TASKS) for r in summary["rungs"])
     assert all(t["ft"] is not None and t["icl"] is not None for r in summary["rungs"] for t in r["tasks"].values())
     assert all(t["substring"]["ft"] is not None and t["ft_completions"]["n"] > 0
                for r in summary["rungs"] for t in r["tasks"].values())
-    assert [r["tasks"]["expression"]["ft_seeds"] for r in summary["rungs"]][::11] == [3, 3]
+    assert [r["tasks"]["expression"]["ft_seeds"] for r in summary["rungs"]][::12] == [3, 3]
+    assert summary["rungs"][1]["name"] == "the authors' setup on tiny-random-qwen2"
     # rung 0 evaluated the authors' prompts and FT rows on their data (its own folder beside --data)
     rows0 = [json.loads(line) for line in (tmp_path / "r" / "ladder" / "rung0" / "icl" / "samples.jsonl").open()]
     assert {r["answer"] for r in rows0 if r["task"] == "boolean"} <= {"1", "0"}

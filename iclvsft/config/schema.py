@@ -290,6 +290,8 @@ class LadderConfig(Section):
                          "factor (docs/ladder.md)")
     train_seeds: list = option([0], "train seeds of each rung's fine-tuned model(s) (a rung's `set` may change "
                                "them, e.g. three seeds at the first and the last rung)")
+    first_rung_models: list = option([], "other models that also run the first rung (the authors' setup), e.g. "
+                                     "a base model: does it behave differently under their protocol?")
     icl_select: str = option("fixed", "the ICL cell a rung reports: fixed (k = fixed_k) | max (the k of eval.shots "
                              "with the best pattern accuracy by the authors' substring score: their reading)",
                              choices=LADDER_SELECT)

@@ -103,6 +103,7 @@ def ladder_summary(rungs: list, config: Config) -> dict:
                 ft_rows.setdefault(t, []).append(rows)
         out["rungs"].append({
             "index": rung.index, "name": rung.name, "why": rung.why, "changes": rung.changes,
+            "model": rung.config.model,
             "icl_select": lad.icl_select, "train_seeds": list(lad.train_seeds),
             "folders": {"icl": str(rung.icl_dir), "ft": {"+".join(ft.tasks) + f"/s{ft.seed}": str(ft.ft_dir)
                                                          for ft in rung.ft}},
@@ -199,7 +200,7 @@ def ladder_section(summary: dict, plot_dir: Path, link_prefix: str = "") -> str:
 
 def plot_ladder(summary: dict, out_dir: Path) -> str:
     """Pattern accuracy of ICL and FT per rung, one panel per task, with 95% intervals."""
-    rungs = summary["rungs"]
+    rungs = [r for r in summary["rungs"] if r.get("model", summary["model"]) == summary["model"]]  # the main model's
     tasks = list(rungs[0]["tasks"])
     fig, axes = panels(len(tasks), width=3.6)
     xs = [r["index"] for r in rungs]
