@@ -1,4 +1,4 @@
-"""The plan step (iclvsft/plan.py, reproduce.py --plan) and the GPU path's choices, without a GPU.
+"""The plan step (iclvsft/plan/, reproduce.py --plan) and the GPU path's choices, without a GPU.
 
 What must hold (the issue "its GPU path has never run"):
 * the memory estimate matches what training really holds: exactly for weights, gradients and
