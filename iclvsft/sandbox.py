@@ -108,6 +108,9 @@ _STARTUP_GRACE_S = 10.0
 # unshare flags: own pid (and a fresh /proc), network, ipc and hostname namespaces; the child dies
 # with unshare (--kill-child), which the parent's watchdog kills.
 _UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--ipc", "--uts")
+# The longest error line a program's result carries (the child cuts it, as it cuts the output at
+# max_output_chars): an exception message can be as long as the program's memory allows.
+_MAX_ERROR_CHARS = 500
 # Layers a test may switch off to check the warning or one layer alone ("namespaces", "privilege
 # drop", "no_new_privs", "landlock", "interpreter"). Never set outside tests.
 _LAYERS_OFF: frozenset[str] = frozenset()
@@ -247,7 +250,7 @@ def _run_child(sources: list[str], timeout_s: float, deadline: float, memory_mb:
     ``(partial stdout, error)`` for the program it was running."""
     prefix, ns_active, ns_missing = _launcher()
     read_end, write_end = os.pipe()
-    job = {"sources": sources, "timeout_s": float(timeout_s), "max_output": int(max_output),
+    job = {"sources": sources, "timeout_s": float(timeout_s), "max_output": int(max_output), "max_error": _MAX_ERROR_CHARS,
            "cpu_s": max(1.0, deadline - time.monotonic()) + 1.0, "memory_bytes": int(memory_mb) * 2**20,
            "result_fd": write_end, "off": sorted(_LAYERS_OFF), "active": ns_active, "missing": ns_missing}
     payload = json.dumps(job).encode("utf-8")
@@ -265,8 +268,16 @@ def _run_child(sources: list[str], timeout_s: float, deadline: float, memory_mb:
     lines: queue.Queue = queue.Queue()
     err_tail = bytearray()
 
+    # No honest line is longer (JSON escapes a character in at most 12 bytes): a longer one is cut
+    # here, counts as malformed, and the child is killed, so a program that got past the interpreter
+    # layer still cannot make the caller hold an unbounded line.
+    longest = 12 * (max_output + _MAX_ERROR_CHARS) + 4096
+
     def pump() -> None:
-        for line in channel:
+        while line := channel.readline(longest):
+            if not line.endswith(b"\n"):  # too long, or cut off by the child's death
+                lines.put(b"")
+                break
             lines.put(line)
         lines.put(None)
 

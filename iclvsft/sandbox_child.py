@@ -7,8 +7,8 @@ Run only as a script, by the parent (``iclvsft.sandbox._run_child``)::
 Isolated mode (``-I``: no script directory, user site-packages or ``PYTHON*`` variables on
 ``sys.path``) and ``-S`` (no ``site``): only the standard library is importable here, so this file
 imports nothing but the standard library, and neither ``iclvsft`` nor any sibling module of this
-file is importable from a program. The job is ``{"sources", "timeout_s", "max_output", "cpu_s",
-"memory_bytes", "result_fd", "off", "active", "missing"}`` (see ``_run_child``); the results go back
+file is importable from a program. The job is ``{"sources", "timeout_s", "max_output", "max_error",
+"cpu_s", "memory_bytes", "result_fd", "off", "active", "missing"}`` (see ``_run_child``); the results go back
 as JSON lines on ``result_fd``: first ``{"layers": {"active", "missing"}}``, then one
 ``{"i", "stdout", "error"}`` per program, in order.
 
@@ -229,7 +229,21 @@ def hook(event, args):
         raise RuntimeError(f"sandbox: {event!r} is not allowed")
 
 
-def run(sources, timeout_s, max_output, result_fd, safe, out, guard):
+def describe(exc, max_error):
+    """A program's exception as one line of at most ``max_error`` characters. The message is cut before
+    it is split or copied: a program may raise one as long as its memory allows (``'x' * 10 ** 8``), and
+    the caller reads every result line whole. A ``__str__`` of the program's own that fails leaves the
+    type name alone."""
+    try:
+        text = str(exc)
+    except BaseException:
+        text = ""
+    message = text[:max_error].splitlines()[0] if text else ""
+    error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return error[:max_error]
+
+
+def run(sources, timeout_s, max_output, max_error, result_fd, safe, out, guard):
     """Run each program and send its result line."""
     for index, source in enumerate(sources):
         buf = io.StringIO()
@@ -253,8 +267,7 @@ def run(sources, timeout_s, max_output, result_fd, safe, out, guard):
         except SandboxTimeout:
             error = f"TimeoutError: program ran longer than {timeout_s:g} s"
         except BaseException as exc:  # the program's own error, reported as one line
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+            error = describe(exc, max_error)
         finally:
             running[0] = False
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -284,7 +297,7 @@ def main():
     # (with the guard off, tests only: the OS layer alone; not a missing OS layer, so not in `missing`)
     sys.setrecursionlimit(RECURSION_LIMIT)
     send(result_fd, {"layers": {"active": active, "missing": missing}})
-    run(sources, timeout_s, max_output, result_fd, safe, out, guard)
+    run(sources, timeout_s, max_output, job["max_error"], result_fd, safe, out, guard)
 
 
 if __name__ == "__main__":

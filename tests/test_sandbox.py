@@ -336,3 +336,22 @@ def test_child_script_does_nothing_when_imported():
                        input=b"not a job", capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip().isdigit(), r
     assert os.path.isfile(sandbox._CHILD) and sandbox._CHILD.endswith(os.path.join("iclvsft", "sandbox_child.py"))
+
+
+# --- Error text is cut in the child, like the output ------------------------------------------------
+
+def test_a_huge_exception_message_is_cut_before_it_reaches_the_caller():
+    results = run_programs(["raise ValueError('x' * 120_000_000)", "raise ValueError('first\\n' + 'y' * 10 ** 6)",
+                            "print(1)"], timeout_s=20.0)
+    assert results[0].error.startswith("ValueError: xxx") and len(results[0].error) <= 1_000, len(results[0].error)
+    assert results[1].error == "ValueError: first" and results[2] == SandboxResult("1\n", None)
+
+
+def test_an_overlong_result_line_is_cut_by_the_caller(monkeypatch):
+    """Should a program get past the interpreter layer (switched off here) and write to the result pipe
+    itself, the caller reads no more than an honest line's length and kills the child."""
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    flood = ("import os\nfor fd in range(3, 32):\n    try:\n        os.write(fd, b'x' * 10 ** 7)\n"
+             "    except OSError:\n        pass")
+    results = run_programs([flood, "print(2)"], timeout_s=5.0, max_output_chars=100)
+    assert results[0].error.startswith("SandboxError: malformed") and results[1] == SandboxResult("2\n", None)
