@@ -17,6 +17,13 @@ hold on its own:
   --net --ipc --uts --mount-proc``, plus ``--user`` when not root): it sees only its own process,
   has no network interface, and dies with its launcher. Probed once per process; skipped if
   ``unshare`` is missing or refused.
+* *Dies with its caller*: a parent-death signal (``SIGKILL``) at every hop, so a caller killed
+  outright (``kill -9``, the OOM killer) leaves nothing running: ``setpriv --pdeathsig KILL`` (same
+  util-linux) execs ``unshare`` with it, ``unshare --kill-child`` gives it to its child, and the
+  child sets it again after the privilege drop (a uid change clears it). The signal follows the
+  *thread* that started the process: that is the thread in :func:`run_programs`, which does not
+  return before the child is gone. Should the caller die in the instant before a hop is armed, the
+  child finds out when it sends its first line (the result pipe has no reader left) and exits.
 * *No privileges*: started as root, the child drops to ``nobody`` (``setgroups([])``, ``setgid``,
   ``setuid``) right after start-up, so it has no capabilities (no ``chroot``, ``setuid(0)``, raw
   sockets, killing or re-prioritising other users' processes) and ``RLIMIT_NPROC = 0`` binds (root
@@ -185,22 +192,30 @@ def _launcher() -> tuple[list[str], list[str], list[str]]:
             return _launchers[key]
     unshare = shutil.which("unshare") or ("/usr/bin/unshare" if os.path.exists("/usr/bin/unshare") else None)
     flags = list(_UNSHARE_FLAGS) + (["--user"] if hasattr(os, "geteuid") and os.geteuid() != 0 else [])
+    # unshare outlives a killed caller (it is reparented and waits for its child); setpriv, from the
+    # same util-linux, gives it the parent-death signal before it execs unshare.
+    setpriv = shutil.which("setpriv")
     if "namespaces" in key:
         found = ([], [], ["namespaces (switched off)"])
     elif not sys.platform.startswith("linux") or unshare is None:
         found = ([], [], ["namespaces (no unshare)"])
     else:
-        prefix = [unshare, *flags, "--"]
-        try:
-            probe = subprocess.run(prefix + [sys.executable, "-I", "-S", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                   capture_output=True, env={}, timeout=15)
-            ok, why = probe.returncode == 0, probe.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            ok, why = False, [str(exc)]
-        if ok:
-            found = (prefix, ["namespaces (unshare: pid, mount /proc, net, ipc, uts"
-                              + (", user" if "--user" in flags else "") + ")"], [])
-        else:
+        found = None
+        why: list[str] = []
+        for head in ([[setpriv, "--pdeathsig", "KILL"]] if setpriv else []) + [[]]:
+            prefix = [*head, unshare, *flags, "--"]
+            try:
+                probe = subprocess.run(prefix + [sys.executable, "-I", "-S", "-c", "pass"], stdin=subprocess.DEVNULL,
+                                       capture_output=True, env={}, timeout=15)
+                ok, why = probe.returncode == 0, probe.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                ok, why = False, [str(exc)]
+            if ok:
+                found = (prefix, ["namespaces (unshare: pid, mount /proc, net, ipc, uts"
+                                  + (", user" if "--user" in flags else "")
+                                  + ("; killed with its caller: setpriv --pdeathsig" if head else "") + ")"], [])
+                break
+        if found is None:
             found = ([], [], [f"namespaces (unshare refused: {(why or ['?'])[0][:120]})"])
     with _state_lock:
         _launchers[key] = found

@@ -174,7 +174,10 @@ def confine(off, active, missing):
         u = ctypes.c_ulong
         return libc.prctl(ctypes.c_int(option), u(value), u(0), u(0), u(0))
 
-    prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the launcher
+    # PR_SET_PDEATHSIG: die with the launcher (unshare, or the caller itself). Armed by unshare
+    # --kill-child but cleared by the uid change; should the launcher have died in between, the layers
+    # line sent next finds no reader (BrokenPipeError) and the child exits before running anything.
+    prctl(1, int(signal.SIGKILL))
     prctl(4, 0)                    # PR_SET_DUMPABLE 0: no ptrace or /proc/<pid>/mem by same-uid processes
     if "no_new_privs" not in off and prctl(38, 1) == 0:  # PR_SET_NO_NEW_PRIVS
         active.append("no_new_privs")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 import pytest
 
@@ -355,3 +356,73 @@ def test_an_overlong_result_line_is_cut_by_the_caller(monkeypatch):
              "    except OSError:\n        pass")
     results = run_programs([flood, "print(2)"], timeout_s=5.0, max_output_chars=100)
     assert results[0].error.startswith("SandboxError: malformed") and results[1] == SandboxResult("2\n", None)
+# --- The child dies with its caller ------------------------------------------------------------------
+
+CALLER = """
+from iclvsft import sandbox
+sandbox._LAYERS_OFF = frozenset({"interpreter"})
+sandbox.run_programs(["import time\\ntime.sleep(120)"], timeout_s=120.0, total_timeout_s=150.0)
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        try:
+            tasks = os.listdir(f"/proc/{stack.pop()}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{tid}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                kids = []
+            out += kids
+            stack += kids
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_child_dies_with_its_caller():
+    root = os.path.dirname(os.path.dirname(os.path.realpath(sandbox.__file__)))
+    caller = subprocess.Popen([sys.executable, "-c", CALLER], cwd=root, env={**os.environ, "PYTHONPATH": root})
+    left: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = _descendants(caller.pid)
+            if any("sandbox_child.py" in _cmdline(pid) for pid in left):
+                break
+            time.sleep(0.05)
+        assert any("sandbox_child.py" in _cmdline(pid) for pid in left), "the sandbox child never started"
+        time.sleep(1.0)  # the program is sleeping now
+        left = _descendants(caller.pid)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(_running(pid) for pid in left):
+            time.sleep(0.05)
+        assert not [pid for pid in left if _running(pid)], [(pid, _cmdline(pid)) for pid in left if _running(pid)]
+    finally:
+        caller.kill()
+        caller.wait()
+        for pid in left:  # only what this test started, should the check above have failed
+            if _running(pid):
+                os.kill(pid, 9)
