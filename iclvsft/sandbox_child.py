@@ -8,9 +8,10 @@ Isolated mode (``-I``: no script directory, user site-packages or ``PYTHON*`` va
 ``sys.path``) and ``-S`` (no ``site``): only the standard library is importable here, so this file
 imports nothing but the standard library, and neither ``iclvsft`` nor any sibling module of this
 file is importable from a program. The job is ``{"sources", "timeout_s", "max_output", "max_error",
-"cpu_s", "memory_bytes", "result_fd", "off", "active", "missing"}`` (see ``_run_child``); the results go back
-as JSON lines on ``result_fd``: first ``{"layers": {"active", "missing"}}``, then one
-``{"i", "stdout", "error"}`` per program, in order.
+"cpu_s", "memory_bytes", "result_fd", "off", "active", "missing", "degraded_ok"}`` (see ``_run_child``);
+the results go back as JSON lines on ``result_fd``: first ``{"layers": {"active", "missing"}}``, then
+one ``{"i", "stdout", "error"}`` per program, in order. A child that lacks an OS layer and may not run
+degraded sends ``{"layers": ..., "refused": true}`` instead and runs nothing.
 
 Everything the child needs is imported and set up before the OS layer goes in (after Landlock it
 cannot open a file) and before the audit hook (after that only "compile" and "exec" audit events are
@@ -376,6 +377,9 @@ def main():
         sys.addaudithook(hook)
     # (with the guard off, tests only: the OS layer alone; not a missing OS layer, so not in `missing`)
     sys.setrecursionlimit(RECURSION_LIMIT)
+    if missing and not job["degraded_ok"]:  # fail closed: report the layers, run nothing
+        send(result_fd, {"layers": {"active": active, "missing": missing}, "refused": True})
+        return
     send(result_fd, {"layers": {"active": active, "missing": missing}})
     run(sources, timeout_s, max_output, job["max_error"], result_fd, safe, out, guard)
 

@@ -25,6 +25,7 @@ import time
 import pytest
 
 from iclvsft import sandbox
+from iclvsft.errors import ConfigError
 from iclvsft.sandbox import Containment, SandboxResult, containment, run_programs
 
 FORGED = "FORGED"
@@ -294,7 +295,7 @@ def test_missing_os_layer_warns_once_and_the_interpreter_guard_still_blocks(capl
     sandbox._warned.clear()
     with caplog.at_level(logging.WARNING, logger="iclvsft.sandbox"):
         state = containment(refresh=True)
-        results = run_programs(["abs.__self__.__import__('posix')", "import os", "print(3)"])
+        results = run_programs(["abs.__self__.__import__('posix')", "import os", "print(3)"], degraded_ok=True)
     assert "landlock (switched off)" in state.missing and "namespaces (switched off)" in state.missing
     warnings = [r.getMessage() for r in caplog.records if r.name == "iclvsft.sandbox"]
     assert len(warnings) == 1 and "landlock" in warnings[0] and "namespaces" in warnings[0]
@@ -316,7 +317,7 @@ def test_child_script_sees_only_the_standard_library(monkeypatch):
     probe = ("import sys\nprint(sys.flags.isolated, sys.flags.no_site, sys.flags.safe_path)\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(UNREACHABLE) + "))\n"
              "print(*sys.path, sep='\\n')")
-    *results, shown = run_programs(imports + [probe], timeout_s=5.0)
+    *results, shown = run_programs(imports + [probe], timeout_s=5.0, degraded_ok=True)
     for name, result in zip(UNREACHABLE, results):
         assert result == SandboxResult("", f"ModuleNotFoundError: No module named '{name}'"), (name, result)
     assert shown.ok, shown
@@ -361,6 +362,7 @@ def test_an_overlong_result_line_is_cut_by_the_caller(monkeypatch):
 
 CALLER = """
 from iclvsft import sandbox
+from iclvsft.errors import ConfigError
 sandbox._LAYERS_OFF = frozenset({"interpreter"})
 sandbox.run_programs(["import time\\ntime.sleep(120)"], timeout_s=120.0, total_timeout_s=150.0)
 """
@@ -503,3 +505,36 @@ def test_os_layer_alone_kills_a_system_call_of_another_abi(monkeypatch):
     result, marker = run_programs([x32, "print('marker')"], timeout_s=5.0)
     assert result.error is not None and result.error.startswith("SandboxError") and "signal 31" in result.error, result
     assert marker == SandboxResult("marker\n", None)
+
+
+# --- Fail closed: a missing OS layer refuses the programs unless degraded mode is allowed ----------
+
+def test_a_missing_os_layer_refuses_programs_unless_degraded_mode_is_allowed(monkeypatch):
+    simulated = "namespaces (unshare refused: simulated by the test)"
+    monkeypatch.setattr(sandbox, "_launcher", lambda: ([], [], [simulated]))  # the namespace probe fails
+    with pytest.raises(ConfigError) as refused:
+        run_programs(["print(1)"])
+    message = str(refused.value)
+    assert "\n" not in message and simulated in message and "data.sandbox_degraded_ok" in message
+    assert run_programs(["print(1)"], degraded_ok=True) == [SandboxResult("1\n", None)]
+    state = containment()
+    assert state.missing == (simulated,) and any(a.startswith("seccomp") for a in state.active)
+
+    # A layer the child itself lacks (Landlock, switched off): refused before any program runs. The
+    # program (interpreter guard off too) would create a file, which only Landlock forbids `nobody`.
+    monkeypatch.undo()
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"landlock", "interpreter"}))
+    folder = tempfile.mkdtemp(prefix="sandbox-degraded-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o1777)
+        create = f"open({os.path.join(folder, 'ran')!r}, 'w').close()\nprint('ran')"
+        with pytest.raises(ConfigError, match="landlock"):
+            run_programs([create])
+        assert os.listdir(folder) == []
+        with sandbox.session(degraded_ok=True) as ran:  # allowed: it runs, and the session has its layers
+            assert run_programs([create]) == [SandboxResult("ran\n", None)]
+        assert os.listdir(folder) == ["ran"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    layers = ran.layers()
+    assert layers.missing == ("landlock (switched off)",) and any(a.startswith("seccomp") for a in layers.active)
