@@ -242,8 +242,8 @@ def _record_containment(active: list[str], missing: list[str], running: bool) ->
             _warned.add(tuple(missing))
     if warn:
         log.warning("sandbox: the operating system does not fully contain generated programs here (missing: %s); "
-                    "the in-interpreter guard (source check, restricted builtins, audit hook) stays on as the "
-                    "remaining layer", "; ".join(missing))
+                    "running them in this degraded mode, as allowed: the other layers and the in-interpreter guard "
+                    "(source check, restricted builtins, audit hook) stay on", "; ".join(missing))
 
 
 def _launcher() -> tuple[list[str], list[str], list[str]]:
