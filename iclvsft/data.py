@@ -4,13 +4,18 @@ Layout of a data folder::
 
     <out>/<task>/train.jsonl   train pool: FT rows and ICL demonstrations (pattern rows, then control)
     <out>/<task>/test.jsonl    test pool (pattern, then control)
-    <out>/manifest.json        counts, seeds, config, sha256 of every file, overlap check
+    <out>/manifest.json        counts, seeds, config, sha256 of every file, overlap check, and for a
+                               task that runs its programs (code) the sandbox layers they ran in
 
 Generation order is fixed (train before test, pattern before control) and each item comes from its
 own RNG ``(seed, task, pool, split, index)``. An item whose normalised question was already drawn
 (in the same pool, or in train when drawing test) is skipped and the next index is drawn, so test is
 disjoint from train by construction; the manifest records the re-checked overlap (must be 0).
 Same config, same bytes.
+
+Programs run only in a fully contained sandbox: where an OS layer is missing, generation stops with
+one line unless ``data.sandbox_degraded_ok`` (:mod:`iclvsft.sandbox`); ``sandbox_statement`` words
+what the manifest records, for a report.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, sandbox
 from .cards import dataset_card
 from .config import Config, DataConfig
 from .errors import DataError
@@ -116,8 +121,12 @@ def generate(config: Config, out: str | Path, show_progress: bool = True) -> dic
     with progress(total=total, desc="generating items", unit="item", disable=not show_progress) as bar:
         for name, task in tasks.items():
             bar.set_postfix_str(name)
-            pools = generate_task(task, config, bar)
+            with sandbox.session(degraded_ok=data.sandbox_degraded_ok) as ran:
+                pools = generate_task(task, config, bar)
             entry: dict[str, Any] = {"params": task.config.to_dict(), "splits": list(task.splits), "files": {}}
+            if (layers := ran.layers()) is not None:
+                entry["sandbox"] = {"active": list(layers.active), "missing": list(layers.missing),
+                                    "degraded_ok": data.sandbox_degraded_ok}
             for pool, items in pools.items():
                 rel = f"{name}/{pool}.jsonl"
                 counts = {s: sum(i.split == s for i in items) for s in task.splits}
@@ -157,10 +166,28 @@ def remove_stale_tasks(out: Path, keep: set[str]) -> None:
 
 
 def data_config(data: DataConfig) -> dict[str, Any]:
-    """The data section as the manifest records it: without task_params (recorded per task), and without
-    ``distribution`` when it is the default ``ours``, so default data keeps its bytes."""
+    """The data section as the manifest records it: without task_params (recorded per task), without
+    ``distribution`` when it is the default ``ours``, so default data keeps its bytes, and without
+    ``sandbox_degraded_ok`` (no item depends on it; each task's ``sandbox`` entry records it)."""
     return {k: v for k, v in data.to_dict().items()
-            if k != "task_params" and not (k == "distribution" and v == "ours")}
+            if k not in ("task_params", "sandbox_degraded_ok") and not (k == "distribution" and v == "ours")}
+
+
+def sandbox_statement(manifest: dict[str, Any]) -> str:
+    """One line per task whose answers were confirmed by running its programs: the sandbox layers they
+    ran in, as a report states them ("" when no task ran programs)."""
+    lines = []
+    for name, entry in manifest.get("tasks", {}).items():
+        layers = entry.get("sandbox") if isinstance(entry, dict) else None
+        if not isinstance(layers, dict):
+            continue
+        active = "; ".join(layers.get("active", []))
+        if layers.get("missing"):
+            lines.append(f"{name}: programs ran in a DEGRADED sandbox, allowed by data.sandbox_degraded_ok (missing: "
+                         f"{'; '.join(layers['missing'])}; active: {active})")
+        else:
+            lines.append(f"{name}: programs ran with every sandbox layer up ({active})")
+    return "\n".join(lines)
 
 
 def planned_manifest_key(config: Config) -> dict[str, Any]:
@@ -214,6 +241,8 @@ def is_up_to_date(config: Config, data_dir: str | Path) -> bool:
         return False
     if existing_manifest_key(manifest) != planned_manifest_key(config):
         return False
+    if not config.data.sandbox_degraded_ok and any(t.get("sandbox", {}).get("missing") for t in manifest["tasks"].values()):
+        return False  # checked in a degraded sandbox, which this config does not allow
     return all((Path(data_dir) / f["path"]).is_file() and sha256_file(Path(data_dir) / f["path"]) == f["sha256"]
                for t in manifest["tasks"].values() for f in t["files"].values())
 

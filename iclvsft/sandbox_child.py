@@ -7,10 +7,11 @@ Run only as a script, by the parent (``iclvsft.sandbox._run_child``)::
 Isolated mode (``-I``: no script directory, user site-packages or ``PYTHON*`` variables on
 ``sys.path``) and ``-S`` (no ``site``): only the standard library is importable here, so this file
 imports nothing but the standard library, and neither ``iclvsft`` nor any sibling module of this
-file is importable from a program. The job is ``{"sources", "timeout_s", "max_output", "cpu_s",
-"memory_bytes", "result_fd", "off", "active", "missing"}`` (see ``_run_child``); the results go back
-as JSON lines on ``result_fd``: first ``{"layers": {"active", "missing"}}``, then one
-``{"i", "stdout", "error"}`` per program, in order.
+file is importable from a program. The job is ``{"sources", "timeout_s", "max_output", "max_error",
+"cpu_s", "memory_bytes", "result_fd", "off", "active", "missing", "degraded_ok"}`` (see ``_run_child``);
+the results go back as JSON lines on ``result_fd``: first ``{"layers": {"active", "missing"}}``, then
+one ``{"i", "stdout", "error"}`` per program, in order. A child that lacks an OS layer and may not run
+degraded sends ``{"layers": ..., "refused": true}`` instead and runs nothing.
 
 Everything the child needs is imported and set up before the OS layer goes in (after Landlock it
 cannot open a file) and before the audit hook (after that only "compile" and "exec" audit events are
@@ -18,6 +19,7 @@ allowed). The layers themselves are described in :mod:`iclvsft.sandbox`.
 """
 import ast
 import builtins
+import errno
 import io
 import json
 import os
@@ -56,6 +58,24 @@ BAD_ATTRS = frozenset((
     "ag_code", "ag_await", "tb_frame", "tb_next", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
     "f_trace", "format", "format_map",
 ))
+
+# OS layer 4, a seccomp filter: system calls that no program needs, refused with EPERM. Sockets:
+# Landlock covers TCP and abstract UNIX sockets but not connect() to a UNIX socket by path, and such
+# sockets live in the file system, outside the network namespace. io_uring: a second route to files
+# and sockets. The rest: kernel interfaces that no program needs and an attacker wants (bpf,
+# userfaultfd, perf events, keyrings, ptrace, namespaces). A system call of another ABI on the same
+# kernel (i386's int 0x80, x32) kills the child: libseccomp checks the architecture first.
+SECCOMP_REFUSED = (
+    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "bpf", "userfaultfd", "perf_event_open", "ptrace", "process_vm_readv", "process_vm_writev",
+    "keyctl", "add_key", "request_key", "unshare", "setns",
+)
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_ERRNO = 0x00050000  # | the errno returned
+SCMP_FLTATR_ACT_BADARCH = 2
+SCMP_FLTATR_CTL_NNP = 3
 
 
 class SandboxTimeout(BaseException):
@@ -158,8 +178,59 @@ def landlock(libc, off):
     return abi
 
 
+def seccomp_filter(off):
+    """(libseccomp, a filter context) refusing SECCOMP_REFUSED, built but not loaded; or why there is
+    none (a str). Built before Landlock, since loading the library opens a file.
+
+    Why libseccomp through ctypes: it is the maintained library that writes the BPF program (the
+    architecture check, the x32 bit, each system call's number by name) and is installed wherever apt
+    or systemd is (Debian's libseccomp2). Its Python bindings (``seccomp``, or ``pyseccomp`` on PyPI,
+    itself a ctypes wrapper of the same library) live in site-packages, which this isolated child
+    does not import from; hand-written BPF would be a new trick to get right."""
+    if "seccomp" in off:
+        return "switched off"
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return "libseccomp.so.2 not found"
+    ptr = ctypes.c_void_p
+    lib.seccomp_init.restype = ptr
+    lib.seccomp_init.argtypes = (ctypes.c_uint32,)
+    lib.seccomp_attr_set.argtypes = (ptr, ctypes.c_int, ctypes.c_uint32)
+    lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
+    lib.seccomp_rule_add_array.argtypes = (ptr, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ptr)
+    lib.seccomp_load.argtypes = lib.seccomp_release.argtypes = (ptr,)
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        return "seccomp_init failed"
+    # A wrong architecture kills the process (libseccomp's default kills the thread: the same here,
+    # where the child has one). no_new_privs is the prctl layer's own, set before: not set again here.
+    lib.seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS)
+    why = "libseccomp refused the no_new_privs attribute" if lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0) else None
+    for name in SECCOMP_REFUSED:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if why is None and number == -1:  # __NR_SCMP_ERROR: unknown to this libseccomp
+            why = f"libseccomp does not know {name}"
+        elif why is None and lib.seccomp_rule_add_array(ctx, SCMP_ACT_ERRNO | errno.EPERM, number, 0, None) != 0:
+            why = f"libseccomp refused the rule for {name}"
+    if why is not None:
+        lib.seccomp_release(ctx)
+        return why
+    return lib, ctx
+
+
+def seccomp_load(built):
+    """Load a filter from :func:`seccomp_filter` into this process: None, or why it was refused."""
+    lib, ctx = built
+    try:
+        rc = lib.seccomp_load(ctx)
+    finally:
+        lib.seccomp_release(ctx)
+    return None if rc == 0 else f"load refused ({os.strerror(-rc) if rc < 0 else rc})"
+
+
 def confine(off, active, missing):
-    """OS layer 3: prctl and Landlock, through libc."""
+    """OS layers 3 and 4: prctl and Landlock through libc, then the seccomp filter."""
     libc = None
     if ctypes is not None and sys.platform.startswith("linux"):
         try:
@@ -167,14 +238,18 @@ def confine(off, active, missing):
         except OSError:
             libc = None
     if libc is None:
-        missing.append("no_new_privs and landlock (no ctypes/libc)")
+        missing.append("no_new_privs, landlock and seccomp (no ctypes/libc)")
         return
+    built = seccomp_filter(off)
 
     def prctl(option, value):
         u = ctypes.c_ulong
         return libc.prctl(ctypes.c_int(option), u(value), u(0), u(0), u(0))
 
-    prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the launcher
+    # PR_SET_PDEATHSIG: die with the launcher (unshare, or the caller itself). Armed by unshare
+    # --kill-child but cleared by the uid change; should the launcher have died in between, the layers
+    # line sent next finds no reader (BrokenPipeError) and the child exits before running anything.
+    prctl(1, int(signal.SIGKILL))
     prctl(4, 0)                    # PR_SET_DUMPABLE 0: no ptrace or /proc/<pid>/mem by same-uid processes
     if "no_new_privs" not in off and prctl(38, 1) == 0:  # PR_SET_NO_NEW_PRIVS
         active.append("no_new_privs")
@@ -186,6 +261,12 @@ def confine(off, active, missing):
                       + (", no signals or abstract sockets outside" if state >= 6 else "") + ")")
     else:
         missing.append(f"landlock ({state})")
+    why = built if isinstance(built, str) else seccomp_load(built)
+    if why is None:
+        active.append("seccomp (libseccomp: sockets, io_uring, bpf, userfaultfd, perf events, keyrings, ptrace "
+                      "and namespaces refused; other ABIs killed)")
+    else:
+        missing.append(f"seccomp ({why})")
 
 
 def restricted_builtins(guard):
@@ -229,7 +310,21 @@ def hook(event, args):
         raise RuntimeError(f"sandbox: {event!r} is not allowed")
 
 
-def run(sources, timeout_s, max_output, result_fd, safe, out, guard):
+def describe(exc, max_error):
+    """A program's exception as one line of at most ``max_error`` characters. The message is cut before
+    it is split or copied: a program may raise one as long as its memory allows (``'x' * 10 ** 8``), and
+    the caller reads every result line whole. A ``__str__`` of the program's own that fails leaves the
+    type name alone."""
+    try:
+        text = str(exc)
+    except BaseException:
+        text = ""
+    message = text[:max_error].splitlines()[0] if text else ""
+    error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return error[:max_error]
+
+
+def run(sources, timeout_s, max_output, max_error, result_fd, safe, out, guard):
     """Run each program and send its result line."""
     for index, source in enumerate(sources):
         buf = io.StringIO()
@@ -253,8 +348,7 @@ def run(sources, timeout_s, max_output, result_fd, safe, out, guard):
         except SandboxTimeout:
             error = f"TimeoutError: program ran longer than {timeout_s:g} s"
         except BaseException as exc:  # the program's own error, reported as one line
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+            error = describe(exc, max_error)
         finally:
             running[0] = False
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -283,8 +377,11 @@ def main():
         sys.addaudithook(hook)
     # (with the guard off, tests only: the OS layer alone; not a missing OS layer, so not in `missing`)
     sys.setrecursionlimit(RECURSION_LIMIT)
+    if missing and not job["degraded_ok"]:  # fail closed: report the layers, run nothing
+        send(result_fd, {"layers": {"active": active, "missing": missing}, "refused": True})
+        return
     send(result_fd, {"layers": {"active": active, "missing": missing}})
-    run(sources, timeout_s, max_output, result_fd, safe, out, guard)
+    run(sources, timeout_s, max_output, job["max_error"], result_fd, safe, out, guard)
 
 
 if __name__ == "__main__":

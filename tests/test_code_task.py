@@ -2,12 +2,16 @@
 invariants, determinism, config validation, and the sandbox's refusals and limits."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
 
+from iclvsft import sandbox
+from iclvsft.config import load_config
+from iclvsft.data import generate, is_up_to_date, sandbox_statement
 from iclvsft.errors import ConfigError
-from iclvsft.sandbox import SandboxResult, run_programs
+from iclvsft.sandbox import SandboxResult, containment, run_programs
 from iclvsft.tasks.base import Item
 from iclvsft.tasks.code import CONTROL_SHAPES, FUNCTION1_SHAPES, OPS, CodeConfig, CodeTask, apply_op, verify_items
 
@@ -173,3 +177,34 @@ def test_sandbox_kills_a_program_that_ignores_its_time_limit():
 def test_sandbox_total_time_limit():
     results = run_programs(["while True:\n    pass"] * 3 + ["print(5)"], timeout_s=0.2, total_timeout_s=0.5)
     assert len(results) == 4 and all(r.error and r.error.startswith("TimeoutError") for r in results)
+
+
+SIZES = {"tasks": ["code"], "train_pattern": 12, "train_control": 4, "test_pattern": 4, "test_control": 4}
+
+
+def test_data_refuses_a_degraded_sandbox_unless_allowed_and_records_its_layers(monkeypatch, tmp_path):
+    """A sandbox layer that cannot be set up (simulated: the namespace probe fails) stops the code task's
+    data with one line naming the key that allows it; allowed, the manifest records the layers."""
+    simulated = "namespaces (unshare refused: simulated by the test)"
+    monkeypatch.setattr(sandbox, "_launcher", lambda: ([], [], [simulated]))
+    with pytest.raises(ConfigError) as refused:
+        generate(load_config(overrides=[{"data": SIZES}]), tmp_path / "refused", show_progress=False)
+    assert "\n" not in str(refused.value) and "data.sandbox_degraded_ok" in str(refused.value)
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+
+    allowed = load_config(overrides=[{"data": {**SIZES, "sandbox_degraded_ok": True}}])
+    manifest = generate(allowed, tmp_path / "degraded", show_progress=False)
+    layers = manifest["tasks"]["code"]["sandbox"]
+    assert layers["missing"] == [simulated] and layers["degraded_ok"] is True
+    assert any(a.startswith("seccomp") for a in layers["active"])
+    assert not any(a.startswith("namespaces") for a in layers["active"])
+    assert json.loads((tmp_path / "degraded" / "manifest.json").read_text())["tasks"]["code"]["sandbox"] == layers
+    assert simulated in sandbox_statement(manifest) and "data.sandbox_degraded_ok" in sandbox_statement(manifest)
+    assert is_up_to_date(allowed, tmp_path / "degraded")
+    assert not is_up_to_date(load_config(overrides=[{"data": SIZES}]), tmp_path / "degraded")
+
+    monkeypatch.undo()
+    if containment(refresh=True).missing:
+        pytest.skip(f"this machine lacks OS layers: {containment().missing}")
+    manifest = generate(load_config(overrides=[{"data": SIZES}]), tmp_path / "full", show_progress=False)
+    assert manifest["tasks"]["code"]["sandbox"]["missing"] == [] and "missing" not in sandbox_statement(manifest)

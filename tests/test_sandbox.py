@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import site
 import socket
@@ -19,10 +20,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 import pytest
 
 from iclvsft import sandbox
+from iclvsft.errors import ConfigError
 from iclvsft.sandbox import Containment, SandboxResult, containment, run_programs
 
 FORGED = "FORGED"
@@ -292,7 +295,7 @@ def test_missing_os_layer_warns_once_and_the_interpreter_guard_still_blocks(capl
     sandbox._warned.clear()
     with caplog.at_level(logging.WARNING, logger="iclvsft.sandbox"):
         state = containment(refresh=True)
-        results = run_programs(["abs.__self__.__import__('posix')", "import os", "print(3)"])
+        results = run_programs(["abs.__self__.__import__('posix')", "import os", "print(3)"], degraded_ok=True)
     assert "landlock (switched off)" in state.missing and "namespaces (switched off)" in state.missing
     warnings = [r.getMessage() for r in caplog.records if r.name == "iclvsft.sandbox"]
     assert len(warnings) == 1 and "landlock" in warnings[0] and "namespaces" in warnings[0]
@@ -314,7 +317,7 @@ def test_child_script_sees_only_the_standard_library(monkeypatch):
     probe = ("import sys\nprint(sys.flags.isolated, sys.flags.no_site, sys.flags.safe_path)\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(UNREACHABLE) + "))\n"
              "print(*sys.path, sep='\\n')")
-    *results, shown = run_programs(imports + [probe], timeout_s=5.0)
+    *results, shown = run_programs(imports + [probe], timeout_s=5.0, degraded_ok=True)
     for name, result in zip(UNREACHABLE, results):
         assert result == SandboxResult("", f"ModuleNotFoundError: No module named '{name}'"), (name, result)
     assert shown.ok, shown
@@ -336,3 +339,202 @@ def test_child_script_does_nothing_when_imported():
                        input=b"not a job", capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip().isdigit(), r
     assert os.path.isfile(sandbox._CHILD) and sandbox._CHILD.endswith(os.path.join("iclvsft", "sandbox_child.py"))
+
+
+# --- Error text is cut in the child, like the output ------------------------------------------------
+
+def test_a_huge_exception_message_is_cut_before_it_reaches_the_caller():
+    results = run_programs(["raise ValueError('x' * 120_000_000)", "raise ValueError('first\\n' + 'y' * 10 ** 6)",
+                            "print(1)"], timeout_s=20.0)
+    assert results[0].error.startswith("ValueError: xxx") and len(results[0].error) <= 1_000, len(results[0].error)
+    assert results[1].error == "ValueError: first" and results[2] == SandboxResult("1\n", None)
+
+
+def test_an_overlong_result_line_is_cut_by_the_caller(monkeypatch):
+    """Should a program get past the interpreter layer (switched off here) and write to the result pipe
+    itself, the caller reads no more than an honest line's length and kills the child."""
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    flood = ("import os\nfor fd in range(3, 32):\n    try:\n        os.write(fd, b'x' * 10 ** 7)\n"
+             "    except OSError:\n        pass")
+    results = run_programs([flood, "print(2)"], timeout_s=5.0, max_output_chars=100)
+    assert results[0].error.startswith("SandboxError: malformed") and results[1] == SandboxResult("2\n", None)
+# --- The child dies with its caller ------------------------------------------------------------------
+
+CALLER = """
+from iclvsft import sandbox
+from iclvsft.errors import ConfigError
+sandbox._LAYERS_OFF = frozenset({"interpreter"})
+sandbox.run_programs(["import time\\ntime.sleep(120)"], timeout_s=120.0, total_timeout_s=150.0)
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        try:
+            tasks = os.listdir(f"/proc/{stack.pop()}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{tid}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                kids = []
+            out += kids
+            stack += kids
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_child_dies_with_its_caller():
+    root = os.path.dirname(os.path.dirname(os.path.realpath(sandbox.__file__)))
+    caller = subprocess.Popen([sys.executable, "-c", CALLER], cwd=root, env={**os.environ, "PYTHONPATH": root})
+    left: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = _descendants(caller.pid)
+            if any("sandbox_child.py" in _cmdline(pid) for pid in left):
+                break
+            time.sleep(0.05)
+        assert any("sandbox_child.py" in _cmdline(pid) for pid in left), "the sandbox child never started"
+        time.sleep(1.0)  # the program is sleeping now
+        left = _descendants(caller.pid)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(_running(pid) for pid in left):
+            time.sleep(0.05)
+        assert not [pid for pid in left if _running(pid)], [(pid, _cmdline(pid)) for pid in left if _running(pid)]
+    finally:
+        caller.kill()
+        caller.wait()
+        for pid in left:  # only what this test started, should the check above have failed
+            if _running(pid):
+                os.kill(pid, 9)
+
+# --- Sockets and io_uring: refused by the OS layer alone (the seccomp filter) ----------------------
+
+# A program that reaches libc through ctypes (loaded in the child before Landlock, so importable with
+# the interpreter guard off) and connects to a UNIX socket by path, outside the sandbox: Landlock
+# governs neither pathname-socket connect() nor the network namespace (UNIX sockets live in the file
+# system), so only the seccomp filter stops it.
+UNIX_CONNECT = """import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.socket(1, 1, 0)  # AF_UNIX, SOCK_STREAM
+if fd < 0:
+    raise OSError(ctypes.get_errno(), 'socket')
+path = @PATH@.encode()
+addr = ctypes.create_string_buffer(2 + 108)
+addr[0:2] = (1).to_bytes(2, 'little')
+addr[2:2 + len(path)] = path
+if libc.connect(fd, addr, len(addr)) != 0:
+    raise OSError(ctypes.get_errno(), 'connect')
+print('ESCAPED')
+"""
+# io_uring_setup(8 entries, &params) (syscall 425 on every architecture but alpha): io_uring reaches
+# the file system and the network through its own ring, so it must not be available at all.
+IO_URING = """import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(425, 8, params)
+print(fd, ctypes.get_errno())
+"""
+
+
+def _need_every_os_layer():
+    state = containment(refresh=True)
+    if state.missing:
+        pytest.skip(f"this machine lacks OS layers: {state.missing}")
+
+
+def test_os_layer_alone_refuses_connect_to_a_unix_socket_outside(monkeypatch):
+    _need_every_os_layer()
+    folder = tempfile.mkdtemp(prefix="sandbox-unix-", dir="/tmp")
+    os.chmod(folder, 0o755)  # reachable by `nobody`: only the sandbox may stop the connect
+    path = os.path.join(folder, "listener.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen(1)
+        server.setblocking(False)
+        monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+        result, marker = run_programs([UNIX_CONNECT.replace("@PATH@", repr(path)), "print('marker')"], timeout_s=5.0)
+        assert result.error is not None and result.error.startswith("PermissionError: [Errno 1]"), result
+        assert ESCAPED not in result.stdout and marker == SandboxResult("marker\n", None)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_os_layer_alone_refuses_io_uring(monkeypatch):
+    _need_every_os_layer()
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    result, = run_programs([IO_URING], timeout_s=5.0)
+    assert result.ok and result.stdout in ("-1 1\n", "-1 38\n"), result  # EPERM (or ENOSYS)
+
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 system call bit is x86_64's")
+def test_os_layer_alone_kills_a_system_call_of_another_abi(monkeypatch):
+    """The filter's rules are by x86_64 number: the same call through the x32 ABI (nr | 0x40000000)
+    must not slip past them, so the filter kills the child, and a fresh one runs the next program."""
+    _need_every_os_layer()
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"interpreter"}))
+    x32 = IO_URING.replace("syscall(425,", "syscall(0x40000000 | 425,")
+    result, marker = run_programs([x32, "print('marker')"], timeout_s=5.0)
+    assert result.error is not None and result.error.startswith("SandboxError") and "signal 31" in result.error, result
+    assert marker == SandboxResult("marker\n", None)
+
+
+# --- Fail closed: a missing OS layer refuses the programs unless degraded mode is allowed ----------
+
+def test_a_missing_os_layer_refuses_programs_unless_degraded_mode_is_allowed(monkeypatch):
+    simulated = "namespaces (unshare refused: simulated by the test)"
+    monkeypatch.setattr(sandbox, "_launcher", lambda: ([], [], [simulated]))  # the namespace probe fails
+    with pytest.raises(ConfigError) as refused:
+        run_programs(["print(1)"])
+    message = str(refused.value)
+    assert "\n" not in message and simulated in message and "data.sandbox_degraded_ok" in message
+    assert run_programs(["print(1)"], degraded_ok=True) == [SandboxResult("1\n", None)]
+    state = containment()
+    assert state.missing == (simulated,) and any(a.startswith("seccomp") for a in state.active)
+
+    # A layer the child itself lacks (Landlock, switched off): refused before any program runs. The
+    # program (interpreter guard off too) would create a file, which only Landlock forbids `nobody`.
+    monkeypatch.undo()
+    monkeypatch.setattr(sandbox, "_LAYERS_OFF", frozenset({"landlock", "interpreter"}))
+    folder = tempfile.mkdtemp(prefix="sandbox-degraded-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o1777)
+        create = f"open({os.path.join(folder, 'ran')!r}, 'w').close()\nprint('ran')"
+        with pytest.raises(ConfigError, match="landlock"):
+            run_programs([create])
+        assert os.listdir(folder) == []
+        with sandbox.session(degraded_ok=True) as ran:  # allowed: it runs, and the session has its layers
+            assert run_programs([create]) == [SandboxResult("ran\n", None)]
+        assert os.listdir(folder) == ["ran"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    layers = ran.layers()
+    assert layers.missing == ("landlock (switched off)",) and any(a.startswith("seccomp") for a in layers.active)

@@ -88,6 +88,11 @@ class DataConfig(Section):
     task_params: dict = option({}, "per-task generation parameters, e.g. {expression: {z_terms: [2, 3]}}")
     distribution: str = option("ours", "what the generators draw: ours, or authors (their training file, evaluation-time "
                                "generators and need_false items; docs/authors-data.md)", choices=DISTRIBUTIONS)
+    sandbox_degraded_ok: bool = option(False, "run the code task's programs (its answers are confirmed by running "
+                                       "them) even where an operating-system layer of the sandbox (namespaces, "
+                                       "privilege drop, no_new_privs, Landlock, seccomp) cannot be set up, contained "
+                                       "then by the remaining layers and the interpreter guard; false refuses. "
+                                       "manifest.json records the layers either way")
 
     def check(self, config: dict) -> None:
         _set(self, "tasks", parse_task_list(self.tasks))

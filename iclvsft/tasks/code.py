@@ -357,12 +357,16 @@ def render_program(shape: str, params: dict[str, Any], f2_shape: str, op: str, k
     return "\n".join(lines)
 
 
-def verify_items(items: Sequence[Item], timeout_s: float = 1.0, total_timeout_s: float = 120.0) -> list[str]:
+def verify_items(items: Sequence[Item], timeout_s: float = 1.0, total_timeout_s: float = 120.0,
+                 degraded_ok: bool | None = None) -> list[str]:
     """Run every item's program in :mod:`iclvsft.sandbox` (one batch, one child process) and return
     the ids of the items whose printed output is not exactly ``answer`` plus a newline (an error,
     a timeout or a different value). The question text is itself the program (``# Output:`` is a
-    comment). An empty list means every answer was confirmed by actually running the program."""
-    results = run_programs([item.question for item in items], timeout_s=timeout_s, total_timeout_s=total_timeout_s)
+    comment). An empty list means every answer was confirmed by actually running the program.
+    Where the sandbox lacks an OS layer, raises ``SandboxUnavailable`` unless ``degraded_ok`` (None:
+    the enclosing ``sandbox.session``'s; the data layer's is ``data.sandbox_degraded_ok``)."""
+    results = run_programs([item.question for item in items], timeout_s=timeout_s, total_timeout_s=total_timeout_s,
+                           degraded_ok=degraded_ok)
     return [item.id for item, result in zip(items, results)
             if result.error is not None or result.stdout != f"{item.answer}\n"]
 
