@@ -116,7 +116,8 @@ def write_model_card(out: Path, config: Config, summary: dict, results: dict | N
     atomic_write_text(Path(out) / "README.md", str(model_card(config, summary, results)))
 
 
-def dataset_card(manifest: dict[str, Any], tasks: dict, pools: tuple[str, ...] = ("train", "test")) -> DatasetCard:
+def dataset_card(manifest: dict[str, Any], tasks: dict, pools: tuple[str, ...] = ("train", "test"),
+                 sandbox: str = "") -> DatasetCard:
     """The card of a data folder, whose front matter makes the folder a dataset
     (``datasets.load_dataset(folder)``: every task; ``load_dataset(folder, "expression")``: one).
 
@@ -140,6 +141,8 @@ def dataset_card(manifest: dict[str, Any], tasks: dict, pools: tuple[str, ...] =
         doc = (sys.modules[type(tasks[n]).__module__].__doc__ or n).strip().splitlines()[0]
         rows.append(f"| {n} | {doc} | {counts} |")
     commit = f", git commit `{manifest['git_commit']}`" if manifest.get("git_commit") else ""
+    sandbox_lines = ["Answers confirmed by running programs in a sandbox:", "",
+                     *(f"* {line}" for line in sandbox.splitlines()), ""] if sandbox else []
     lines = ["# iclvsft: implicit-pattern tasks", "",
              f"{_made_by('`iclvsft generate`, the same as `python generate_data.py`')}{commit}, with data seed "
              f"{manifest['seed']}; `manifest.json` holds every parameter and the sha256 of every file. Same seed and "
@@ -147,7 +150,7 @@ def dataset_card(manifest: dict[str, Any], tasks: dict, pools: tuple[str, ...] =
              "Each task has a `pattern` part (a shortcut gives the answer: `shortcut_answer == answer`) and, except "
              "parity, a `control` part (same surface form, the shortcut fails). A model that is right on pattern but "
              "answers `shortcut_answer` on control learned the shortcut.", "",
-             "| task | what it is | rows |", "|---|---|---|", *rows, "",
+             "| task | what it is | rows |", "|---|---|---|", *rows, "", *sandbox_lines,
              "## Loading", "", "```python", "from datasets import load_dataset",
              'ds = load_dataset("<this folder>")                 # every task: splits train / test',
              'ds = load_dataset("<this folder>", "expression")   # one task',

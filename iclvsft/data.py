@@ -143,7 +143,7 @@ def generate(config: Config, out: str | Path, show_progress: bool = True) -> dic
         name, pool = rel.split("/")[0], rel.split("/")[1].removesuffix(".jsonl")
         manifest["tasks"][name]["files"][pool]["sha256"] = sha256_file(out / rel)
     atomic_write_text(out / "manifest.json", dumps_json(manifest))
-    atomic_write_text(out / "README.md", str(dataset_card(manifest, tasks, POOLS)))
+    atomic_write_text(out / "README.md", str(dataset_card(manifest, tasks, POOLS, sandbox_statement(manifest))))
     return manifest
 
 
