@@ -276,3 +276,15 @@ def test_identity_recorded_before_a_key_existed(tmp_path):
     assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "raw"}) == []
     assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "chat"}) != []
     assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "raw", "model_sha256": "x"}) != []
+
+
+# --- issue 23: one line, nothing half-made --------------------------------------------------------------
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    """Ctrl-C used to print a KeyboardInterrupt traceback (tens of lines from torch or the Trainer)."""
+    import subprocess
+
+    code = "import os, signal\nfrom iclvsft import cli\ncli.run(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert out.stderr.strip() == "interrupted; rerun the same command to continue"
