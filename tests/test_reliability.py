@@ -280,6 +280,19 @@ def test_identity_recorded_before_a_key_existed(tmp_path):
 
 # --- issue 23: one line, nothing half-made --------------------------------------------------------------
 
+def test_non_finite_numbers_are_refused_at_load(data, tmp_path, capsys):
+    """ft.epochs=.inf (YAML's infinity) passed every check: finetune.py made the folder, loaded the model
+    and ended in the Trainer's OverflowError traceback; a nan passes no comparison, so it slipped
+    through every range check."""
+    for override in ("ft.epochs=.inf", "ft.epochs=.nan", "ft.learning_rate=.nan", "eval.batch_size=.inf"):
+        with pytest.raises(ConfigError, match=r"must be (a finite number|of type int)"):
+            load_config(None, [override])
+    code, err = script("finetune.py", "--data", data, "--task", "expression", "--out", tmp_path / "ft",
+                       "ft.epochs=.inf", capsys=capsys)
+    one_line(code, err, "ft.epochs must be a finite number, got inf")
+    assert not (tmp_path / "ft").exists()
+
+
 def test_ctrl_c_is_one_line_and_exit_130():
     """Ctrl-C used to print a KeyboardInterrupt traceback (tens of lines from torch or the Trainer)."""
     import subprocess
