@@ -205,6 +205,14 @@ def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = WEIGHT_FILES) 
     return h.hexdigest()
 
 
+def host_ram_bytes() -> float:
+    """Total physical memory (``os.sysconf``): other processes' use is not subtracted; 0 where unknown."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return 0.0
+
+
 def git_commit(repo: str | Path | None = None) -> str | None:
     """The current commit of the repo (``+dirty`` when tracked files changed), or None outside git."""
     repo = Path(repo or Path(__file__).resolve().parent.parent)

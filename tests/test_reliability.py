@@ -301,3 +301,16 @@ def test_ctrl_c_is_one_line_and_exit_130():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 130, out.stderr[-2000:]
     assert out.stderr.strip() == "interrupted; rerun the same command to continue"
+
+
+def test_a_data_size_that_cannot_fit_in_memory_is_refused_at_load(tmp_path, capsys):
+    """data.train_pattern=1000000000 used to start drawing items (for days, at 0.2-0.9 ms each) until the
+    machine ran out of memory; now the config is refused when it loads: every item is held in memory
+    (>= 500 bytes each, measured 700-1,330), and 6e9 items cannot fit in this machine's RAM."""
+    with pytest.raises(ConfigError, match=r"data: 6,000,004,760 items over 6 task\(s\) need at least 2,794 GiB of "
+                                          r"memory .* more than this machine's"):
+        load_config(None, ["data.train_pattern=1000000000"])
+    load_config(None, ["data.train_pattern=100000"])  # 50 MB per task: fine
+    code, err = script("generate_data.py", "--out", tmp_path / "d", "data.train_pattern=1000000000", capsys=capsys)
+    one_line(code, err, "lower data.train_pattern")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
