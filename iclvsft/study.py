@@ -51,6 +51,7 @@ from .models import release_memory
 from .plan import Invocation, check_plan
 from .report import Comparison, FTResult, WrittenReport, build_summary, write_report
 from .runs import differences, summarise_differences
+from .writers import writing
 
 PARTIAL = ("## Partial report\n\nThe study is still running: {done} of {total} models done (left: {left}){more}. This "
            "file is rewritten after each model and once more at the end.\n")
@@ -146,16 +147,18 @@ class Study:
 
 def run_study(config: Config, data_dir: Path, results: Path, show_progress: bool = True,
               runners: Runners | None = None) -> WrittenReport:
-    """Run (or resume) every stage; returns report.md as written (path, headline). ``runners``: what trains and evaluates
+    """Run (or resume) every stage, holding ``results``' writer lock (each stage also locks the folder it
+    writes); returns report.md as written (path, headline). ``runners``: what trains and evaluates
     (tests pass wrappers of the real ones)."""
     runners = dataclasses.replace(runners or Runners(), show_progress=show_progress)
     study = Study(config, data_dir, results, runners)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with study.timed("total"):
-        for stage in (study.check, study.data, study.models, study.circuits, study.ladder):
-            stage()
-        report = write_report(results, study.summaries, study.sections)
-    _append_timings(results / "timings.json", started_at, study.timings)
+    with writing(results):
+        with study.timed("total"):
+            for stage in (study.check, study.data, study.models, study.circuits, study.ladder):
+                stage()
+            report = write_report(results, study.summaries, study.sections)
+        _append_timings(results / "timings.json", started_at, study.timings)
     return report
 
 

@@ -280,6 +280,34 @@ def test_identity_recorded_before_a_key_existed(tmp_path):
 
 # --- issue 23: one line, nothing half-made --------------------------------------------------------------
 
+def _made(tmp_path) -> set[str]:
+    return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
+
+
+def test_a_folder_option_naming_a_file_is_one_line_in_every_script(data, tmp_path, capsys, monkeypatch):
+    """--out / --results / --data naming an existing file used to end in a NotADirectoryError traceback
+    (generate_data.py, analyze_circuits.py) or a misleading "no manifest at FILE/manifest.json"; now
+    every script says which option names a file, before creating anything."""
+    monkeypatch.chdir(tmp_path)  # a default folder would land here
+    file = tmp_path / "file"
+    file.write_text("x")
+    before = _made(tmp_path)
+    cases = [("generate_data.py", "--out", ["data.tasks=[expression]"]),
+             ("finetune.py", "--out", ["--data", data, "--task", "expression", "--model", "tiny-random-qwen2"]),
+             ("finetune.py", "--data", ["--out", tmp_path / "ft", "--task", "expression"]),
+             ("test.py", "--out", ["--data", data, *EVAL]),
+             ("test.py", "--data", ["--out", tmp_path / "ev", *EVAL]),
+             ("reproduce.py", "--results", ["--data", data]),
+             ("reproduce.py", "--data", ["--results", tmp_path / "res"]),
+             ("analyze_circuits.py", "--out", ["--data", data, "--model", "tiny-random-qwen2"]),
+             ("analyze_circuits.py", "--data", ["--out", tmp_path / "ci", "--model", "tiny-random-qwen2"])]
+    for name, flag, rest in cases:
+        code, err = script(name, flag, file, *rest, capsys=capsys)
+        one_line(code, err, f"{flag} {file} is a file")
+        assert len(err.strip().splitlines()) == 1, (name, flag, err[-2000:])
+        assert _made(tmp_path) == before, (name, flag)
+
+
 def test_non_finite_numbers_are_refused_at_load(data, tmp_path, capsys):
     """ft.epochs=.inf (YAML's infinity) passed every check: finetune.py made the folder, loaded the model
     and ended in the Trainer's OverflowError traceback; a nan passes no comparison, so it slipped

@@ -20,6 +20,7 @@ from ..models import load_model
 from ..prompts import demo_order
 from ..prompts import prefix as prompt_prefix
 from ..tasks import Task, get_task
+from ..writers import writing
 from .hooks import anatomy
 from .pairs import Pair, make_pairs, pair_inputs, tokenize_pair
 from .patching import PatchResult, patch_pair
@@ -148,9 +149,16 @@ def _score_rows(name: str, state: TaskState) -> list[dict[str, Any]]:
 def analyze(config: Config, data_dir: str | Path, out: str | Path, show_progress: bool = True,
             argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the circuit analysis for ``config`` (its ``circuits`` section, ``model``, ``dtype``) on the
-    generated data in ``data_dir``; write the results folder ``out`` and return circuits.json's content."""
-    c = config.circuits
+    generated data in ``data_dir``; write the results folder ``out`` (holding its writer lock) and return
+    circuits.json's content."""
     out = Path(out)
+    with writing(out):
+        return _analyze(config, data_dir, out, show_progress, argv)
+
+
+def _analyze(config: Config, data_dir: str | Path, out: Path, show_progress: bool,
+             argv: Sequence[str] | None) -> dict[str, Any]:
+    c = config.circuits
     started = time.perf_counter()
     write_json(out / "config.json", {"config": config.to_dict(), "provenance": provenance(), "argv": list(argv or []),
                                      "data": str(data_dir)})
