@@ -321,6 +321,23 @@ def test_non_finite_numbers_are_refused_at_load(data, tmp_path, capsys):
     assert not (tmp_path / "ft").exists()
 
 
+def test_report_to_a_missing_package_is_one_line_before_any_model_loads(data, tmp_path, capsys, monkeypatch):
+    """ft.report_to naming a logger whose package is not installed: refused when the config loads (no
+    model loaded, no folder made), not by the Trainer after the model is built."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    from iclvsft.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("no model may load"))
+    code, err = script("finetune.py", "--data", data, "--task", "expression", "--out", tmp_path / "ft",
+                       "ft.report_to=wandb", capsys=capsys)
+    one_line(code, err, "ft.report_to=wandb needs the wandb package: pip install wandb")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
+
+
 def test_ctrl_c_is_one_line_and_exit_130():
     """Ctrl-C used to print a KeyboardInterrupt traceback (tens of lines from torch or the Trainer)."""
     import subprocess
