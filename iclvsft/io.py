@@ -192,10 +192,15 @@ def file_sha256(path: str | Path) -> str:
     return digest
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json", "generation_config.json")
+# What a model or adapter folder's results depend on: the weights, the configs, generation_config.json
+# (eos ids, the pad token) and the tokenizer with its chat template (a tokenizer edited in place gives
+# other tokens, or another prompt in chat style, from the same weights).
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json", "generation_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "merges.txt", "tokenizer.model", "chat_template*")
 
 
-def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> str:
+def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = MODEL_FILES) -> str:
     """One sha256 over the files of ``folder`` (top level) matching ``patterns``: their names and contents."""
     folder = Path(folder)
     files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})

@@ -138,3 +138,19 @@ def test_the_lock_is_re_entrant_and_a_nested_study_stage_locks_its_own_folder(tm
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"), writing(tmp_path / "file"):
         pass
+
+
+# --- every input of a result in its identity ------------------------------------------------------------
+
+def test_a_tokenizer_changed_in_place_is_another_model(data, tmp_path, tiny):
+    """A local model folder's fingerprint covered its weights and config only: a tokenizer or chat
+    template edited in place reused the old folder's results. Now a rerun into that folder is refused."""
+    folder = tmp_path / "model"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    _evaluate(data, tmp_path / "out", tiny, model=str(folder))
+    _evaluate(data, tmp_path / "out", tiny, model=str(folder))  # the same model: reused
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
+    with pytest.raises(ConfigError, match="holds results of another run .*model_sha256"):
+        _evaluate(data, tmp_path / "out", tiny, model=str(folder))
