@@ -349,12 +349,15 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
 
 # ------------------------------------------------------------------------------------------- circuits
 
+CIRCUITS_ENTRIES = {"config.json", "scores.jsonl", "circuits.json", "circuits.md", "plots"}
+
 
 def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Circuit shift: attribute the answer to every attention head and MLP, base vs ICL vs fine-tuned.
 
     Writes DIR/config.json, DIR/scores.jsonl, DIR/circuits.json, DIR/circuits.md and
-    DIR/plots/<task>/*.png. Needs the generated data.
+    DIR/plots/<task>/*.png. Needs the generated data. A finished DIR made with other settings is
+    refused unless --overwrite.
     """
     p = _parser(_doc(circuits_main), prog, {
         "--model": "model", "--adapter": "circuits.adapter", "--tasks": "circuits.tasks", "--split": "circuits.split",
@@ -366,6 +369,9 @@ def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     p.add_argument("--data", default=argparse.SUPPRESS,
                    help=f"the generated data folder ({_command('generate', prog)} --out); {DATA_DEFAULT}")
     p.add_argument("--out", default=None, help="results folder; default results/circuits/<model>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in --out (an analyze_circuits.py folder); without it a finished folder "
+                        "made with other settings is refused (with the same settings it is computed again)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = _parse(p, argv)
     from .circuits import analyze, report_section  # heavy imports only after --help
@@ -378,7 +384,11 @@ def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
         how = _command("generate", prog) + (f" --config {args.config_given}" if args.config_given else "")
         raise ConfigError(f"--data {data}: no such folder; generate it with `{how} --out {data}`")
     out = Path(args.out) if args.out else Path("results/circuits") / slug(config.model)
-    result = analyze(config, str(data), out, show_progress=not args.quiet, argv=sys.argv)
+    with writers.writing(out):  # held from the clearing to the last file
+        if args.overwrite:
+            _clear_folder(out, CIRCUITS_ENTRIES, "config.json", "analyze_circuits.py results")
+            writers.clear_folder(out)
+        result = analyze(config, str(data), out, show_progress=not args.quiet, argv=sys.argv)
     print(report_section(result))
     print(f"wrote {out}/circuits.json, scores.jsonl, circuits.md, plots/ in {result['wall_seconds']:.0f} s")
     return 0

@@ -154,3 +154,34 @@ def test_a_tokenizer_changed_in_place_is_another_model(data, tmp_path, tiny):
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
     with pytest.raises(ConfigError, match="holds results of another run .*model_sha256"):
         _evaluate(data, tmp_path / "out", tiny, model=str(folder))
+
+
+def test_analyze_circuits_refuses_to_replace_a_folder_made_with_other_settings(data, tmp_path, capsys):
+    """analyze_circuits.py used to recompute into a finished folder whatever settings made it. Now it
+    compares them as reproduce.py does (one comparison, iclvsft.circuits.settings): other settings are
+    refused with one line unless --overwrite; the same settings compute it again."""
+    out = tmp_path / "circuits"
+    common = ["--data", str(data), "--out", str(out), "--model", "tiny-random-qwen2", "--tasks", "expression",
+              "--n-items", "3", "--shots", "2", "--bootstrap", "0", "--quiet"]
+
+    def script(*argv):
+        sys.argv, old = ["analyze_circuits.py", *common, *argv], sys.argv
+        try:
+            runpy.run_path(str(ROOT / "analyze_circuits.py"), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        finally:
+            sys.argv = old
+        return code, capsys.readouterr().err
+
+    assert script()[0] == 0
+    made = (out / "circuits.json").read_bytes()
+    code, err = script("circuits.seed=1")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "holds circuit results made with other settings (circuits.seed: 0 -> 1)" in err
+    assert "pass --overwrite to start over, or choose another --out" in err
+    assert (out / "circuits.json").read_bytes() == made
+    code, err = script("circuits.seed=1", "--overwrite")
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "config.json").read_text())["config"]["circuits"]["seed"] == 1

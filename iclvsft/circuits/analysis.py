@@ -26,6 +26,7 @@ from .pairs import Pair, make_pairs, pair_inputs, tokenize_pair
 from .patching import PatchResult, patch_pair
 from .plots import plot_task
 from .report import report_section
+from .settings import check_circuit_settings
 from .shift import agreement, bootstrap_shift, interval95, jsonable
 
 log = logging.getLogger(__name__)
@@ -150,9 +151,12 @@ def analyze(config: Config, data_dir: str | Path, out: str | Path, show_progress
             argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the circuit analysis for ``config`` (its ``circuits`` section, ``model``, ``dtype``) on the
     generated data in ``data_dir``; write the results folder ``out`` (holding its writer lock) and return
-    circuits.json's content."""
+    circuits.json's content. A finished folder made with other settings is refused (analyze_circuits.py
+    --overwrite clears it first)."""
     out = Path(out)
     with writing(out):
+        if (out / "circuits.json").is_file():
+            check_circuit_settings(out, config, derived_adapter=False, remedies=("overwrite_start", "another_out"))
         return _analyze(config, data_dir, out, show_progress, argv)
 
 
