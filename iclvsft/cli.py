@@ -86,8 +86,12 @@ FILE_SYSTEM_ERRORS = {errno.EACCES: "choose a folder you can write, e.g. another
                       errno.EDQUOT: "the disk quota is full: free space"}
 
 
+INTERRUPTED = "interrupted; rerun the same command to continue"
+
+
 def run(main: Callable[[], int | None]) -> None:
-    """Run a script's main; a project error prints one line and exits 2 instead of a traceback.
+    """Run a script's main; a project error prints one line and exits 2 instead of a traceback, Ctrl-C
+    prints one line (:data:`INTERRUPTED`) and exits 130 (128 + SIGINT, what a shell reports for it).
 
     Logging: INFO from the main process only (under ``accelerate launch`` the others log warnings),
     so a line is not repeated once per process; library progress bars stay off when stderr is not a
@@ -102,6 +106,9 @@ def run(main: Callable[[], int | None]) -> None:
             transformers.utils.logging.disable_progress_bar()
     try:
         sys.exit(main() or 0)
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk (every writer resumes), so no traceback
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
     except IclvsftError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,13 +23,12 @@ Heavy imports (torch, transformers) happen only after the options are parsed, so
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import cli
+from . import cli, writers
 from .config import Config
 from .errors import ConfigError, IclvsftError
 
@@ -115,7 +114,7 @@ def _clear_folder(out: Path, allowed: set[str], marker: str, what: str) -> None:
         return
     if not out.is_dir():
         raise ConfigError(f"{out} is a file; choose a folder")
-    entries = {p.name for p in out.iterdir()}
+    entries = {p.name for p in writers.entries(out)}
     foreign = sorted(e for e in entries - allowed if not (e.startswith(".") and e.endswith(".tmp")))
     if entries and (marker not in entries or foreign):
         raise ConfigError(f"--overwrite: {out} is not a {what} folder (it holds "
@@ -140,6 +139,7 @@ def generate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 
     config = cli.resolve(args)
     out = default_data_dir(args, config, dest="out")
+    writers.check_folder(out, "--out")
     if is_up_to_date(config, out):
         print(f"{out}: already holds this data (manifest and sha256 match); nothing to do")
         return 0
@@ -197,6 +197,9 @@ def finetune_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 
     config = cli.resolve(args)
     data = default_data_dir(args, config)
+    writers.check_folder(data, "--data")
+    if args.out is not None:
+        writers.check_folder(args.out, "--out")
     result = finetune(config, args.out, str(data), overwrite=args.overwrite, show_progress=not args.quiet)
     summary = result.summary
     if result.trainer is None or result.trainer.is_world_process_zero():
@@ -244,16 +247,19 @@ def test_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int
 
     out = Path(args.out) if args.out else Path("results/eval") / (
         slug(config.model) + (f"__{slug(args.adapter)}" if args.adapter else ""))
-    if args.overwrite:
-        _clear_folder(out, EVAL_FILES, "run.json", "test.py results")  # on every process: all refuse together
-        state = PartialState(cpu=not torch.cuda.is_available())  # the state evaluate() uses
-        if state.is_main_process and out.exists():
-            shutil.rmtree(out)
-        state.wait_for_everyone()
-    with _worded_errors({"move_folder": "move that folder away, or pass --overwrite to replace it"}):
-        metrics = evaluate(EvalPlan(config, default_data_dir(args, config), out, config.model, args.adapter),
-                           show_progress=not args.quiet)
-    if PartialState().is_main_process:  # the state evaluate() initialised
+    data = default_data_dir(args, config)
+    writers.check_folder(data, "--data")
+    writers.check_folder(out, "--out")
+    state = PartialState(cpu=not torch.cuda.is_available())  # the state evaluate() uses
+    with _worded_errors({"move_folder": "move that folder away, or pass --overwrite to replace it"}), \
+            writers.writing(out, state):  # held from the clearing to the last row
+        if args.overwrite:
+            _clear_folder(out, EVAL_FILES, "run.json", "test.py results")  # on every process: all refuse together
+            if state.is_main_process:
+                writers.clear_folder(out)
+            state.wait_for_everyone()
+        metrics = evaluate(EvalPlan(config, data, out, config.model, args.adapter), show_progress=not args.quiet)
+    if state.is_main_process:
         print((out / "table.md").read_text())
         print(f"wrote {out}/samples.jsonl, metrics.json, table.md ({len(metrics['cells'])} cells)")
     return 0
@@ -309,6 +315,8 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
     config = cli.resolve(args)
     name = config.name or "default"
     data, results = Path(args.data or f"data/{name}"), Path(args.results or f"results/{name}")
+    writers.check_folder(data, "--data")
+    writers.check_folder(results, "--results")
 
     stated = [flag for flag, value in (("--plan-gpus", args.plan_gpus), ("--plan-gpu-gib", args.plan_gpu_gib),
                                        ("--plan-host-gib", args.plan_host_gib)) if value is not None]
@@ -325,15 +333,14 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
 
     from .study import run_study
 
-    with _worded_errors(REPRODUCE_WORDS, out_flag="--results"):
+    with _worded_errors(REPRODUCE_WORDS, out_flag="--results"), writers.writing(results):
         if args.overwrite:
             _clear_folder(results, RESULTS_ENTRIES, "config.json", "reproduce results")
             from .data import generate, is_up_to_date
 
             if (data / "manifest.json").exists() and not is_up_to_date(config, data):
                 generate(config, data, show_progress=not args.quiet)
-            if results.exists():
-                shutil.rmtree(results)
+            writers.clear_folder(results)
         report = run_study(config, data, results, show_progress=not args.quiet)
     print(report.headline)
     print(f"wrote {report.path}")
@@ -342,11 +349,15 @@ def reproduce_main(argv: Sequence[str] | None = None, prog: str | None = None) -
 
 # ------------------------------------------------------------------------------------------- circuits
 
+CIRCUITS_ENTRIES = {"config.json", "scores.jsonl", "circuits.json", "circuits.md", "plots"}
+
+
 def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Circuit shift: attribute the answer to every attention head and MLP, base vs ICL vs fine-tuned.
 
     Writes DIR/config.json, DIR/scores.jsonl, DIR/circuits.json, DIR/circuits.md and
-    DIR/plots/<task>/*.png. Needs the generated data.
+    DIR/plots/<task>/*.png. Needs the generated data. A finished DIR made with other settings is
+    refused unless --overwrite.
     """
     p = _parser(_doc(circuits_main), prog, {
         "--model": "model", "--adapter": "circuits.adapter", "--tasks": "circuits.tasks", "--split": "circuits.split",
@@ -358,6 +369,9 @@ def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     p.add_argument("--data", default=argparse.SUPPRESS,
                    help=f"the generated data folder ({_command('generate', prog)} --out); {DATA_DEFAULT}")
     p.add_argument("--out", default=None, help="results folder; default results/circuits/<model>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in --out (an analyze_circuits.py folder); without it a finished folder "
+                        "made with other settings is refused (with the same settings it is computed again)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = _parse(p, argv)
     from .circuits import analyze, report_section  # heavy imports only after --help
@@ -365,11 +379,16 @@ def circuits_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
 
     config = cli.resolve(args)
     data = default_data_dir(args, config)
+    writers.check_folder(data, "--data")
     if not data.is_dir():
         how = _command("generate", prog) + (f" --config {args.config_given}" if args.config_given else "")
         raise ConfigError(f"--data {data}: no such folder; generate it with `{how} --out {data}`")
     out = Path(args.out) if args.out else Path("results/circuits") / slug(config.model)
-    result = analyze(config, str(data), out, show_progress=not args.quiet, argv=sys.argv)
+    with writers.writing(out):  # held from the clearing to the last file
+        if args.overwrite:
+            _clear_folder(out, CIRCUITS_ENTRIES, "config.json", "analyze_circuits.py results")
+            writers.clear_folder(out)
+        result = analyze(config, str(data), out, show_progress=not args.quiet, argv=sys.argv)
     print(report_section(result))
     print(f"wrote {out}/circuits.json, scores.jsonl, circuits.md, plots/ in {result['wall_seconds']:.0f} s")
     return 0

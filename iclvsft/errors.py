@@ -20,6 +20,7 @@ REMEDIES = {
     "another_results": "use another results folder",
     "move_run": "move that run away to train it again",
     "another_data": "pass another --data folder",
+    "wait_writer": "wait for that run to end",
 }
 
 

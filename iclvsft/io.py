@@ -192,10 +192,15 @@ def file_sha256(path: str | Path) -> str:
     return digest
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json", "generation_config.json")
+# What a model or adapter folder's results depend on: the weights, the configs, generation_config.json
+# (eos ids, the pad token) and the tokenizer with its chat template (a tokenizer edited in place gives
+# other tokens, or another prompt in chat style, from the same weights).
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json", "generation_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "merges.txt", "tokenizer.model", "chat_template*")
 
 
-def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> str:
+def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = MODEL_FILES) -> str:
     """One sha256 over the files of ``folder`` (top level) matching ``patterns``: their names and contents."""
     folder = Path(folder)
     files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
@@ -203,6 +208,14 @@ def folder_sha256(folder: str | Path, patterns: tuple[str, ...] = WEIGHT_FILES) 
     for p in files:
         h.update(f"{p.name}:{file_sha256(p)}\n".encode())
     return h.hexdigest()
+
+
+def host_ram_bytes() -> float:
+    """Total physical memory (``os.sysconf``): other processes' use is not subtracted; 0 where unknown."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return 0.0
 
 
 def git_commit(repo: str | Path | None = None) -> str | None:

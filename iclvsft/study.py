@@ -35,9 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from .circuits import analyze, report_section
+from .circuits import analyze, check_circuit_settings, report_section
 from .config import Config, derive
 from .data import generate, is_up_to_date
 from .errors import ConfigError
@@ -50,7 +49,7 @@ from .ladder import run_ladder
 from .models import release_memory
 from .plan import Invocation, check_plan
 from .report import Comparison, FTResult, WrittenReport, build_summary, write_report
-from .runs import differences, summarise_differences
+from .writers import writing
 
 PARTIAL = ("## Partial report\n\nThe study is still running: {done} of {total} models done (left: {left}){more}. This "
            "file is rewritten after each model and once more at the end.\n")
@@ -88,7 +87,7 @@ class Study:
         for model, cfg in self.circuit_configs.items():  # a refused run leaves the report as it was
             out = self.results / "circuits" / slug(model)
             if (out / "circuits.json").is_file():
-                _check_circuit_settings(out, cfg, not config.circuits.adapter)
+                check_circuit_settings(out, cfg, not config.circuits.adapter)
         self.results.mkdir(parents=True, exist_ok=True)
         write_json(self.results / "config.json", {"config": config.to_dict(), "provenance": provenance()})
 
@@ -146,16 +145,18 @@ class Study:
 
 def run_study(config: Config, data_dir: Path, results: Path, show_progress: bool = True,
               runners: Runners | None = None) -> WrittenReport:
-    """Run (or resume) every stage; returns report.md as written (path, headline). ``runners``: what trains and evaluates
+    """Run (or resume) every stage, holding ``results``' writer lock (each stage also locks the folder it
+    writes); returns report.md as written (path, headline). ``runners``: what trains and evaluates
     (tests pass wrappers of the real ones)."""
     runners = dataclasses.replace(runners or Runners(), show_progress=show_progress)
     study = Study(config, data_dir, results, runners)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with study.timed("total"):
-        for stage in (study.check, study.data, study.models, study.circuits, study.ladder):
-            stage()
-        report = write_report(results, study.summaries, study.sections)
-    _append_timings(results / "timings.json", started_at, study.timings)
+    with writing(results):
+        with study.timed("total"):
+            for stage in (study.check, study.data, study.models, study.circuits, study.ladder):
+                stage()
+            report = write_report(results, study.summaries, study.sections)
+        _append_timings(results / "timings.json", started_at, study.timings)
     return report
 
 
@@ -196,24 +197,6 @@ def _circuit_config(config: Config, results: Path, ft_runs: list[FTRun], model: 
     """The config the circuit analysis of ``model`` runs with: its FT condition, when not named, the study's run."""
     adapter = config.circuits.adapter or _circuit_adapter(results, ft_runs, model)
     return derive(config, {"model": model, "circuits.adapter": adapter})
-
-
-def _circuit_settings(config: dict, derived_adapter: bool) -> dict[str, Any]:
-    """What decides a circuits folder's results: the model and its precision, the data seed, the circuits
-    section (its FT folder only when the user named one: a derived one is a study run, checked as such)."""
-    circuits = {k: v for k, v in config["circuits"].items() if not (k == "adapter" and derived_adapter)}
-    return {"model": config["model"], "dtype": config["dtype"], "attn_implementation": config["attn_implementation"],
-            "data_seed": config["data"]["seed"], "demo_split": config["eval"]["demo_split"], "circuits": circuits}
-
-
-def _check_circuit_settings(out: Path, config: Config, derived_adapter: bool) -> None:
-    """Reuse a finished circuits folder only when it was made with these settings (one line otherwise)."""
-    saved = read_json(out / "config.json").get("config")
-    diff = differences(_circuit_settings(saved, derived_adapter) if saved else None,
-                       _circuit_settings(config.to_dict(), derived_adapter))
-    if diff:
-        raise ConfigError(f"{out} holds circuit results made with other settings ({summarise_differences(diff)}); "
-                          "move that folder away to recompute it, or pass another --results folder")
 
 
 def _zero_shot_invalid(summaries: list[dict], model: str) -> dict[str, float]:

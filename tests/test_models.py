@@ -210,8 +210,10 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
 
 
 def test_corrupt_model_cache_is_rebuilt_never_used(tmp_path, monkeypatch):
-    """A cached weights file changed after preparation (same size) is caught by its sha256: on the next
-    load when its mtime moved, by ``verify`` when the mtime was put back; the model is rebuilt."""
+    """A cached weights file changed after preparation (same size) is caught: by its sha256 on the next
+    load when its mtime moved, by its sampled blocks' digests when the mtime was put back; the model is
+    rebuilt."""
+    monkeypatch.setenv("ICLVSFT_CACHE", str(tmp_path / "digests"))  # the sha256 cache by size + mtime
     builds = fake_offline_model(tmp_path, monkeypatch, [b"hello world"])
     cache = tmp_path / "cache"
     weights = ensure_offline_model("fake-model", cache_dir=cache) / "model.safetensors"
@@ -222,11 +224,68 @@ def test_corrupt_model_cache_is_rebuilt_never_used(tmp_path, monkeypatch):
     ensure_offline_model("fake-model", cache_dir=cache)  # checked once: its sha256 is cached by size + mtime
     st = weights.stat()
     weights.write_bytes(b"zeroed!")
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the cheap guard cannot see this one
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the size + mtime guard cannot see this one
     ensure_offline_model("fake-model", cache_dir=cache)
-    assert len(builds) == 2
-    ensure_offline_model("fake-model", cache_dir=cache, verify=True)
     assert len(builds) == 3 and weights.read_bytes() == b"weights"
+    ensure_offline_model("fake-model", cache_dir=cache, verify=True)
+    assert len(builds) == 3
+
+
+def test_garbage_in_the_cached_weights_is_seen_on_every_load(tmp_path, monkeypatch):
+    """Issue 23: bytes overwritten in the cached model.safetensors, its size and mtime put back, used to
+    pass the load-time check (size, and a sha256 cached by size + mtime) and load the garbage. Every
+    load now re-hashes sampled 1 MiB blocks against digests recorded when the cache was built: the
+    first and last, 8 spread evenly, 8 drawn anew each load (all of a small file). Without the source
+    packages, the corrupt cache is refused with one line naming the pip command."""
+    import random
+
+    import numpy as np
+
+    mib = 1 << 20
+    monkeypatch.setenv("ICLVSFT_CACHE", str(tmp_path / "digests"))
+    spec = OFFLINE_MODELS["smollm2-135m-instruct"]
+    folder = tmp_path / "cache" / spec.name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    rng = np.random.default_rng(0)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(rng.bytes(64 * mib + 123))  # 65 blocks
+    offline.write_marker(folder, {"sha256": spec.sha256})
+    assert offline._cache_is_valid(folder, spec)  # and its sha256 is now cached by size + mtime
+    original = weights.read_bytes()
+
+    def overwrite(offset: int, garbage: bytes) -> None:
+        st = weights.stat()
+        with weights.open("r+b") as f:
+            f.seek(offset)
+            f.write(garbage)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    # the first MiB (the safetensors header), the last, any stretch longer than the even spacing (9 MiB)
+    for offset, size in ((100, 4096), (len(original) - 10, 10), (20 * mib + 7, 10 * mib)):
+        overwrite(offset, rng.bytes(size))
+        assert not offline._cache_is_valid(folder, spec), (offset, size)
+        overwrite(0, original)
+        assert offline._cache_is_valid(folder, spec)
+    # one other MiB zeroed: among the 8 random blocks of a load with probability 8/65
+    overwrite(10 * mib, bytes(mib))
+    monkeypatch.setattr(offline, "_DRAW", random.Random(0))
+    assert next(n for n in range(1, 200) if not offline._cache_is_valid(folder, spec)) < 60
+    overwrite(0, original)
+    # without the source packages a corrupt cache is refused, never used
+    overwrite(mib // 2, b"garbage")
+    monkeypatch.setattr(offline, "locate_parts", lambda s: (_ for _ in ()).throw(ConfigError(
+        f"offline model {s.name!r} needs 1 package(s) that are not installed; install them with: pip install x")))
+    with pytest.raises(ConfigError, match=r"needs 1 package\(s\) that are not installed"):
+        ensure_offline_model(spec.name, cache_dir=tmp_path / "cache")
+    overwrite(0, original)
+    # a cache built before block digests were recorded is hashed in full once and gains them
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    (folder / MARKER_FILE).write_text(json.dumps({**marker, "files": {
+        n: {k: v for k, v in r.items() if k != "blocks"} for n, r in marker["files"].items()}}))
+    assert offline._cache_is_valid(folder, spec)
+    assert json.loads((folder / MARKER_FILE).read_text()) == marker
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):

@@ -276,3 +276,86 @@ def test_identity_recorded_before_a_key_existed(tmp_path):
     assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "raw"}) == []
     assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "chat"}) != []
     assert compare_identity(tmp_path / "run.json", {"model": "m", "prompt_style": "raw", "model_sha256": "x"}) != []
+
+
+# --- issue 23: one line, nothing half-made --------------------------------------------------------------
+
+def _made(tmp_path) -> set[str]:
+    return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
+
+
+def test_a_folder_option_naming_a_file_is_one_line_in_every_script(data, tmp_path, capsys, monkeypatch):
+    """--out / --results / --data naming an existing file used to end in a NotADirectoryError traceback
+    (generate_data.py, analyze_circuits.py) or a misleading "no manifest at FILE/manifest.json"; now
+    every script says which option names a file, before creating anything."""
+    monkeypatch.chdir(tmp_path)  # a default folder would land here
+    file = tmp_path / "file"
+    file.write_text("x")
+    before = _made(tmp_path)
+    cases = [("generate_data.py", "--out", ["data.tasks=[expression]"]),
+             ("finetune.py", "--out", ["--data", data, "--task", "expression", "--model", "tiny-random-qwen2"]),
+             ("finetune.py", "--data", ["--out", tmp_path / "ft", "--task", "expression"]),
+             ("test.py", "--out", ["--data", data, *EVAL]),
+             ("test.py", "--data", ["--out", tmp_path / "ev", *EVAL]),
+             ("reproduce.py", "--results", ["--data", data]),
+             ("reproduce.py", "--data", ["--results", tmp_path / "res"]),
+             ("analyze_circuits.py", "--out", ["--data", data, "--model", "tiny-random-qwen2"]),
+             ("analyze_circuits.py", "--data", ["--out", tmp_path / "ci", "--model", "tiny-random-qwen2"])]
+    for name, flag, rest in cases:
+        code, err = script(name, flag, file, *rest, capsys=capsys)
+        one_line(code, err, f"{flag} {file} is a file")
+        assert len(err.strip().splitlines()) == 1, (name, flag, err[-2000:])
+        assert _made(tmp_path) == before, (name, flag)
+
+
+def test_non_finite_numbers_are_refused_at_load(data, tmp_path, capsys):
+    """ft.epochs=.inf (YAML's infinity) passed every check: finetune.py made the folder, loaded the model
+    and ended in the Trainer's OverflowError traceback; a nan passes no comparison, so it slipped
+    through every range check."""
+    for override in ("ft.epochs=.inf", "ft.epochs=.nan", "ft.learning_rate=.nan", "eval.batch_size=.inf"):
+        with pytest.raises(ConfigError, match=r"must be (a finite number|of type int)"):
+            load_config(None, [override])
+    code, err = script("finetune.py", "--data", data, "--task", "expression", "--out", tmp_path / "ft",
+                       "ft.epochs=.inf", capsys=capsys)
+    one_line(code, err, "ft.epochs must be a finite number, got inf")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_report_to_a_missing_package_is_one_line_before_any_model_loads(data, tmp_path, capsys, monkeypatch):
+    """ft.report_to naming a logger whose package is not installed: refused when the config loads (no
+    model loaded, no folder made), not by the Trainer after the model is built."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    from iclvsft.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("no model may load"))
+    code, err = script("finetune.py", "--data", data, "--task", "expression", "--out", tmp_path / "ft",
+                       "ft.report_to=wandb", capsys=capsys)
+    one_line(code, err, "ft.report_to=wandb needs the wandb package: pip install wandb")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    """Ctrl-C used to print a KeyboardInterrupt traceback (tens of lines from torch or the Trainer)."""
+    import subprocess
+
+    code = "import os, signal\nfrom iclvsft import cli\ncli.run(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert out.stderr.strip() == "interrupted; rerun the same command to continue"
+
+
+def test_a_data_size_that_cannot_fit_in_memory_is_refused_at_load(tmp_path, capsys):
+    """data.train_pattern=1000000000 used to start drawing items (for days, at 0.2-0.9 ms each) until the
+    machine ran out of memory; now the config is refused when it loads: every item is held in memory
+    (>= 500 bytes each, measured 700-1,330), and 6e9 items cannot fit in this machine's RAM."""
+    with pytest.raises(ConfigError, match=r"data: 6,000,004,760 items over 6 task\(s\) need at least 2,794 GiB of "
+                                          r"memory .* more than this machine's"):
+        load_config(None, ["data.train_pattern=1000000000"])
+    load_config(None, ["data.train_pattern=100000"])  # 50 MB per task: fine
+    code, err = script("generate_data.py", "--out", tmp_path / "d", "data.train_pattern=1000000000", capsys=capsys)
+    one_line(code, err, "lower data.train_pattern")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d").exists()

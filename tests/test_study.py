@@ -214,7 +214,7 @@ def test_the_verdicts_ft_cell_gets_its_own_train_seeds():
 def test_a_finished_circuits_folder_is_reused_only_with_its_own_settings(tmp_path):
     """reproduce.py used to reuse circuits.json whatever circuits.n_items / seed / shots now say; the folder's
     config.json is compared with the settings first (the derived FT folder is a study run, checked as such)."""
-    from iclvsft.study import _check_circuit_settings
+    from iclvsft.circuits import check_circuit_settings as _check_circuit_settings
 
     made = load_config(None, ["circuits.n_items=8", "circuits.adapter=/r/ft/{task}/n256-s0"])
     (tmp_path / "config.json").write_text(json.dumps({"config": made.to_dict()}))

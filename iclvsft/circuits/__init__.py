@@ -4,7 +4,8 @@ conditions (docs/circuits.md explains the method and choices).
 Modules, bottom-up: ``hooks`` (model anatomy, :func:`run_patched`: the one hooked forward pass),
 ``pairs`` (clean / corrupted pairs; the edits are the tasks' ``corrupt``), ``patching`` (attribution
 and activation patching), ``shift`` (distances, bootstrap, agreement; numpy), ``plots`` (heatmaps),
-``report`` (the markdown section) and ``analysis`` (:func:`analyze`: config -> results folder).
+``report`` (the markdown section), ``settings`` (what decides a folder's results) and ``analysis``
+(:func:`analyze`: config -> results folder).
 The ``circuits`` config section and its checks live in :mod:`iclvsft.config`.
 """
 
@@ -14,6 +15,7 @@ from .pairs import Pair, PairInputs, PairTokens, corruption_candidates, make_pai
 from .patching import PatchResult, activation_patching, attribution_patching, capture, component_activation, patch_pair
 from .plots import plot_map, plot_task
 from .report import report_section
+from .settings import check_circuit_settings, circuit_settings
 from .shift import agreement, bootstrap_shift, cosine_distance, interval95, jsonable, l1_distance, shift, topk_overlap
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "attribution_patching",
     "bootstrap_shift",
     "capture",
+    "check_circuit_settings",
+    "circuit_settings",
     "component_activation",
     "corruption_candidates",
     "cosine_distance",

@@ -20,11 +20,13 @@ from ..models import load_model
 from ..prompts import demo_order
 from ..prompts import prefix as prompt_prefix
 from ..tasks import Task, get_task
+from ..writers import writing
 from .hooks import anatomy
 from .pairs import Pair, make_pairs, pair_inputs, tokenize_pair
 from .patching import PatchResult, patch_pair
 from .plots import plot_task
 from .report import report_section
+from .settings import check_circuit_settings
 from .shift import agreement, bootstrap_shift, interval95, jsonable
 
 log = logging.getLogger(__name__)
@@ -148,9 +150,19 @@ def _score_rows(name: str, state: TaskState) -> list[dict[str, Any]]:
 def analyze(config: Config, data_dir: str | Path, out: str | Path, show_progress: bool = True,
             argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the circuit analysis for ``config`` (its ``circuits`` section, ``model``, ``dtype``) on the
-    generated data in ``data_dir``; write the results folder ``out`` and return circuits.json's content."""
-    c = config.circuits
+    generated data in ``data_dir``; write the results folder ``out`` (holding its writer lock) and return
+    circuits.json's content. A finished folder made with other settings is refused (analyze_circuits.py
+    --overwrite clears it first)."""
     out = Path(out)
+    with writing(out):
+        if (out / "circuits.json").is_file():
+            check_circuit_settings(out, config, derived_adapter=False, remedies=("overwrite_start", "another_out"))
+        return _analyze(config, data_dir, out, show_progress, argv)
+
+
+def _analyze(config: Config, data_dir: str | Path, out: Path, show_progress: bool,
+             argv: Sequence[str] | None) -> dict[str, Any]:
+    c = config.circuits
     started = time.perf_counter()
     write_json(out / "config.json", {"config": config.to_dict(), "provenance": provenance(), "argv": list(argv or []),
                                      "data": str(data_dir)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -177,6 +178,9 @@ def protocol_ft(config: Config, protocol: str) -> FtConfig:
 
 
 def _check_value(f: dataclasses.Field, value: Any, dotted: str) -> None:
+    # YAML reads .inf and .nan as floats; no key means either (ft.epochs=.inf would train forever, a nan
+    # passes no comparison and slips through every range check below).
+    _need(not isinstance(value, float) or math.isfinite(value), f"{dotted} must be a finite number, got {value!r}")
     choices, lo, below = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("below")
     _need(choices is None or value in choices, f"{dotted} must be one of {', '.join(choices or ())}, got {value!r}")
     _need(lo is None or value >= lo, f"{dotted} must be >= {lo}, got {value!r}")

@@ -1,6 +1,7 @@
 """One evaluation folder (test.py): plan the cells, check the folder holds this run, load the model
 only when something is left to compute, run the cells chunk by chunk (sharded under
-``accelerate launch``), and keep metrics.json / table.md current."""
+``accelerate launch``), and keep metrics.json / table.md current. The folder's writer lock
+(:mod:`iclvsft.writers`) is held throughout: one process writes a folder at a time."""
 from __future__ import annotations
 
 import json
@@ -21,9 +22,10 @@ from ..io import progress, provenance, write_json
 from ..models import load_model, weights_identity
 from ..prompts import demo_order, per_item_demos
 from ..runs import compare_identity, read_identity, summarise_differences
+from ..writers import writing
 from .cells import Cell, TaskInputs, items_to_evaluate, plan_cells, task_inputs
 from .evaluator import Evaluator
-from .samples import append_rows, read_samples
+from .samples import append_rows, new_rows, read_samples, row_key
 from .tables import write_metrics
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,16 @@ class EvalPlan:
 
 
 def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
-    """Run (or resume) every cell of ``plan``; returns the metrics also written to ``plan.out``."""
+    """Run (or resume) every cell of ``plan``, holding ``plan.out``'s writer lock; returns the metrics
+    also written to ``plan.out``."""
     # On a machine without CUDA, cpu=True is what makes the processes of `accelerate launch` one job
     # (over gloo); without it each would run, and write, the whole evaluation on its own.
     state = PartialState(cpu=not torch.cuda.is_available())
-    if plan.out.exists() and not plan.out.is_dir():
-        raise ConfigError("is a file", "choose_folder", out=plan.out)
+    with writing(plan.out, state):  # refuses a file, and a folder another process is writing
+        return _evaluate(plan, loaded, show_progress, state)
+
+
+def _evaluate(plan: EvalPlan, loaded, show_progress: bool, state: PartialState) -> dict:
     ev = plan.config.eval
     tasks = plan.config.eval_tasks
     cells = plan_cells(tasks, ev.shots, ev.demo_seeds)
@@ -58,7 +64,7 @@ def evaluate(plan: EvalPlan, loaded=None, show_progress: bool = True) -> dict:
             raise DataError(f"{plan.data_dir}/{task}/test.jsonl holds no test items of splits {ev.splits}; "
                             "regenerate the data with data.test_pattern / data.test_control > 0")
     samples = plan.out / SAMPLES_FILE
-    done = {(r["cell"], r["item_id"]) for r in read_samples(samples)}
+    done = {row_key(r) for r in read_samples(samples)}
     if _nothing_left(plan, core, cells, done, tasks):  # no need to load the model
         if state.is_main_process:
             write_metrics(plan.out, json.loads((plan.out / RUN_FILE).read_text())["identity"], cells)
@@ -152,8 +158,9 @@ def _run_cells(plan: EvalPlan, cells: list[Cell], done: set, identity: dict, eva
                 if state.is_main_process:
                     order = {i.id: n for n, i in enumerate(part)}
                     rows.sort(key=lambda r: order[r["item_id"]])
-                    append_rows(plan.out / SAMPLES_FILE, [{"cell": cell.key, "task": cell.task, "k": cell.k,
-                                                           "demo_seed": cell.demo_seed, **r} for r in rows])
+                    append_rows(plan.out / SAMPLES_FILE, new_rows([{"cell": cell.key, "task": cell.task, "k": cell.k,
+                                                                    "demo_seed": cell.demo_seed, **r} for r in rows],
+                                                                  done))
                 state.wait_for_everyone()
         if state.is_main_process:
             write_metrics(plan.out, identity, cells)

@@ -131,10 +131,11 @@ def _resolve_source(name: str, cache_dir) -> tuple[str, str, dict[str, Any]]:
 
 
 def weights_identity(name: str) -> str | None:
-    """What a run's results depend on in the weights ``name`` names, by content: the pinned GGUF
-    sha256 of an offline model (its cache is verified against it on load), the sha256 of a local
-    folder's weight and config files (a model or adapter saved again in place is another model),
-    None for the tiny model (built from code) and hub ids (no content to hash offline)."""
+    """What a run's results depend on in the model ``name`` names, by content: the pinned GGUF sha256
+    of an offline model (its cache, tokenizer included, is verified against what it was built from on
+    load), the sha256 of a local folder's weights, configs, tokenizer files and chat template
+    (:data:`iclvsft.io.MODEL_FILES`: a model, adapter or tokenizer saved again in place is another
+    model), None for the tiny model (built from code) and hub ids (no content to hash offline)."""
     if name == TINY_MODEL_NAME:
         return None
     if name in OFFLINE_MODELS:

@@ -1,10 +1,10 @@
 """The machine a plan is checked against: this one (detected) or a stated one."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..io import host_ram_bytes
 from .shapes import GIB
 
 
@@ -18,14 +18,6 @@ class Machine:
     @property
     def cuda(self) -> bool:
         return self.gpus > 0
-
-
-def host_ram_bytes() -> float:
-    """Total physical memory (``os.sysconf``): other processes' use is not subtracted."""
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
-        return 0.0
 
 
 def detect_machine(gpus: int | None = None, gpu_gib: float | None = None, host_gib: float | None = None) -> Machine:

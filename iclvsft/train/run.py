@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text, provenance, write_json
 from ..models import OFFLINE_MODELS, peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
+from ..writers import clear_folder, entries, writing
 from .loss import RowIndexCollator, RowMeanTrainer
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
@@ -82,7 +83,7 @@ def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
         return "new"
     if not out.is_dir():
         raise ConfigError("is a file", "choose_folder", out=out)
-    if not any(out.iterdir()):
+    if not entries(out):  # empty but for its writer lock
         return "new"
     if not (out / RUN_CONFIG_FILE).is_file():
         raise ConfigError(f"is not empty and holds no {RUN_CONFIG_FILE}: not a finetune.py output folder, so it "
@@ -171,7 +172,8 @@ def finetune(config: Config, out: str | Path | None = None, data_dir: str | Path
 
     ``config`` is a resolved config (:func:`iclvsft.config.load_config`) whose ``ft.tasks`` names at
     least one task. Resumes an unfinished run in ``out``; refuses a finished one unless ``overwrite``.
-    ``callbacks`` are extra ``TrainerCallback`` objects (tests use one to interrupt a run).
+    ``callbacks`` are extra ``TrainerCallback`` objects (tests use one to interrupt a run). The
+    folder's writer lock (:mod:`iclvsft.writers`) is held from its inspection to summary.json.
     Returns a :class:`FinetuneResult` (on every process; only the main one writes files).
     """
     started = time.perf_counter()
@@ -182,13 +184,22 @@ def finetune(config: Config, out: str | Path | None = None, data_dir: str | Path
     rows, data_record = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed,
                                     config.data.task_params, config.format, ft.rows)
     identity = run_identity(config, data_record)
-    action = inspect_output(out, identity, overwrite)
-
     precision = plan_precision(config, training_device())
     args, sharded = _trainer_arguments(config, out, precision, show_progress)
-    resume = _prepare_folder(out, action, args, {"identity": identity, "config": config.to_dict(), "data_dir": str(data_dir),
-                                                 "out": str(out)})
+    with writing(out, args.distributed_state):  # from the folder's inspection to summary.json
+        action = inspect_output(out, identity, overwrite)
+        if args.distributed_state is not None:  # every process has looked before the main one writes
+            args.distributed_state.wait_for_everyone()
+        resume = _prepare_folder(out, action, args, {"identity": identity, "config": config.to_dict(),
+                                                     "data_dir": str(data_dir), "out": str(out)})
+        return _run(config, out, data_dir, rows, data_record, precision, args, sharded, resume, callbacks,
+                    show_progress, started)
 
+
+def _run(config: Config, out: Path, data_dir, rows, data_record, precision, args, sharded, resume, callbacks,
+         show_progress, started) -> FinetuneResult:
+    """The run itself, in a folder prepared for it: build the model, tokenize, train, write the summary."""
+    ft = config.ft
     model, tokenizer, model_info = build_model(config, precision, args.device, sharded=sharded)
     if config.prompt_style != "raw":  # the rows' text needs the model's chat template
         rows, _ = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
@@ -230,7 +241,7 @@ def _prepare_folder(out: Path, action: str, args, run_config: dict) -> str | Non
         if args.process_index == 0:
             if action == "clear":
                 logger.info("--overwrite: removing the previous run in %s", out)
-                shutil.rmtree(out)
+                clear_folder(out)  # not the folder itself: its lock is held
             out.mkdir(parents=True, exist_ok=True)
             if action != "resume":
                 write_json(out / RUN_CONFIG_FILE, run_config)
