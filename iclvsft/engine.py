@@ -12,6 +12,10 @@ attention, and position ids are the running count of real tokens, so every row c
 what it would alone. The same routine with an empty prefix is the plain (uncached) path; the tests
 check both give the same predictions, and that batch size does not change them.
 
+Sliding-window attention (Gemma 2/3, Mistral) counts the pad slots inside its window, so a padded
+row would see fewer real tokens than alone once prefix + item + answer outgrow the window: such a
+batch is run as groups of rows of equal length, unpadded (:func:`unpadded_groups`).
+
 Tokenization is done on the whole prompt (prefix + question), and the prefix tokens are split off
 only when they are a token-for-token prefix of it; otherwise that item falls back to the uncached
 path, so caching can never change what the model sees.
@@ -96,6 +100,32 @@ def _batch_inputs(rows: Sequence[Sequence[int]], pad_id: int, prefix_len: int, d
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def sliding_window(model) -> int | None:
+    """The window of a model's sliding-window attention layers, None when it has none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False or (
+            types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def unpadded_groups(model, prefix: Prefix, rows: Sequence[Sequence[int]], extra: int) -> list[list[int]] | None:
+    """Row indices grouped by length when padding after the cached prefix would change what a row sees: a
+    sliding window counts the pads, which matters once ``prefix + longest row + extra`` (the tokens
+    still to come) reach the window. None when one padded batch is exact. Without a prefix the pads
+    lead every row, shifting its slots by a constant: exact."""
+    window = sliding_window(model)
+    lengths = [len(r) for r in rows]
+    if window is None or not prefix.length or len(set(lengths)) == 1 or prefix.length + max(lengths) + extra <= window:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return list(groups.values())
+
+
 def _finished(text: str, token: int, eos_ids: set[int]) -> bool:
     """A row stops at end of line (once it has written something) or at an end-of-sequence token."""
     return token in eos_ids or "\n" in text.lstrip()
@@ -113,6 +143,13 @@ def decode(model, tokenizer, prefix: Prefix, rows: Sequence[Sequence[int]], max_
     ``score_tokens`` as the first generated token (the constrained score of one-token labels)."""
     if not rows:
         return [], []
+    if groups := unpadded_groups(model, prefix, rows, max_new_tokens):
+        generated, scores = [[] for _ in rows], [[] for _ in rows]
+        for group in groups:
+            ids, logp = decode(model, tokenizer, prefix, [rows[i] for i in group], max_new_tokens, score_tokens)
+            for j, i in enumerate(group):
+                generated[i], scores[i] = ids[j], logp[j]
+        return generated, scores
     device = device_of(model)
     ids, mask, positions = _batch_inputs(rows, tokenizer.pad_token_id, prefix.length, device)
     cache = prefix.expanded(len(rows)) if prefix.length else DynamicCache()
@@ -145,6 +182,13 @@ def continuation_logprobs(model, tokenizer, prefix: Prefix, rows: Sequence[Seque
     """Sum of log-probabilities of the last ``n_scored[i]`` tokens of each row, given the rest."""
     if not rows:
         return []
+    if groups := unpadded_groups(model, prefix, rows, 0):
+        out = [0.0] * len(rows)
+        for group in groups:
+            for i, v in zip(group, continuation_logprobs(model, tokenizer, prefix, [rows[i] for i in group],
+                                                         [n_scored[i] for i in group])):
+                out[i] = v
+        return out
     device = device_of(model)
     ids, mask, positions = _batch_inputs(rows, tokenizer.pad_token_id, prefix.length, device)
     cache = prefix.expanded(len(rows)) if prefix.length else None

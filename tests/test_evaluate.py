@@ -64,6 +64,44 @@ def test_engine_matches_generate(tiny):
         assert ours and ours == ref[: len(ours)], (ours, ref)
 
 
+def tiny_sliding_window_model():
+    """A random 2-layer Gemma 3 (one sliding-window layer, window 8) on the tiny byte tokenizer."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], bos_token_id=None,
+                              eos_token_id=256, pad_token_id=257, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2:
+                    param.normal_(0, 1 / param.shape[1] ** 0.5)
+    return model.eval()
+
+
+def test_engine_exact_with_a_sliding_window():
+    """Gemma 3's sliding-window layers count pad slots in their window: rows padded after a cached prefix
+    longer than the window would see fewer real tokens than alone. The engine must still give every
+    row exactly what it gets alone (greedy tokens, first-step log-probabilities, label scores)."""
+    from iclvsft.models.tiny import build_tiny_tokenizer
+
+    model, tok = tiny_sliding_window_model(), build_tiny_tokenizer()
+    pre = engine.build_prefix(model, tok, "Compute.\n(1+2)=3\n(4+5)=9\n")
+    assert pre.length > 2 * model.config.sliding_window
+    rows = [engine.encode(tok, t) for t in ("(1+1)=", "(12+34)=", "x=", "(123+456)=")]
+    ids, scores = engine.decode(model, tok, pre, rows, 6, range(258))
+    logps = engine.continuation_logprobs(model, tok, pre, rows, [2] * len(rows))
+    for row, got, score, logp in zip(rows, ids, scores, logps):
+        alone_ids, alone_scores = engine.decode(model, tok, pre, [row], 6, range(258))
+        assert got == alone_ids[0]
+        assert score == pytest.approx(alone_scores[0], abs=1e-4)
+        assert logp == pytest.approx(engine.continuation_logprobs(model, tok, pre, [row], [2])[0], abs=1e-4)
+
+
 def test_demos_are_train_rows_nested_and_never_test_items(data_dir):
     for name in ("expression", "relation"):
         train = load_items(data_dir, name, "train", split="pattern")

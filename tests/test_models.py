@@ -320,9 +320,15 @@ def test_requirements_files_match_registry(pytestconfig):
                 [line[2:].strip() for line in lines
                  if line.startswith("# ") and "==" in line and " " not in line[2:].strip()])
 
-    assert pins("requirements-models-test.txt")[0] == OFFLINE_MODELS["smollm2-135m-instruct"].requirements
-    assert pins("requirements-models-study.txt")[0] == OFFLINE_MODELS["qwen2.5-coder-0.5b-instruct"].requirements
-    assert pins("requirements-models-scale.txt")[0] == OFFLINE_MODELS["qwen2.5-coder-1.5b-instruct"].requirements
+    files = {"requirements-models-test.txt": "smollm2-135m-instruct",
+             "requirements-models-study.txt": "qwen2.5-coder-0.5b-instruct",
+             "requirements-models-scale.txt": "qwen2.5-coder-1.5b-instruct",
+             "requirements-models-ladder.txt": "gemma3-270m"}
+    # every file checked, every offline model pinned in one
+    assert {p.name for p in pytestconfig.rootpath.glob("requirements-models-*.txt")} == set(files)
+    assert set(files.values()) == set(OFFLINE_MODELS)
+    for name, model in files.items():
+        assert pins(name)[0] == OFFLINE_MODELS[model].requirements, name
 
 
 def test_cli_reports_errors(pytestconfig):

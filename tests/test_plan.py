@@ -66,6 +66,26 @@ def test_known_shapes_match_the_measured_parameter_counts():
     assert plan.model_shape("someone/unknown-model") is None
 
 
+def test_gemma3_shapes():
+    """Gemma 3: head_dim wider than hidden / heads, tied embeddings, and a multimodal release's partial
+    text_config (the rest transformers' defaults)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from iclvsft.models import count_parameters
+
+    gemma = KNOWN_SHAPES["gemma3-270m"]
+    assert gemma.params == pytest.approx(268_098_176, rel=1e-3)  # the offline model's count
+    assert plan.model_shape("google/gemma-3-270m").params == gemma.params
+    cfg = Gemma3TextConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=32, vocab_size=512)
+    shape = plan.shape_from_config(cfg.to_dict())
+    assert (shape.hd, shape.tied, shape.qkv_bias) == (32, True, False)
+    assert shape.params == pytest.approx(count_parameters(Gemma3ForCausalLM(cfg)), rel=0.02)
+    nested = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 2560,
+                                                      "intermediate_size": 10240, "num_hidden_layers": 34}}
+    assert plan.shape_from_config(nested).params == pytest.approx(3.88e9, rel=0.01)  # gemma-3-4b's decoder
+
+
 def test_shape_of_the_tiny_model_counts_its_parameters():
     from iclvsft.models import build_tiny_model, count_parameters
 

@@ -4,6 +4,8 @@ generic hooked forward pass (patch, record, attach gradient probes) that every m
 Plain PyTorch hooks on the Hugging Face modules: a forward pre-hook on ``self_attn.o_proj`` (its
 input, reshaped to ``(heads, head_dim)``, holds every query head's output) and a forward hook on
 ``mlp``. Any Qwen2/Llama/Mistral-style decoder works; a PEFT-wrapped ``o_proj`` is hooked the same way.
+Gemma 3 too (checked on gemma3-270m: head_dim 256 x 4 heads, wider than its hidden 640): its extra
+norms after attention and MLP come after the hooked points, so a component is what feeds them.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def anatomy(model) -> Anatomy:
             break
     else:
         raise ConfigError(f"{type(model).__name__}: no decoder layers with self_attn.o_proj and mlp found; "
-                          "circuit analysis supports Qwen2/Llama/Mistral-style models")
+                          "circuit analysis supports Qwen2/Llama/Mistral/Gemma-3-style models")
     config = model.config
     n_heads = int(config.num_attention_heads)
     o_proj = layers[0].self_attn.o_proj

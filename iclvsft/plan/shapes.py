@@ -74,9 +74,19 @@ class Shape:
         return 2 * self.layers * self.kv_dim * nbytes
 
 
+#: What a config.json may leave out because transformers' config class has it as default: a multimodal
+#: Gemma 3 release (gemma3, e.g. gemma-3-4b) nests a partial ``text_config`` (Gemma3TextConfig's defaults).
+CONFIG_DEFAULTS: dict[str, dict] = {
+    "gemma3_text": {"hidden_size": 2304, "num_hidden_layers": 26, "intermediate_size": 9216,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208},
+}
+
+
 def shape_from_config(cfg: dict, source: str = "") -> Shape:
-    """A :class:`Shape` from a transformers ``config.json`` (as a dict)."""
+    """A :class:`Shape` from a transformers ``config.json`` (as a dict); a multimodal config's
+    ``text_config`` holds the decoder's."""
     text = cfg.get("text_config") or cfg
+    text = {**CONFIG_DEFAULTS.get(str(text.get("model_type", "")), {}), **text}
     heads = int(text["num_attention_heads"])
     model_type = str(text.get("model_type", ""))
     return Shape(hidden=int(text["hidden_size"]), layers=int(text["num_hidden_layers"]),
@@ -99,6 +109,8 @@ KNOWN_SHAPES: dict[str, Shape] = {
     # the offline GGUF of Qwen2.5-Coder-0.5B-Instruct carries an untied output layer (~630M parameters)
     "qwen2.5-coder-0.5b-instruct": Shape(896, 24, 4864, 14, 2, 151936, False, source="the offline GGUF"),
     "smollm2-135m-instruct": Shape(576, 30, 1536, 9, 3, 49152, True, qkv_bias=False, source="the public config"),
+    # 4 query heads of 256 (wider than hidden 640), q/k norms and 4 norms a layer (0.01% of its parameters, not counted)
+    "gemma3-270m": Shape(640, 18, 2048, 4, 1, 262144, True, head_dim=256, qkv_bias=False, source="the public config"),
 }
 
 
@@ -151,6 +163,9 @@ def model_shape(name: str) -> Shape | None:
 
 def _known_by_name(lower: str) -> Shape | None:
     match = re.search(r"qwen2\.5-(?:coder-|math-)?(\d+(?:\.\d+)?)b", lower)
-    return KNOWN_SHAPES.get(f"qwen2.5-{match.group(1)}b") if match else None
+    if match:
+        return KNOWN_SHAPES.get(f"qwen2.5-{match.group(1)}b")
+    match = re.search(r"gemma-?3-(\d+[mb])", lower)  # google/gemma-3-270m(-it), gemma3-270m
+    return KNOWN_SHAPES.get(f"gemma3-{match.group(1)}") if match else None
 
 
