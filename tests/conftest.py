@@ -1,5 +1,7 @@
+"""Shared fixtures and helpers. `make test` (pytest -q tests) runs everything; `pytest -m "not slow" tests` is the quick loop."""
 import ast
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -49,6 +51,24 @@ def make_data(tmp_path_factory):
         return out
 
     return make
+
+
+# The small data settings shared by the tests that only need a few rows of expression and boolean.
+SMALL_DATA = ["data.tasks=[expression,boolean]", "data.train_pattern=16", "data.train_control=0", "data.test_pattern=3",
+              "data.test_control=3"]
+
+
+@pytest.fixture(scope="session")
+def small_data(make_data) -> Path:
+    """A data folder made with SMALL_DATA, shared read-only by the whole session (never write into it)."""
+    return make_data(SMALL_DATA)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a two-process launch's --main_process_port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ast_bool(node) -> bool:

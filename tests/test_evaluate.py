@@ -3,9 +3,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port
 
 from iclvsft import engine
 from iclvsft import evaluate as ev
@@ -18,8 +18,7 @@ from iclvsft.io import jsonl_line
 from iclvsft.prompts import build_prompt
 from iclvsft.tasks import Item, get_task
 
-ROOT = Path(__file__).resolve().parent.parent
-
+# Its own: 4 tasks x (12 + 12) test items, counted below, and the overrides eval_config and test.py are given too.
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=12", "data.test_control=12",
          "data.tasks=[expression,boolean,relation,algebra]"]
 
@@ -174,7 +173,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          "configs/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", str(_free_port()),
+                          "configs/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
                           "test.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -188,14 +187,6 @@ def test_two_processes_match_one(data_dir, tmp_path):
         assert ra == rb
         if la:
             assert la == pytest.approx(lb, abs=1e-4)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_script_errors(data_dir, tmp_path):

@@ -37,6 +37,7 @@ from iclvsft.scoring import score
 from iclvsft.tasks import Item, get_task
 
 TASKS = ["expression", "boolean"]
+# Its own: 8 + 8 test items a task, which the row counts below (4 cells x 10, limit 5) depend on.
 DATA = ["data.tasks=[expression,boolean]", "data.train_pattern=32", "data.train_control=4",
         "data.test_pattern=8", "data.test_control=8"]
 EVAL = ["model=tiny-random-qwen2", "eval.tasks=[expression,boolean]", "eval.shots=[0,2]", "eval.demo_seeds=[0]",

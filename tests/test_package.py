@@ -20,7 +20,6 @@ from iclvsft.errors import ConfigError
 
 SCRIPTS = {"generate": "generate_data.py", "finetune": "finetune.py", "test": "test.py", "reproduce": "reproduce.py",
            "circuits": "analyze_circuits.py"}
-SMALL = ["data.train_pattern=8", "data.train_control=0", "data.test_pattern=3", "data.test_control=3"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
 
 
@@ -282,9 +281,8 @@ def test_overwrite_only_clears_folders_the_command_wrote(tmp_path):
         commands._clear_folder(home, commands.RESULTS_ENTRIES, "config.json", "reproduce results")
 
 
-def test_test_overwrite_replaces_a_run_made_with_other_settings(make_data, tmp_path):
-    data = make_data(["data.tasks=[expression]", "data.train_pattern=16", "data.train_control=0",
-                      "data.test_pattern=3", "data.test_control=3"])
+def test_test_overwrite_replaces_a_run_made_with_other_settings(small_data, tmp_path):
+    data = small_data
     out = tmp_path / "out"
 
     def run(*args):

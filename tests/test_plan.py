@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from iclvsft import plan
 from iclvsft.config import load_config, protocol_ft
@@ -33,7 +34,6 @@ from iclvsft.plan import GIB, KNOWN_SHAPES, Machine, check_accelerate_config, ch
 from iclvsft.study import plan_ft
 from iclvsft.train import setup
 
-ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "paper.yaml"
 ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 TOLERANCE = 0.25  # relative, for activations and measured peaks

@@ -3,9 +3,9 @@ fine-tuning and during evaluation) resume to the same report as an uninterrupted
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from transformers import TrainerCallback
 
 from iclvsft.config import load_config
@@ -14,8 +14,6 @@ from iclvsft.evaluate import run as eval_run
 from iclvsft.io import jsonl_line
 from iclvsft.study import plan_ft, run_study
 from iclvsft.train import finetune
-
-ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["model=tiny-random-qwen2", "data.tasks=[expression,boolean,relation]", "data.train_pattern=64",
         "data.train_control=8", "data.test_pattern=6", "data.test_control=6", "eval.shots=[0,2]",
