@@ -162,6 +162,7 @@ def test_per_item_demos_mode(data_dir, tmp_path, tiny):
     assert all(len(v) == 8 for v in by_task.values())  # every item its own prompt
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
     """accelerate launch with two CPU processes (gloo) gives the same samples as one process.
     (accelerate's own --cpu flag starts a single process without an MPI hostfile, so the DDP

@@ -192,6 +192,7 @@ def _small_ladder(root, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     from iclvsft.study import run_study
 

@@ -68,6 +68,7 @@ def _requirements(path: Path) -> dict[str, str]:
     return pins
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
     from packaging.requirements import Requirement
 
@@ -136,6 +137,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
     assert r.returncode == 0 and Path(r.stdout.strip(), "accelerate", "ddp.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_editable_install_uses_the_source_tree(tmp_path):
     src = _source_copy(tmp_path / "src", with_symlink=True)
     python = _locked_venv(tmp_path / "venv")

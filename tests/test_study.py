@@ -34,6 +34,7 @@ class Killed(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
     config = quick_config()
     data = tmp_path / "data"
@@ -94,6 +95,7 @@ def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
         assert (resumed / "ft" / r.rel / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_reproduce_script_reuses_everything(tmp_path):
     args = [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(tmp_path / "d"),
             "--results", str(tmp_path / "r"), "--quiet", *TINY, "reproduce.ft_n_train=[4]",
@@ -113,6 +115,7 @@ def test_reproduce_script_reuses_everything(tmp_path):
     assert third.returncode == 2 and "other settings" in third.stderr and "Traceback" not in third.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
     """reproduce.py killed with SIGKILL at 5 random moments (seeded) while it works, restarted after
     each, ends with the report of an uninterrupted run, byte for byte (summary.json too)."""
@@ -164,6 +167,7 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_partial_report_after_each_model(tmp_path):
     """A study of several models has a current report.md after each finished model, so a failure late
     in a long run still leaves the finished models' numbers; the final report replaces it."""

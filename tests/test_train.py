@@ -361,6 +361,7 @@ def test_finished_run_is_refused_unless_overwrite(data_dir, tmp_path):
 # the script
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_accelerate_two_processes_complete_and_save_once(data_dir, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
