@@ -3,7 +3,9 @@ import ast
 import gc
 import os
 import socket
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +77,13 @@ SMALL_DATA = ["data.tasks=[expression,boolean]", "data.train_pattern=16", "data.
 def small_data(make_data) -> Path:
     """A data folder made with SMALL_DATA, shared read-only by the whole session (never write into it)."""
     return make_data(SMALL_DATA)
+
+
+def run_all(*commands, **kwargs) -> list[subprocess.CompletedProcess]:
+    """``subprocess.run(command, capture_output=True, text=True, **kwargs)`` for independent commands, two at a
+    time (the test process itself uses one core of two), in the order given."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, **kwargs), commands))
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_all
 
 from iclvsft import __version__, commands
 from iclvsft.errors import ConfigError
@@ -194,8 +194,12 @@ def test_test_script_with_config_reads_the_presets_data_folder(tmp_path):
 
 
 def test_subcommands_take_exactly_the_scripts_options():
+    commands = [[sys.executable, *how, "--help"] for name, script in SCRIPTS.items()
+                for how in (["-m", "iclvsft", name], [script])]
+    done = dict(zip(map(tuple, commands), run_all(*commands, cwd=ROOT, timeout=60, env=ENV)))  # each --help run once
+
     def options(cmd):
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
+        r = done[tuple(cmd)]
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout, set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", r.stdout))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, run_all
 
 from iclvsft import train
 from iclvsft.config import BATCHING, LR_SCHEDULERS, load_config
@@ -382,15 +382,12 @@ def test_accelerate_two_processes_complete_and_save_once(data_dir, tmp_path):
 
 
 def test_script_help_and_clean_errors(tmp_path):
-    def run(*a):
-        return subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)
-
-    helped = run("--help")
+    helped, failed, nope = run_all(*([sys.executable, "finetune.py", *a] for a in (
+        ["--help"], ["--task", "expression", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        ["--task", "nope"])), cwd=ROOT, timeout=120)
     assert helped.returncode == 0
     for option in ("--config", "--model", "--task", "--n-train", "--method", "--out", "--data", "--overwrite",
                    "KEY=VALUE", "accelerate launch"):
         assert option in helped.stdout
-    failed = run("--task", "expression", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert failed.returncode == 2 and failed.stderr.startswith("error:") and "generate_data.py" in failed.stderr
-    assert run("--task", "nope").returncode == 2
+    assert nope.returncode == 2
