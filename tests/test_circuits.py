@@ -40,6 +40,7 @@ from iclvsft.models import load_model
 from iclvsft.prompts import ft_row, prefix
 from iclvsft.tasks import get_task
 
+# Its own: relation and parity (their corruptions), and 16 pattern test items to draw pairs from.
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=16", "data.test_control=8",
          "data.tasks=[expression,relation,parity]"]
 

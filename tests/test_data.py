@@ -3,17 +3,16 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from iclvsft.config import load_config
 from iclvsft.data import generate, load_items, normalise_question
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.io import sha256_file
 
-ROOT = Path(__file__).resolve().parent.parent
-
+# Its own: every default task (each one's schema and seed are checked), at sizes with room for overlap.
 SMALL = ["data.train_pattern=300", "data.train_control=60", "data.test_pattern=50", "data.test_control=50"]
 
 

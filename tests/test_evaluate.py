@@ -1,11 +1,10 @@
 """The evaluation engine: caching, batching, sharding and resuming never change a prediction."""
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port, run_all
 
 from iclvsft import engine
 from iclvsft import evaluate as ev
@@ -18,8 +17,7 @@ from iclvsft.io import jsonl_line
 from iclvsft.prompts import build_prompt
 from iclvsft.tasks import Item, get_task
 
-ROOT = Path(__file__).resolve().parent.parent
-
+# Its own: 4 tasks x (12 + 12) test items, counted below, and the overrides eval_config and test.py are given too.
 SMALL = ["data.train_pattern=64", "data.train_control=16", "data.test_pattern=12", "data.test_control=12",
          "data.tasks=[expression,boolean,relation,algebra]"]
 
@@ -201,6 +199,7 @@ def test_per_item_demos_mode(data_dir, tmp_path, tiny):
     assert all(len(v) == 8 for v in by_task.values())  # every item its own prompt
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
     """accelerate launch with two CPU processes (gloo) gives the same samples as one process.
     (accelerate's own --cpu flag starts a single process without an MPI hostfile, so the DDP
@@ -208,13 +207,11 @@ def test_two_processes_match_one(data_dir, tmp_path):
     common = ["--model", "tiny-random-qwen2", "--data", str(data_dir), "--tasks", "expression,boolean",
               "--shots", "0,2", "--demo-seeds", "0", "--limit", "5", "--batch-size", "2", "--quiet", *SMALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, "test.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
+    one, two = run_all([sys.executable, "test.py", *common, "--out", str(tmp_path / "one")],  # side by side
+                       [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        "configs/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
+                        "test.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                          "configs/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", str(_free_port()),
-                          "test.py", *common, "--out", str(tmp_path / "two")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == 1
@@ -228,26 +225,15 @@ def test_two_processes_match_one(data_dir, tmp_path):
             assert la == pytest.approx(lb, abs=1e-4)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_script_errors(data_dir, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "test.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-    r = run("--model", "no-such-model-anywhere", "--data", str(data_dir), "--out", str(tmp_path / "x"), *SMALL)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "offline" in r.stderr.lower()
-    r = run("--model", "tiny-random-qwen2", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "y"))
-    assert r.returncode == 2 and "generate_data.py" in r.stderr
-    r = run("--shots", "0,four", "--data", str(data_dir))
-    assert r.returncode == 2 and "--shots" in r.stderr
-    r = run("--help")
-    assert r.returncode == 0 and "--adapter" in r.stdout and "--demo-mode" in r.stdout
+    model, data, shots, helped = run_all(*([sys.executable, "test.py", *args] for args in (
+        ["--model", "no-such-model-anywhere", "--data", str(data_dir), "--out", str(tmp_path / "x"), *SMALL],
+        ["--model", "tiny-random-qwen2", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "y")],
+        ["--shots", "0,four", "--data", str(data_dir)], ["--help"])), cwd=ROOT, timeout=120)
+    assert model.returncode == 2 and "Traceback" not in model.stderr and "offline" in model.stderr.lower()
+    assert data.returncode == 2 and "generate_data.py" in data.stderr
+    assert shots.returncode == 2 and "--shots" in shots.stderr
+    assert helped.returncode == 0 and "--adapter" in helped.stdout and "--demo-mode" in helped.stdout
 
 
 def test_one_token_labels_scored_from_the_generation_pass(data_dir, tiny, monkeypatch):

@@ -83,9 +83,8 @@ def test_format_authors_is_refused_for_tasks_they_did_not_have():
         load_config(None, ["ft.rows=authors_train"])
 
 
-def test_ft_rows_follow_the_format(make_data):
-    data = make_data(["data.tasks=[expression,boolean]", "data.train_pattern=8", "data.train_control=0",
-                      "data.test_pattern=2", "data.test_control=2"])
+def test_ft_rows_follow_the_format(small_data):
+    data = small_data
     ours, _ = select_rows(data, ["expression"], 2)
     theirs, _ = select_rows(data, ["expression"], 2, fmt="authors", row_text="authors_train")
     matched, _ = select_rows(data, ["boolean"], 2, fmt="authors")
@@ -231,6 +230,7 @@ def _small_ladder(root, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     from iclvsft.study import run_study
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -37,6 +38,7 @@ from iclvsft.scoring import score
 from iclvsft.tasks import Item, get_task
 
 TASKS = ["expression", "boolean"]
+# Its own: 8 + 8 test items a task, which the row counts below (4 cells x 10, limit 5) depend on.
 DATA = ["data.tasks=[expression,boolean]", "data.train_pattern=32", "data.train_control=4",
         "data.test_pattern=8", "data.test_control=8"]
 EVAL = ["model=tiny-random-qwen2", "eval.tasks=[expression,boolean]", "eval.shots=[0,2]", "eval.demo_seeds=[0]",
@@ -227,15 +229,46 @@ def assert_same_predictions(theirs, ours):
         assert t["strict"] == r["strict"], key
 
 
+@pytest.fixture(scope="module")
+def chat_export(tmp_path_factory, data):
+    """(model_dir, config, exported): the tiny model saved with a ChatML template, and the chat-style export
+    of expression that uses it."""
+    from transformers import AutoTokenizer
+
+    from iclvsft.models import save_tiny_model
+
+    tmp_path = tmp_path_factory.mktemp("lm_eval_chat")
+    model_dir = save_tiny_model(tmp_path / "tiny-chat")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(model_dir)
+    config = load_config(None, [*DATA, *EVAL, f"model={model_dir}", "prompt_style=chat", "eval.tasks=[expression]"])
+    exported = tmp_path / "tasks"
+    export(config, data, exported)
+    return model_dir, config, exported
+
+
+@pytest.fixture(scope="module")
+def lm_eval_runs(tmp_path_factory, exported, chat_export, root):
+    """The two tests' lm-eval runs (each a ~12 s subprocess on one core), side by side: "raw" on the export
+    with the tiny model, "chat" on chat_export with --limit 4; each (samples, results)."""
+    from iclvsft.models import save_tiny_model
+
+    raw, chat = tmp_path_factory.mktemp("lm_eval_raw"), tmp_path_factory.mktemp("lm_eval_chat_run")
+    model_dir = save_tiny_model(raw / "tiny")
+    with ThreadPoolExecutor(2) as pool:
+        runs = {"raw": pool.submit(run_lm_eval, raw, exported, model_dir, root),
+                "chat": pool.submit(run_lm_eval, chat, chat_export[2], chat_export[0], root, "--limit", "4")}
+        return {name: run.result() for name, run in runs.items()}
+
+
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval is not installed (pip install -r requirements-dev.txt)")
-def test_lm_eval_predicts_what_test_py_predicts(tmp_path, exported, config, data, tiny, root):
+def test_lm_eval_predicts_what_test_py_predicts(tmp_path, lm_eval_runs, config, data, tiny):
     """lm-eval (HF backend, batched with left padding) on the export vs iclvsft.evaluate (test.py's
     engine: KV-cached shared prefix) on the same items, shots and demo seed: identical first lines."""
     from iclvsft.evaluate import EvalPlan, evaluate
-    from iclvsft.models import save_tiny_model
 
-    model_dir = save_tiny_model(tmp_path / "tiny")
-    theirs, results = run_lm_eval(tmp_path, exported, model_dir, root)
+    theirs, results = lm_eval_runs["raw"]
 
     evaluate(EvalPlan(config, data, tmp_path / "ours", "tiny-random-qwen2", None), loaded=tiny, show_progress=False)
     ours = {(r["cell"], r["item_id"]): r for r in map(json.loads, (tmp_path / "ours" / "samples.jsonl").open())}
@@ -248,24 +281,15 @@ def test_lm_eval_predicts_what_test_py_predicts(tmp_path, exported, config, data
 
 
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval is not installed (pip install -r requirements-dev.txt)")
-def test_lm_eval_chat_style_with_limit_predicts_what_test_py_predicts(tmp_path, data, root):
+def test_lm_eval_chat_style_with_limit_predicts_what_test_py_predicts(tmp_path, data, chat_export, lm_eval_runs):
     """prompt_style chat: the export renders the prompts with the model's own tokenizer's chat template
     (here a ChatML template saved with the tiny model), and lm-eval on it predicts what test.py
     predicts; lm-eval's --limit 4 takes two pattern and two control rows of each cell."""
-    from transformers import AutoTokenizer
-
     from iclvsft.evaluate import EvalPlan, evaluate
-    from iclvsft.models import save_tiny_model
 
-    model_dir = save_tiny_model(tmp_path / "tiny-chat")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(model_dir)
-    config = load_config(None, [*DATA, *EVAL, f"model={model_dir}", "prompt_style=chat", "eval.tasks=[expression]"])
-    exported = tmp_path / "tasks"
-    export(config, data, exported)
+    model_dir, config, exported = chat_export
     assert json.loads((exported / EXPORT_FILE).read_text())["prompt_style"] == "chat"
-    theirs, results = run_lm_eval(tmp_path, exported, model_dir, root, "--limit", "4")
+    theirs, results = lm_eval_runs["chat"]
 
     evaluate(EvalPlan(config, data, tmp_path / "ours", str(model_dir), None), show_progress=False)
     ours = {(r["cell"], r["item_id"]): r for r in map(json.loads, (tmp_path / "ours" / "samples.jsonl").open())}

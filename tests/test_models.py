@@ -463,6 +463,7 @@ def smollm2(tmp_path_factory):
     return loaded, cache
 
 
+@pytest.mark.slow
 def test_smollm2_offline_model(smollm2):
     loaded, cache = smollm2
     info = loaded.info
@@ -489,6 +490,7 @@ def test_smollm2_offline_model(smollm2):
     assert completion.strip() and torch.equal(first, second)
 
 
+@pytest.mark.slow
 def test_smollm2_second_load_uses_cache(smollm2, monkeypatch):
     _, cache = smollm2
     monkeypatch.setattr(offline, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))

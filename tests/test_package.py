@@ -13,14 +13,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_all
 
 from iclvsft import __version__, commands
 from iclvsft.errors import ConfigError
 
 SCRIPTS = {"generate": "generate_data.py", "finetune": "finetune.py", "test": "test.py", "reproduce": "reproduce.py",
            "circuits": "analyze_circuits.py"}
-SMALL = ["data.train_pattern=8", "data.train_control=0", "data.test_pattern=3", "data.test_control=3"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
 
 
@@ -69,6 +68,7 @@ def _requirements(path: Path) -> dict[str, str]:
     return pins
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
     from packaging.requirements import Requirement
 
@@ -146,6 +146,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
     assert r.returncode == 0 and Path(r.stdout.strip(), "accelerate", "ddp.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_editable_install_uses_the_source_tree(tmp_path):
     src = _source_copy(tmp_path / "src", with_symlink=True)
     python = _locked_venv(tmp_path / "venv")
@@ -202,8 +203,12 @@ def test_test_script_with_config_reads_the_presets_data_folder(tmp_path):
 
 
 def test_subcommands_take_exactly_the_scripts_options():
+    commands = [[sys.executable, *how, "--help"] for name, script in SCRIPTS.items()
+                for how in (["-m", "iclvsft", name], [script])]
+    done = dict(zip(map(tuple, commands), run_all(*commands, cwd=ROOT, timeout=60, env=ENV)))  # each --help run once
+
     def options(cmd):
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
+        r = done[tuple(cmd)]
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout, set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", r.stdout))
 
@@ -299,9 +304,8 @@ def test_overwrite_only_clears_folders_the_command_wrote(tmp_path):
         commands._clear_folder(home, commands.RESULTS_ENTRIES, "config.json", "reproduce results")
 
 
-def test_test_overwrite_replaces_a_run_made_with_other_settings(make_data, tmp_path):
-    data = make_data(["data.tasks=[expression]", "data.train_pattern=16", "data.train_control=0",
-                      "data.test_pattern=3", "data.test_control=3"])
+def test_test_overwrite_replaces_a_run_made_with_other_settings(small_data, tmp_path):
+    data = small_data
     out = tmp_path / "out"
 
     def run(*args):

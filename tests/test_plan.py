@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from iclvsft import plan
 from iclvsft.config import derive, load_config, protocol_ft
@@ -34,7 +35,6 @@ from iclvsft.models import precision as precision_module
 from iclvsft.plan import GIB, KNOWN_SHAPES, Machine, check_accelerate_config, check_plan, train_memory
 from iclvsft.train import setup
 
-ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "paper.yaml"
 ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 TOLERANCE = 0.25  # relative, for activations and measured peaks

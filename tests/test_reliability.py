@@ -7,18 +7,17 @@ import sys
 
 import pytest
 from conftest import ROOT
+from conftest import SMALL_DATA as SMALL
 
 from iclvsft.config import load_config
 from iclvsft.data import generate
 from iclvsft.errors import ConfigError, DataError
 
-SMALL = ["data.tasks=[expression,boolean]", "data.train_pattern=16", "data.train_control=0", "data.test_pattern=3",
-         "data.test_control=3"]
 EVAL = ["--model", "tiny-random-qwen2", "--tasks", "expression", "--shots", "0", "--quiet"]
 
 
 @pytest.fixture
-def data(tmp_path):
+def data(tmp_path):  # not conftest's shared small_data: a fresh copy per test, which may corrupt it
     out = tmp_path / "data"
     generate(load_config(None, SMALL), out, show_progress=False)
     return out

@@ -3,9 +3,10 @@ fine-tuning and during evaluation) resume to the same report as an uninterrupted
 import json
 import subprocess
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from conftest import ROOT
 from transformers import TrainerCallback
 
 from iclvsft.config import load_config
@@ -16,8 +17,6 @@ from iclvsft.io import jsonl_line
 from iclvsft.jobs import plan_ft
 from iclvsft.study import run_study
 from iclvsft.train import finetune
-
-ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["model=tiny-random-qwen2", "data.tasks=[expression,boolean,relation]", "data.train_pattern=64",
         "data.train_control=8", "data.test_pattern=6", "data.test_control=6", "eval.shots=[0,2]",
@@ -38,6 +37,26 @@ class Killed(RuntimeError):
     pass
 
 
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """reproduce.py once, uninterrupted (both FT protocols, no circuits): the reference report of the kill -9
+    test and the first run of the reuse test. ``command(results)`` is its command line for another results
+    folder (the same data folder); ``reference`` holds its report.md and summary.json as written."""
+    where = tmp_path_factory.mktemp("quick-study")
+
+    def command(results):
+        return [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(where / "d"),
+                "--results", str(results), "--quiet", *TINY, "circuits.enabled=false", "reproduce.ft_n_train=[4]",
+                "reproduce.ft_protocol_n_train={authors: [4]}"]
+
+    args = command(where / "r")
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    reference = {name: (where / "r" / name).read_bytes() for name in ("report.md", "summary.json")}
+    return SimpleNamespace(command=command, args=args, results=where / "r", first=first, reference=reference)
+
+
+@pytest.mark.slow
 def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
     config = quick_config()
     data = tmp_path / "data"
@@ -98,26 +117,24 @@ def test_interrupted_study_resumes_to_the_same_report(tmp_path, monkeypatch):
         assert (resumed / "ft" / r.rel / "summary.json").is_file()
 
 
-def test_reproduce_script_reuses_everything(tmp_path):
-    args = [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(tmp_path / "d"),
-            "--results", str(tmp_path / "r"), "--quiet", *TINY, "reproduce.ft_n_train=[4]",
-            "reproduce.ft_protocols={answer_lora: {}}", "circuits.enabled=false"]
-    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "## Headline" in first.stdout and (tmp_path / "r" / "report.md").is_file()
-    before = (tmp_path / "r" / "report.md").read_text()
+@pytest.mark.slow
+def test_reproduce_script_reuses_everything(quick_study):
+    args, results, first = quick_study.args, quick_study.results, quick_study.first  # the first run: the fixture's
+    assert "## Headline" in first.stdout and (results / "report.md").is_file()
+    before = quick_study.reference["report.md"].decode()
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and (tmp_path / "r" / "report.md").read_text() == before
+    assert second.returncode == 0 and (results / "report.md").read_text() == before
     assert "fine-tuning" not in second.stderr  # nothing was trained again
     # timings.json keeps both runs, so the reuse run does not erase the wall times of the first.
-    runs = json.loads((tmp_path / "r" / "timings.json").read_text())["runs"]
+    runs = json.loads((results / "timings.json").read_text())["runs"]
     assert len(runs) == 2 and runs[1]["seconds"]["total"] < runs[0]["seconds"]["total"]
     # Changed FT settings never silently reuse a finished model.
     third = subprocess.run([*args, "ft.learning_rate=0.01"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 2 and "other settings" in third.stderr and "Traceback" not in third.stderr
 
 
-def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
+@pytest.mark.slow
+def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path, quick_study):
     """reproduce.py killed with SIGKILL at 5 random moments (seeded) while it works, restarted after
     each, ends with the report of an uninterrupted run, byte for byte (summary.json too)."""
     import random
@@ -125,9 +142,7 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
     import time
 
     def run(results, **kwargs):
-        cmd = [sys.executable, "reproduce.py", "--config", "configs/quick.yaml", "--data", str(tmp_path / "d"),
-               "--results", str(results), "--quiet", *TINY, "circuits.enabled=false", "reproduce.ft_n_train=[4]",
-               "reproduce.ft_protocol_n_train={authors: [4]}"]
+        cmd = quick_study.command(results)  # the reference run's (the fixture's) command and data folder
         log = (tmp_path / "stderr.log").open("w")  # a file, not a pipe: a full pipe would stall the child
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, **kwargs)
 
@@ -145,7 +160,6 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
         return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()} \
             if folder.exists() else set()
 
-    timed(tmp_path / "ref")
     rng = random.Random(15)
     out = tmp_path / "run"
     for n in range(5):
@@ -165,9 +179,10 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path):
         assert proc.returncode == -signal.SIGKILL, f"run {n} ended on its own (rc {proc.returncode}): {stderr()}"
     timed(tmp_path / "run")
     for name in ("report.md", "summary.json"):
-        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+        assert (tmp_path / "run" / name).read_bytes() == quick_study.reference[name], name
 
 
+@pytest.mark.slow
 def test_partial_report_after_each_model(tmp_path):
     """A study of several models has a current report.md after each finished model, so a failure late
     in a long run still leaves the finished models' numbers; the final report replaces it."""

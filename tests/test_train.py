@@ -11,32 +11,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, free_port, run_all
 
 from iclvsft import train
 from iclvsft.config import BATCHING, LR_SCHEDULERS, load_config
 from iclvsft.errors import ConfigError, DataError
 from iclvsft.models import build_tiny_model, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-random-qwen2"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from iclvsft.data import generate
-
-    out = tmp_path_factory.mktemp("ft-data")
-    config = load_config(None, ["data.tasks=[expression,boolean]", "data.train_pattern=48", "data.train_control=4",
-                                "data.test_pattern=4", "data.test_control=4"])
-    generate(config, out, show_progress=False)
-    return out
+def data_dir(make_data):
+    # its own sizes: test_select_rows_first_n_and_mixed counts on exactly 48 pattern rows
+    return make_data(["data.tasks=[expression,boolean]", "data.train_pattern=48", "data.train_control=4",
+                      "data.test_pattern=4", "data.test_control=4"])
 
 
 def tiny_config(*overrides: str) -> dict:
@@ -366,17 +361,12 @@ def test_finished_run_is_refused_unless_overwrite(data_dir, tmp_path):
 # the script
 # ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_accelerate_two_processes_complete_and_save_once(data_dir, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           "--num_processes", "2", "--main_process_port", str(free_port()),
            "finetune.py", "--quiet", "--model", TINY, "--task", "expression,boolean", "--n-train", "8",
            "--data", str(data_dir), "--out", str(out), "ft.max_steps=3", "ft.save_steps=2",
            "ft.per_device_batch_size=2", "ft.batch_size=8"]
@@ -392,15 +382,12 @@ def test_accelerate_two_processes_complete_and_save_once(data_dir, tmp_path):
 
 
 def test_script_help_and_clean_errors(tmp_path):
-    def run(*a):
-        return subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120)
-
-    helped = run("--help")
+    helped, failed, nope = run_all(*([sys.executable, "finetune.py", *a] for a in (
+        ["--help"], ["--task", "expression", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        ["--task", "nope"])), cwd=ROOT, timeout=120)
     assert helped.returncode == 0
     for option in ("--config", "--model", "--task", "--n-train", "--method", "--out", "--data", "--overwrite",
                    "KEY=VALUE", "accelerate launch"):
         assert option in helped.stdout
-    failed = run("--task", "expression", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert failed.returncode == 2 and failed.stderr.startswith("error:") and "generate_data.py" in failed.stderr
-    assert run("--task", "nope").returncode == 2
+    assert nope.returncode == 2
