@@ -341,7 +341,9 @@ def test_ctrl_c_is_one_line_and_exit_130():
     """Ctrl-C used to print a KeyboardInterrupt traceback (tens of lines from torch or the Trainer)."""
     import subprocess
 
-    code = "import os, signal\nfrom iclvsft import cli\ncli.run(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+    # SIGINT's default handler set explicitly: a shell running the suite in the background starts it ignored
+    code = ("import os, signal\nfrom iclvsft import cli\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "cli.run(lambda: os.kill(os.getpid(), signal.SIGINT))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 130, out.stderr[-2000:]
     assert out.stderr.strip() == "interrupted; rerun the same command to continue"
