@@ -28,22 +28,24 @@ class IclvsftError(Exception):
     """Base class; scripts print the message and exit with status 2 instead of a traceback.
 
     ``what``: what went wrong; ``remedies``: keys of :data:`REMEDIES`, printed after it (joined by
-    ", or "); ``out``: the output folder the message is about, printed first as the flag that named it
-    (``--out PATH``). A plain message (no remedies, no ``out``) is printed as it is."""
+    ", or "); ``out``: the folder the message is about, printed first as the flag that named it
+    (``flag PATH``; an ``--out`` folder may be named another way by the command, see :meth:`render`).
+    A plain message (no remedies, no ``out``) is printed as it is."""
 
-    def __init__(self, what: str, *remedies: str, out: str | Path | None = None):
+    def __init__(self, what: str, *remedies: str, out: str | Path | None = None, flag: str = "--out"):
         unknown = [r for r in remedies if r not in REMEDIES]
         if unknown:
             raise ValueError(f"unknown remedies {unknown}; add them to iclvsft.errors.REMEDIES")
-        self.what, self.remedies, self.out = what, tuple(remedies), out
+        self.what, self.remedies, self.out, self.flag = what, tuple(remedies), out, flag
         super().__init__(self.render())
 
     def render(self, words: Mapping[str, str] | None = None, out_flag: str = "--out") -> str:
-        """The message with each remedy in ``words`` (else :data:`REMEDIES`) and ``out`` named by ``out_flag``
-        (``--out PATH``; any other flag: ``PATH (under FLAG)``)."""
+        """The message with each remedy in ``words`` (else :data:`REMEDIES`) and ``out`` named by its flag;
+        an ``--out`` folder under a command whose folder is ``out_flag``: ``PATH (under OUT_FLAG)``."""
         text = self.what
         if self.out is not None:
-            subject = f"--out {self.out}" if out_flag == "--out" else f"{self.out} (under {out_flag})"
+            renamed = self.flag == "--out" and out_flag != "--out"
+            subject = f"{self.out} (under {out_flag})" if renamed else f"{self.flag} {self.out}"
             text = f"{subject} {text}"
         if self.remedies:
             text += "; " + ", or ".join((words or {}).get(r, REMEDIES[r]) for r in self.remedies)

@@ -74,6 +74,7 @@ from .io import atomic_write_text, dumps_json, jsonl_line, sha256_file
 from .prompts import build_prompt, demo_order, per_item_demos
 from .scoring import FORMATS, score
 from .tasks import Item
+from .writers import check_folder
 
 GROUP = "iclvsft"
 UTILS_FILE = "utils.py"
@@ -370,8 +371,7 @@ def export(config: Config, data_dir: str | Path, out_dir: str | Path, tasks: Seq
 
 
 def _write(out_dir: Path, files: dict[str, str], force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file; choose a folder")
+    check_folder(out_dir)
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if present:
         previous = out_dir / EXPORT_FILE

@@ -39,7 +39,7 @@ def check_folder(folder: str | Path, flag: str = "--out") -> None:
     before anything is created."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file; choose a folder")
+        raise ConfigError("is a file", "choose_folder", out=path, flag=flag)
 
 
 def clear_folder(folder: str | Path) -> None:
@@ -107,8 +107,7 @@ def writing(folder: str | Path, state: Any = None) -> Iterator[None]:
     ``accelerate`` ``PartialState`` of a multi-process run (only its main process locks), None for one
     process. Raises :class:`ConfigError` when ``folder`` is a file or another process holds the lock."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError("is a file", "choose_folder", out=folder)
+    check_folder(folder)
     key = os.path.realpath(folder)
     if key in _HELD:
         _HELD[key] += 1

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text, provenance, write_json
 from ..models import OFFLINE_MODELS, peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
-from ..writers import clear_folder, entries, writing
+from ..writers import check_folder, clear_folder, entries, writing
 from .loss import RowIndexCollator, RowMeanTrainer
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
@@ -79,10 +79,9 @@ def inspect_output(out: Path, identity: dict, overwrite: bool) -> str:
     ``overwrite``, for an unfinished run made with another config, and for a non-empty folder that is
     not a finetune output (never deleted, even with ``overwrite``).
     """
+    check_folder(out)
     if not out.exists():
         return "new"
-    if not out.is_dir():
-        raise ConfigError("is a file", "choose_folder", out=out)
     if not entries(out):  # empty but for its writer lock
         return "new"
     if not (out / RUN_CONFIG_FILE).is_file():
