@@ -1,7 +1,6 @@
 """One fine-tuned model of a study or a ladder rung: trained (or resumed, or reused) and then evaluated."""
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any
 from .cards import write_model_card
 from .config import Config, derive
 from .evaluate import EvalPlan, evaluate
+from .io import read_json
 from .models import release_memory
 from .train import finetune, is_finished
 
@@ -49,7 +49,3 @@ def fit_and_evaluate(config: Config, ft_out: Path, eval_out: Path, data_dir: Pat
                 results.setdefault(e["task"], {})[e["split"]] = f"{100 * e['accuracy']['mean']:.1f}"
         write_model_card(ft_out, config, summary, results)
 
-
-def read_json(path: Path) -> dict:
-    """A JSON file's content, or {} when there is no such file."""
-    return json.loads(path.read_text()) if path.is_file() else {}

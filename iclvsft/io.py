@@ -121,6 +121,11 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(jsonl_line(r) for r in rows))
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's content, or {} when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_jsonl(path: str | Path, hint: str = "") -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, row)``; a missing file or a corrupt line raises DataError with ``hint``."""
     path = Path(path)

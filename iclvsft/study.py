@@ -42,8 +42,8 @@ from .data import generate, is_up_to_date
 from .errors import ConfigError
 from .evaluate import EvalPlan
 from .evaluate.cells import cell_keys
-from .fit import Runners, fit_and_evaluate, read_json
-from .io import provenance, slug, write_json
+from .fit import Runners, fit_and_evaluate
+from .io import provenance, read_json, slug, write_json
 from .jobs import FTRun, plan_ft, with_eval
 from .ladder import run_ladder
 from .models import release_memory

@@ -24,12 +24,12 @@ SCORING = {"strict": ("accuracy", "shortcut_rate", "correct"),
            "substring": ("substring_accuracy", "substring_shortcut_rate", "substring_correct")}
 
 
-def _side(seeds: list[list[dict]], scoring: str) -> dict:
-    acc, shortcut, _ = SCORING[scoring]
+def _sides(seeds: list[list[dict]]) -> dict[str, dict]:
+    """One side (ICL or FT) read by each scoring, from one computation of its condition."""
     c = condition(seeds)
-    return {"pattern": (c.get("pattern") or {}).get(acc), "control": (c.get("control") or {}).get(acc),
-            "shortcut": (c.get("control") or {}).get(shortcut),
-            "invalid": (c.get("pattern") or {}).get("invalid")}
+    pattern, control = c.get("pattern") or {}, c.get("control") or {}
+    return {scoring: {"pattern": pattern.get(acc), "control": control.get(acc), "shortcut": control.get(shortcut),
+                      "invalid": pattern.get("invalid")} for scoring, (acc, shortcut, _) in SCORING.items()}
 
 
 def select_icl(by_k: dict[int, list[list[dict]]], select: str, fixed_k: int, field: str) -> int | None:
@@ -65,9 +65,9 @@ def rung_task(task: str, icl_rows: list[dict], ft_seed_rows: list[list[dict]], s
     ft_seeds = [rows for rows in ([r for r in seed if r["task"] == task and r["k"] == 0] for seed in ft_seed_rows)
                 if rows]
     out: dict[str, Any] = {"k": k}
+    icl, ft = _sides(by_k[k]) if k is not None else None, _sides(ft_seeds) if ft_seeds else None
     for scoring in SCORING:
-        out[scoring] = {"icl": _side(by_k[k], scoring) if k is not None else None,
-                        "ft": _side(ft_seeds, scoring) if ft_seeds else None}
+        out[scoring] = {"icl": icl[scoring] if icl else None, "ft": ft[scoring] if ft else None}
     out["icl"], out["ft"], out["icl_minus_ft"] = out["strict"]["icl"], out["strict"]["ft"], None
     out["ft_seeds"] = len(ft_seeds)
     if k is not None and ft_seeds:
