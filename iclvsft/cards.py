@@ -91,7 +91,7 @@ def model_card(config: Config, summary: dict, results: dict | None = None) -> Mo
              "(EMNLP 2024 Findings) on implicit-pattern tasks.", "",
              f"* **Base model**: `{upstream or local}`, {provenance}.",
              f"* **Data**: the first {ft.n_train} pattern rows of each task's train pool, prompt format "
-             f"`{config.format}`, prompt style `{config.prompt_style}`, rows `{ft.rows}` (" + ", ".join(
+             f"`{config.prompt_format}`, prompt style `{config.prompt_style}`, rows `{ft.rows}` (" + ", ".join(
                  f"{t}: train.jsonl sha256 `{r['train_sha256']}`" for t, r in summary["data"]["tasks"].items()) + ").",
              "* **Hyper-parameters**: " + ", ".join(f"{k} = {v}" for k, v in hyper.items()) + ".",
              f"* **Training**: {summary['steps']} optimizer steps, final loss "

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from .config import Config, FtConfig, derive, protocol_ft
 from .errors import ConfigError
 from .io import slug
+from .tasks.formats import train_format
 
 
 def task_groups(ft: FtConfig, tasks: list[str]) -> list[tuple[str, ...]]:
@@ -128,7 +129,9 @@ def _data_name(config: Config, rung: Config) -> str:
 def _key(cfg: Config, *parts: str) -> str:
     """The settings a folder's content depends on, as canonical JSON (equal keys: one shared folder)."""
     values = cfg.to_dict()
-    picked = {p: values[p] for p in ("model", "dtype", "attn_implementation", "format", "data", *parts)}
+    picked = {p: values[p] for p in ("model", "dtype", "attn_implementation", "data", *parts)}
+    # a fine-tuned model depends on the factors of the format its rows show; its evaluation on them all
+    picked["format"] = train_format(cfg.prompt_format, cfg.ft.rows) if parts == ("ft",) else cfg.prompt_format
     return json.dumps(picked, sort_keys=True)
 
 

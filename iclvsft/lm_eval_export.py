@@ -357,7 +357,7 @@ def export(config: Config, data_dir: str | Path, out_dir: str | Path, tasks: Seq
         "data_manifest_sha256": sha256_file(data_dir / "manifest.json"),
         "data_seed": manifest.get("seed"),
         "budget_tokenizer": model if tok.loaded else None,
-        "format": config.format,
+        "format": config.prompt_format,
         "prompt_style": config.prompt_style,
         "eval": {k: getattr(ev, k) for k in ("tasks", "shots", "demo_seeds", "demo_mode", "demo_split", "splits", "limit",
                                     "max_new_tokens")},

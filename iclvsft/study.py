@@ -171,7 +171,7 @@ def _model_summary(config: Config, results: Path, ft_runs: list[FTRun], model: s
     compare = Comparison(rep.compare_shots, rep.compare_n_train, rep.compare_protocol, rep.max_invalid)
     return build_summary(tasks, results / "icl" / slug(model) / "metrics.json", ft_results, model,
                          config.name or "default", compare, cell_keys(tasks, config.eval.shots, config.eval.demo_seeds),
-                         smoke=rep.smoke, prompt_style=config.prompt_style, prompt_format=config.format)
+                         smoke=rep.smoke, prompt_style=config.prompt_style, prompt_format=config.prompt_format)
 
 
 def _append_timings(path: Path, started_at: str, seconds: dict[str, float]) -> None:

@@ -13,7 +13,7 @@ from iclvsft.prompts import build_prompt, completion_text
 from iclvsft.report.ladder import rung_task, select_icl
 from iclvsft.report.summary import judge
 from iclvsft.scoring import score, substring_match
-from iclvsft.tasks import Item, get_task, task_in_format
+from iclvsft.tasks import FORMAT_FACTORS, Item, get_task, task_in_format
 from iclvsft.train import select_rows
 
 TASKS = ["expression", "relation", "boolean", "algebra"]
@@ -177,23 +177,41 @@ def test_ladder_preset_plans_one_factor_per_rung(root, tmp_path):
     assert (first.ft.max_steps, first.ft.warmup_steps, first.ft.batch_size, first.ft.loss_average,
             first.ft.loss_on, first.ft.append_eos) == (100, 20, 16, "rows", "sequence", False)
     assert rungs[0].data_name == "authors" and all(not r.data_name for r in rungs[1:])
-    assert [len(r.ft) for r in rungs] == [3] + [1] * 6 + [4] * 4 + [12]  # 3 seeds at the first and the last rung
-    # each rung after the first sets one key (the train seeds ride along where they change), and no rung
-    # sets a key back to an earlier rung's value
-    for r in rungs[1:]:
-        assert len(set(r.changes) - {"ladder.train_seeds"}) == 1 or r.name in (
-            "one model per task", "our optimisation (answer-only LoRA)", "the main study's cells and seeds"), r.name
-    # a rung that changes only how ICL is read reuses the fine-tuned models
+    assert [len(r.ft) for r in rungs] == [3] + [1] * 12 + [4] * 4 + [12]  # 3 seeds at the first and the last rung
+    # each rung after the first changes one factor: one key (the train seeds ride along where they change),
+    # or one more factor of the format shown our way; no rung sets a key back to an earlier rung's value
+    for before, r in zip(rungs, rungs[1:]):
+        keys = set(r.changes) - {"ladder.train_seeds"}
+        if keys == {"format_ours"}:
+            assert len(r.config.format_ours) == len(before.config.format_ours) + 1, r.name
+            assert set(before.config.format_ours) < set(r.config.format_ours), r.name
+        elif r.name == "FT rows = the evaluation prompt":  # format keys rewritten, the same format
+            assert keys == {"ft.rows", "format", "format_ours"}
+            assert r.config.prompt_format == before.config.prompt_format == "ours"
+        else:
+            assert len(keys) == 1 or r.name in ("our optimisation (answer-only LoRA)",
+                                                "the main study's cells and seeds"), r.name
+    assert [f for f in rungs[-1].config.format_ours] == [] and rungs[-1].config.prompt_format == "ours"
+    # every factor of the authors' format gets a rung of its own
+    assert {f for r in rungs for f in r.config.format_ours} == set(FORMAT_FACTORS)
+    # a rung that changes only how an item is shown or ICL is read reuses the fine-tuned models and
+    # evaluates them again (its own ft_eval folders)
+    for name in ("no trailing space after the query", "our token budget", "our headers", "algebra asks for a and b",
+                 "ICL at a fixed k"):
+        rung = next(r for r in rungs if r.name == name)
+        before = rungs[rung.index - 1]
+        assert [f.ft_dir for f in rung.ft] == [f.ft_dir for f in before.ft], name
+        if name != "ICL at a fixed k":
+            assert rung.icl_dir != before.icl_dir and [f.eval_dir for f in rung.ft] != [f.eval_dir for f in before.ft]
     fixed = next(r for r in rungs if r.name == "ICL at a fixed k")
-    before = rungs[fixed.index - 1]
-    assert fixed.icl_dir == before.icl_dir and [f.ft_dir for f in fixed.ft] == [f.ft_dir for f in before.ft]
+    assert fixed.icl_dir == rungs[fixed.index - 1].icl_dir
     # the last rung is configs/cpu.yaml's protocol
     cpu = load_config(root / "configs" / "cpu.yaml")
     for key in ("method", "loss_on", "append_eos", "loss_average", "n_train", "epochs", "learning_rate",
                 "lr_scheduler", "warmup_steps", "max_steps", "batch_size", "rows"):
         assert getattr(last.ft, key) == getattr(cpu.ft, key) or (key, getattr(last.ft, key)) == ("n_train", 256), key
-    assert (last.format, last.data.distribution, last.eval.demo_mode, last.eval.shots, last.eval.demo_seeds) == (
-        cpu.format, cpu.data.distribution, cpu.eval.demo_mode, cpu.eval.shots, cpu.eval.demo_seeds)
+    assert (last.prompt_format, last.data.distribution, last.eval.demo_mode, last.eval.shots, last.eval.demo_seeds) == (
+        cpu.prompt_format, cpu.data.distribution, cpu.eval.demo_mode, cpu.eval.shots, cpu.eval.demo_seeds)
     assert last.ladder.icl_select == "fixed" and last.ladder.fixed_k == cpu.reproduce.compare_shots
     assert last.ladder.train_seeds == cpu.reproduce.compare_train_seeds and last.ft.tasks == []
 
@@ -240,11 +258,11 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     assert "## From the authors' setup to ours" in text and "![ladder](plots/ladder.png)" in text
     assert (tmp_path / "r" / "plots" / "ladder.png").is_file()
     summary = json.loads((tmp_path / "r" / "ladder" / "ladder.json").read_text())
-    assert len(summary["rungs"]) == 13 and all(set(r["tasks"]) == set(TASKS) for r in summary["rungs"])
+    assert len(summary["rungs"]) == 19 and all(set(r["tasks"]) == set(TASKS) for r in summary["rungs"])
     assert all(t["ft"] is not None and t["icl"] is not None for r in summary["rungs"] for t in r["tasks"].values())
     assert all(t["substring"]["ft"] is not None and t["ft_completions"]["n"] > 0
                for r in summary["rungs"] for t in r["tasks"].values())
-    assert [r["tasks"]["expression"]["ft_seeds"] for r in summary["rungs"]][::12] == [3, 3]
+    assert [r["tasks"]["expression"]["ft_seeds"] for r in summary["rungs"]][::18] == [3, 3]
     assert summary["rungs"][1]["name"] == "the authors' setup on tiny-random-qwen2"
     # rung 0 evaluated the authors' prompts and FT rows on their data (its own folder beside --data)
     rows0 = [json.loads(line) for line in (tmp_path / "r" / "ladder" / "rung0" / "icl" / "samples.jsonl").open()]
@@ -255,7 +273,7 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     from iclvsft.evaluate.samples import rebuild_prompt
 
     assert all(prompt_sha(rebuild_prompt(r, tmp_path / "data-authors")) == r["prompt_sha256"] for r in rows0)
-    assert not (tmp_path / "r" / "ladder" / "rung10").exists()  # reading ICL at a fixed k computed nothing
+    assert not (tmp_path / "r" / "ladder" / "rung16").exists()  # reading ICL at a fixed k computed nothing
     # a second run recomputes nothing and writes the same report
     again = run_study(config, tmp_path / "data", tmp_path / "r", show_progress=False,
                       runners=Runners(finetune=lambda *a, **k: pytest.fail("retrained a finished rung")))

@@ -145,9 +145,9 @@ def build(values: dict) -> Config:
     config = _build(Config, values, "", values)
     for protocol in config.reproduce.ft_protocols:
         protocol_ft(config, protocol)
-    if config.format != "ours":
+    if config.prompt_format != "ours":
         for name in config.eval_tasks:
-            task_in_format(get_task(name), config.format)  # one line for a task without that format
+            task_in_format(get_task(name), config.prompt_format)  # one line for a task without that format
     return config
 
 

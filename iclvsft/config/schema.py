@@ -15,8 +15,9 @@ from typing import Any
 from ..errors import ConfigError
 from ..io import host_ram_bytes
 from ..reporting import REPORTERS, report_to_list, reporter_installed
-from ..tasks import FORMATS, POOLS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list
+from ..tasks import FORMAT_FACTORS, FORMATS, POOLS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list
 from ..tasks.base import DISTRIBUTIONS, check_distribution
+from ..tasks.formats import format_name
 
 ALL_TASKS = list(TASKS)
 
@@ -347,6 +348,9 @@ class Config(Section):
     format: str = option("ours", "prompt format of ICL prompts, FT rows and scoring: ours (each task file's header "
                          "and question) | authors (their release's headers, question and label formats and fixed "
                          "token budgets; expression, relation, boolean, algebra)", choices=FORMATS)
+    format_ours: list = option([], "with format authors: the factors of their format shown our way, the rest "
+                               f"theirs (the ladder's one factor per rung): any of {', '.join(FORMAT_FACTORS)} "
+                               "(docs/ladder.md)")
     prompt_style: str = option("raw", "raw: the prompt template's text as is | chat: the same text as the user's "
                                "message of the tokenizer's chat template, the answer as the assistant's reply (ICL, FT "
                                "and scoring alike; instruct models)", choices=PROMPT_STYLES)
@@ -361,7 +365,19 @@ class Config(Section):
     ladder: LadderConfig = section(LadderConfig, "reproduce.py: the ladder from the authors' setup to ours, one "
                                    "factor per rung (docs/ladder.md)")
 
+    def check(self, config: dict) -> None:
+        _need(not self.format_ours or self.format == "authors",
+              f"format_ours {self.format_ours!r} names factors of the authors' format: it needs format: authors")
+        _need(len(set(self.format_ours)) == len(self.format_ours), f"format_ours repeats a factor: {self.format_ours!r}")
+        format_name(self.format, self.format_ours)  # one line for an unknown factor
+
     # Defaults that depend on other keys, each worked out here and only here.
+    @property
+    def prompt_format(self) -> str:
+        """The prompt format's one name (``format`` with ``format_ours``): ``ours``, ``authors`` or e.g.
+        ``authors+ours:budget,labels`` (``iclvsft.tasks.formats.format_name``)."""
+        return format_name(self.format, self.format_ours)
+
     @property
     def eval_tasks(self) -> list[str]:
         """The tasks evaluated: ``eval.tasks``, else ``data.tasks``."""

@@ -83,7 +83,7 @@ class TaskInputs:
 def task_inputs(data_dir: Path, name: str, cfg: Config, tokenizer) -> TaskInputs:
     """The task in the config's prompt format, with its items and demonstrations shown in that format."""
     ev = cfg.eval
-    task = task_view(get_task(name, cfg.data.task_params.get(name)), cfg.format, cfg.prompt_style, tokenizer)
+    task = task_view(get_task(name, cfg.data.task_params.get(name)), cfg.prompt_format, cfg.prompt_style, tokenizer)
     test = [task.present(i) for i in load_items(data_dir, name, "test")]
     train = [task.present(i) for i in load_items(data_dir, name, "train")]
     max_new = (ev.max_new_tokens or task.max_new_tokens

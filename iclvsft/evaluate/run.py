@@ -96,7 +96,7 @@ def requested_identity(plan: EvalPlan, tasks: list[str]) -> dict[str, Any]:
         "adapter_sha256": weights_identity(str(plan.adapter)) if plan.adapter else None,
         "generator": manifest.get("generator"),
         "train_sha256": {t: f["train"]["sha256"] for t, f in files.items()},
-        "dtype_requested": cfg.dtype, "attn_requested": cfg.attn_implementation, "format": cfg.format,
+        "dtype_requested": cfg.dtype, "attn_requested": cfg.attn_implementation, "format": cfg.prompt_format,
         "prompt_style": cfg.prompt_style,
         "data_seed": manifest.get("seed"),
         "data_sha256": {t: f["test"]["sha256"] for t, f in files.items()},

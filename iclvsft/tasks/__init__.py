@@ -12,7 +12,7 @@ from .base import DISTRIBUTIONS, POOLS, SPLITS, Draw, Item, Task, TaskConfig, ch
 from .boolean import BooleanTask
 from .code import CodeTask
 from .expression import ExpressionTask
-from .formats import FORMATS, PROMPT_STYLES, AuthorsFormat, ChatView, FormattedTask, task_in_format, task_view
+from .formats import FORMAT_FACTORS, FORMATS, PROMPT_STYLES, AuthorsFormat, ChatView, FormattedTask, task_in_format, task_view
 from .parity import ParityTask
 from .relation import RelationTask
 
@@ -45,6 +45,6 @@ def parse_task_list(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-__all__ = ["DISTRIBUTIONS", "FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat", "ChatView", "Draw",
+__all__ = ["DISTRIBUTIONS", "FORMAT_FACTORS", "FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat", "ChatView", "Draw",
            "FormattedTask", "Item", "Task", "TaskConfig", "check_distribution", "corruption_kinds", "get_task",
            "parse_task_list", "task_in_format", "task_view"]

@@ -62,7 +62,8 @@ class AlgebraTask(Task):
     answer_prefix = "a = "
     authors_format = AuthorsFormat(
         header="Here are some equations, you need to find all solutions of given variables. Here are some examples: ",
-        answer_sep="", multiline=True, answer_format="int", max_new_tokens=1, demo_sep="\n")
+        multiline=True, answer_format="int", max_new_tokens=1, answer_factor="giveaway", query_space=True,
+        demo_sep="\n")
     authors_distribution = True
 
     @staticmethod
@@ -70,15 +71,16 @@ class AlgebraTask(Task):
         """``1a + 4b = 13`` per line (their coefficients are always written, 1 included)."""
         return "\n".join(f"{p}a + {q}b = {r}" for p, q, r in item.meta["equations"])
 
-    def authors_item(self, item: Item) -> Item:
-        """Their query gives a away and asks for b only: ``... The solutions are: a = 5, b = `` then 2."""
-        a, b = item.meta["a"], item.meta["b"]
-        question = f"{self._authors_lines(item)}\n The solutions are: a = {a}, b = "
-        return dataclasses.replace(item, question=question, answer=str(b),
+    def authors_item(self, item: Item, ours: frozenset[str] = frozenset()) -> Item:
+        """question: their lines, then `` The solutions are:``; giveaway: the query goes on `` a = 5, b =``
+        (the view adds their trailing space) and the answer is b alone, ``2``. Their training text asks for
+        both: ``... The solutions are: a = 5, b = 2``."""
+        question = item.question if "question" in ours else f"{self._authors_lines(item)}\n The solutions are:"
+        if "giveaway" in ours:
+            return dataclasses.replace(item, question=question)
+        b = item.meta["b"]
+        return dataclasses.replace(item, question=f"{question} a = {item.meta['a']}, b =", answer=str(b),
                                    shortcut_answer=str(b) if item.shortcut_answer is not None else None)
-
-    def authors_train_row(self, item: Item) -> tuple[str, str]:
-        return f"{self._authors_lines(item)}\n The solutions are:", " " + item.answer
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config

@@ -144,7 +144,7 @@ class Task:
       answer_prefix  text every answer starts with (algebra: ``a = ``); the circuit analysis reads the
                      answer where two answers first differ, after this shared prefix.
       authors_format the authors' release format of this task (``iclvsft.tasks.formats``), with the
-                     methods ``authors_item`` and ``authors_train_row``; None where they had none.
+                     methods ``authors_item`` and ``authors_train_question``; None where they had none.
       authors_distribution  the task implements ``generate_authors``: the numbers and structures the
                      authors' generators draw (``data.distribution: authors``, docs/authors-data.md).
 
@@ -198,13 +198,15 @@ class Task:
     def train_row(self, item: Item) -> dict[str, str]:
         raise ConfigError("ft.rows authors_train needs format: authors (our FT rows are the evaluation prompt)")
 
-    def authors_item(self, item: Item) -> Item:
-        """``item`` in the authors' evaluation format: their query text, gold and shortcut strings."""
+    def authors_item(self, item: Item, ours: frozenset[str] = frozenset()) -> Item:
+        """``item`` in the authors' evaluation format, the factors in ``ours`` (``formats.FORMAT_FACTORS``)
+        shown our way: their query text (without its trailing space: the view adds it), gold and shortcut
+        strings."""
         raise NotImplementedError
 
-    def authors_train_row(self, item: Item) -> tuple[str, str]:
-        """The authors' training text for ``item`` as (text before the answer, the answer's text)."""
-        raise NotImplementedError
+    def authors_train_question(self, question: str) -> str:
+        """Their training text's query, from their evaluation query as the view shows it (the same here)."""
+        return question
 
     def verify(self, items: list[Item]) -> list[str]:
         """Ids of items whose answer an independent route disagrees with (the code task runs its

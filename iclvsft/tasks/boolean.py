@@ -105,25 +105,23 @@ class BooleanTask(Task):
     authors_format = AuthorsFormat(
         header="Here are some boolean expressions, you need to directly tell me the result. If it is true, print True, "
                "else print False. Here are some examples: ",
-        answer_sep="", multiline=True, answer_format="bit", max_new_tokens=1)
+        multiline=True, answer_format="bit", max_new_tokens=1, answer_factor="labels", query_space=True)
     authors_distribution = True
     AUTHORS_GROUPS, AUTHORS_MAX_SIZE = 3, 4  # their generate_bool_expression(randoms=True)
 
-    def authors_item(self, item: Item) -> Item:
-        """The expression, a newline, `` The result is: `` then 1 or 0 (though their header asks for True/False).
+    def authors_item(self, item: Item, ours: frozenset[str] = frozenset()) -> Item:
+        """question: the expression, a newline, `` The result is:``; labels: 1 or 0 (though their header
+        asks for True/False). Their training text: ``<expression>\n The result is: 1``.
 
-        The query ends with the space, as algebra's ends with ``b = ``: their budget is one new token, and
-        Qwen's tokenizer writes `` 1`` as two tokens (the space, then the digit), so a query without the
-        space could never be answered within it."""
+        Their query ends with a space (the view adds it), as algebra's ends with ``b = ``: their budget is
+        one new token, and Qwen's tokenizer writes `` 1`` as two tokens (the space, then the digit), so a
+        query without the space cannot be answered within their budget."""
+        question = item.question if "question" in ours else item.question.removesuffix(" =") + "\n The result is:"
+        if "labels" in ours:
+            return dataclasses.replace(item, question=question)
         bit = {"True": "1", "False": "0"}
-        question = item.question.removesuffix(" =") + "\n The result is: "
         shortcut = bit[item.shortcut_answer] if item.shortcut_answer is not None else None
         return dataclasses.replace(item, question=question, answer=bit[item.answer], shortcut_answer=shortcut)
-
-    def authors_train_row(self, item: Item) -> tuple[str, str]:
-        """Their training text, ``<expression>\n The result is: 1``, split before the answer's space."""
-        shown = self.authors_item(item)
-        return shown.question.removesuffix(" "), " " + shown.answer
 
     def _groups(self, rng) -> str:
         c = self.config

@@ -82,16 +82,17 @@ class ExpressionTask(Task):
     corruptions = ("answer", "control")
     authors_format = AuthorsFormat(
         header="Now you need to calculate the answer of some mathematic equations. Here are some examples: ",
-        answer_sep="", multiline=False, answer_format="int", max_new_tokens=3, demo_sep=" \n ")
+        multiline=False, answer_format="int", max_new_tokens=3, demo_sep=" \n ")
     authors_distribution = True
 
-    def authors_item(self, item: Item) -> Item:
-        """Their test queries are ours: ``(S)+(Z)*(C)=`` then the value."""
+    def authors_item(self, item: Item, ours: frozenset[str] = frozenset()) -> Item:
+        """Their test queries are ours: ``(S)+(Z)*(C)=`` then the value (their question factor is the
+        demonstrations' separator alone, which the view holds)."""
         return item
 
-    def authors_train_row(self, item: Item) -> tuple[str, str]:
+    def authors_train_question(self, question: str) -> str:
         """Their training rows use an older format, ``(0+2)+(3+0-3)*(-3+1-9+4)+=2``."""
-        return item.question.removesuffix("=") + "+=", item.answer
+        return question.removesuffix("=") + "+="
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config

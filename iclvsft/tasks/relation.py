@@ -26,7 +26,7 @@ from .base import Draw, Item, Task, TaskConfig
 from .formats import AuthorsFormat
 
 TARGET = "Z"
-AUTHORS_QUERY = "\n\n So 'the city A and Z is connected' is "  # their evaluation query ends with the space
+AUTHORS_QUERY = "\n\n So 'the city A and Z is connected' is"  # their evaluation query then ends with a space
 AUTHORS_CITIES = "BCDEFGHIJ"  # their generator: A..J and Z
 AUTHORS_LABEL = {"Yes": "True", "No": "False"}
 
@@ -83,22 +83,20 @@ class RelationTask(Task):
     authors_format = AuthorsFormat(
         header="Here are some cities expressed as A, B, C, etc. I will show some connection relations, and you need to "
                "tell me if city A and city Z are connected (Answer True or False). Here are some examples: ",
-        answer_sep="", multiline=True, answer_format="bool", max_new_tokens=2,
+        multiline=True, answer_format="bool", max_new_tokens=2, answer_factor="labels", query_space=True,
         substring_aliases={"True": ("1",), "False": ("0",)}, demo_sep="\n")
     authors_distribution = True
 
-    def authors_item(self, item: Item) -> Item:
-        """Lines without the full stop, a blank line, `` So 'the city A and Z is connected' is `` (the
-        trailing space as in their evaluation code), then True/False."""
-        lines = [line.removesuffix(".") for line in item.question.split("\n")[:-1]]
+    def authors_item(self, item: Item, ours: frozenset[str] = frozenset()) -> Item:
+        """question: lines without the full stop, a blank line, `` So 'the city A and Z is connected' is``
+        (the view adds their trailing space); labels: True/False. Their training rows: ``... is True``."""
+        question = item.question
+        if "question" not in ours:
+            question = "\n".join(line.removesuffix(".") for line in question.split("\n")[:-1]) + AUTHORS_QUERY
+        if "labels" in ours:
+            return dataclasses.replace(item, question=question)
         shortcut = AUTHORS_LABEL[item.shortcut_answer] if item.shortcut_answer is not None else None
-        return dataclasses.replace(item, question="\n".join(lines) + AUTHORS_QUERY, answer=AUTHORS_LABEL[item.answer],
-                                   shortcut_answer=shortcut)
-
-    def authors_train_row(self, item: Item) -> tuple[str, str]:
-        """Their training rows: ``... is True`` (the space belongs to the answer's text here)."""
-        shown = self.authors_item(item)
-        return shown.question.removesuffix(" "), " " + shown.answer
+        return dataclasses.replace(item, question=question, answer=AUTHORS_LABEL[item.answer], shortcut_answer=shortcut)
 
     def generate(self, rng, split: str) -> Draw:
         c = self.config

@@ -19,6 +19,7 @@ from ..data import load_items, load_manifest
 from ..errors import ConfigError, DataError
 from ..prompts import ft_row
 from ..tasks import get_task, parse_task_list, task_view
+from ..tasks.formats import authors_text_view
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,16 @@ def select_rows(data_dir: str | Path, tasks: Sequence[str], n_train: int, seed: 
     rows: list[dict[str, str]] = []
     record: dict[str, Any] = {"tasks": {}}
     for name in tasks:
-        task = task_view(get_task(name, (task_params or {}).get(name)), fmt, style, tokenizer)
+        base = get_task(name, (task_params or {}).get(name))
+        task = task_view(base, fmt, style, tokenizer)
         items = load_items(data_dir, name, "train", split="pattern")
         if len(items) < n_train:
             raise DataError(f"{name}: {Path(data_dir) / name / 'train.jsonl'} holds {len(items)} pattern rows, "
                             f"ft.n_train asks for {n_train}; lower --n-train or regenerate the data with "
                             f"data.train_pattern >= {n_train}")
         chosen = items[:n_train]
-        make = task.train_row if row_text == "authors_train" else (lambda item, task=task: ft_row(task, task.present(item)))
+        make = (authors_text_view(base, fmt).train_row if row_text == "authors_train"
+                else (lambda item, task=task: ft_row(task, task.present(item))))
         rows += [{"id": item.id, "task": name, **make(item)} for item in chosen]
         record["tasks"][name] = {"rows": n_train, "first_id": chosen[0].id, "last_id": chosen[-1].id,
                                  "train_sha256": manifest["tasks"][name]["files"]["train"].get("sha256")}

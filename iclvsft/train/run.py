@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text, provenance, write_json
 from ..models import OFFLINE_MODELS, peak_memory_bytes, weights_identity
 from ..runs import compare_identity, summarise_differences
+from ..tasks.formats import train_format
 from ..writers import check_folder, clear_folder, entries, writing
 from .loss import RowIndexCollator, RowMeanTrainer
 from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
@@ -67,7 +68,8 @@ def run_identity(config: Config, data_record: dict) -> dict[str, Any]:
     ft = {k: v for k, v in config.ft.to_dict().items() if k not in NON_SEMANTIC_FT_KEYS
           and DEFAULT_ADDED_FT.get(k, object()) != v}
     return {"model": config.model, "model_sha256": weights_identity(config.model), "dtype": config.dtype,
-            "attn_implementation": config.attn_implementation, "format": config.format,
+            "attn_implementation": config.attn_implementation,
+            "format": train_format(config.prompt_format, config.ft.rows),
             "prompt_style": config.prompt_style, "ft": ft,
             "rows": data_record}
 
@@ -107,7 +109,7 @@ def is_finished(config: Config, out: str | Path, data_dir: str | Path) -> bool:
         return False
     ft = config.ft
     _, data_record = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
-                                 config.format, ft.rows)
+                                 config.prompt_format, ft.rows)
     diff = compare_identity(out / RUN_CONFIG_FILE, run_identity(config, data_record), remedies=("move_run",))
     if diff is None:
         raise ConfigError(f"{out / RUN_CONFIG_FILE} is missing", "move_run")
@@ -181,7 +183,7 @@ def finetune(config: Config, out: str | Path | None = None, data_dir: str | Path
         raise ConfigError("no task to fine-tune on: pass --task (or set ft.tasks in the config)")
     out = Path(out) if out is not None else default_out_dir(config)
     rows, data_record = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed,
-                                    config.data.task_params, config.format, ft.rows)
+                                    config.data.task_params, config.prompt_format, ft.rows)
     identity = run_identity(config, data_record)
     precision = plan_precision(config, training_device())
     args, sharded = _trainer_arguments(config, out, precision, show_progress)
@@ -202,7 +204,7 @@ def _run(config: Config, out: Path, data_dir, rows, data_record, precision, args
     model, tokenizer, model_info = build_model(config, precision, args.device, sharded=sharded)
     if config.prompt_style != "raw":  # the rows' text needs the model's chat template
         rows, _ = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
-                              config.format, ft.rows, style=config.prompt_style, tokenizer=tokenizer)
+                              config.prompt_format, ft.rows, style=config.prompt_style, tokenizer=tokenizer)
     features, token_stats = tokenize_rows(rows, tokenizer, loss_on=ft.loss_on, max_length=ft.max_length,
                                           append_eos=ft.append_eos)
     trainer, output, train_seconds = _train(config, out, args, model, tokenizer, model_info, features, token_stats,
