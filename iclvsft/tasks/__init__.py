@@ -45,6 +45,6 @@ def parse_task_list(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-__all__ = ["DISTRIBUTIONS", "FORMAT_FACTORS", "FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat", "ChatView", "Draw",
-           "FormattedTask", "Item", "Task", "TaskConfig", "check_distribution", "corruption_kinds", "get_task",
-           "parse_task_list", "task_in_format", "task_view"]
+__all__ = ["DISTRIBUTIONS", "FORMAT_FACTORS", "FORMATS", "POOLS", "PROMPT_STYLES", "SPLITS", "TASKS", "AuthorsFormat",
+           "ChatView", "Draw", "FormattedTask", "Item", "Task", "TaskConfig", "check_distribution", "corruption_kinds",
+           "get_task", "parse_task_list", "task_in_format", "task_view"]
