@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import DEFAULTS, Config, load_config, nest, schema_field
 from .errors import IclvsftError
+from .io import shows_bars
 
 OVERRIDES_HELP = ("config overrides as dotted KEY=VALUE pairs, values parsed as YAML, applied after --config "
                   "and before the named options, e.g. data.seed=3 'data.tasks=[expression,code]' "
@@ -99,7 +100,7 @@ def run(main: Callable[[], int | None]) -> None:
     main_process = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not sys.stderr.isatty():
+    if not shows_bars():
         with contextlib.suppress(ImportError):
             import transformers
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -34,6 +35,45 @@ class _Lines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def shows_bars(show_progress: bool = True) -> bool:
+    """Whether progress bars are shown: only when asked (no ``--quiet``) and stderr is a terminal. Our
+    own bars (:func:`progress`) turn into plain lines elsewhere; library bars are then off altogether
+    (:func:`library_bars`)."""
+    return bool(show_progress) and sys.stderr.isatty()
+
+
+# transformers' GGUF converter draws its own tqdm (``tqdm.auto.tqdm``, bound in that module), which
+# transformers.utils.logging.disable_progress_bar does not reach.
+_GGUF_MODULE = "transformers.modeling_gguf_pytorch_utils"
+
+
+@contextlib.contextmanager
+def library_bars(show_progress: bool = True):
+    """Library progress bars inside the block follow :func:`shows_bars`: transformers' own bars (loading
+    weights) and the bar of its GGUF converter ("Converting and de-quantizing GGUF tensors...") are
+    switched off unless bars are shown; the previous state is restored on leaving."""
+    if shows_bars(show_progress):
+        yield
+        return
+    with contextlib.ExitStack() as restore:
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            if hf_logging.is_progress_bar_enabled():
+                hf_logging.disable_progress_bar()
+                restore.callback(hf_logging.enable_progress_bar)
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(_GGUF_MODULE)
+            bar = getattr(module, "tqdm", None)
+            if bar is not None:
+                def silent(*args, **kwargs):
+                    return bar(*args, **{**kwargs, "disable": True})
+
+                module.tqdm = silent
+                restore.callback(setattr, module, "tqdm", bar)
+        yield
 
 
 def progress(*args, nested: bool = False, **kwargs):

@@ -2,6 +2,7 @@
 adapters, the command line, and one real offline model (SmolLM2-135M) through the whole GGUF path."""
 import hashlib
 import inspect
+import io
 import json
 import os
 import stat
@@ -207,6 +208,77 @@ def test_ensure_offline_model_builds_once_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(offline, "locate_parts", lambda spec: pytest.fail("cached: parts not needed"))
     assert ensure_offline_model("fake-model", cache_dir=cache) == folder
     assert len(calls) == 1
+
+
+class _Stderr(io.StringIO):
+    """A captured stderr that says whether it is a terminal."""
+
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def write_tiny_gguf(path, config):
+    """A two-tensor GGUF for ``config`` (the tiny Qwen2): enough for transformers' converter to run."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tensor("token_embd.weight", np.zeros((config.vocab_size, config.hidden_size), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(config.hidden_size, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("tty, show_progress, shown", [(False, True, False), (True, False, False), (True, True, True)])
+def test_gguf_conversion_bar_only_where_the_project_shows_bars(tmp_path, monkeypatch, tiny, tty, show_progress, shown):
+    """transformers' GGUF converter draws its own tqdm bar, which disable_progress_bar does not reach:
+    ensure_offline_model lets it show on a terminal without --quiet only (iclvsft.io.shows_bars), and
+    never outside a terminal; the converter and transformers' bar switch are as before afterwards."""
+    import transformers.modeling_gguf_pytorch_utils as converter
+    from transformers.utils import logging as hf_logging
+
+    tiny_gguf = write_tiny_gguf(tmp_path / "tiny.gguf", tiny.model.config)
+    fake_offline_model(tmp_path, monkeypatch, [b"gguf ", b"parts"])
+    write_folder = offline.dequantise
+
+    def converting(gguf, out, spec):  # the real converter on a small file, then the fake's folder
+        tensors = converter.load_gguf_checkpoint(str(tiny_gguf), return_tensors=True, model_to_load=tiny.model)
+        assert "model.norm.weight" in tensors["tensors"]
+        write_folder(gguf, out, spec)
+
+    monkeypatch.setattr(offline, "dequantise", converting)
+    bar, bars_on = converter.tqdm, hf_logging.is_progress_bar_enabled()
+    stderr = _Stderr(tty)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    ensure_offline_model("fake-model", cache_dir=tmp_path / "cache", show_progress=show_progress)
+    assert ("Converting and de-quantizing GGUF tensors" in stderr.getvalue()) == shown, stderr.getvalue()
+    assert converter.tqdm is bar and hf_logging.is_progress_bar_enabled() == bars_on
+
+
+def test_load_model_passes_show_progress_to_the_offline_conversion(monkeypatch):
+    """--quiet reaches the GGUF conversion: load_model hands its show_progress to ensure_offline_model."""
+    seen = []
+
+    def stop(name, cache_dir, **kwargs):
+        seen.append(kwargs)
+        raise ConfigError("stop")
+
+    monkeypatch.setattr(loading, "ensure_offline_model", stop)
+    with pytest.raises(ConfigError, match="stop"):
+        load_model("smollm2-135m-instruct", show_progress=False)
+    assert seen == [{"show_progress": False}]
 
 
 def test_corrupt_model_cache_is_rebuilt_never_used(tmp_path, monkeypatch):

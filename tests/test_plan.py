@@ -306,7 +306,7 @@ def test_build_model_full_ft_on_fake_cuda_loads_fp32_then_switches_to_flash(fake
     cfg = derive(one_run_per_protocol(paper())["authors"].config, {"model": "tiny-random-qwen2"})
     precision = setup.plan_precision(derive(cfg, {"dtype": "bf16"}), fake_cuda)
     model, _, info = setup.build_model(cfg, precision, fake_cuda)
-    assert calls[0] == {"dtype": "float32", "device": "cuda", "attn_implementation": "auto"}
+    assert calls[0] == {"dtype": "float32", "device": "cuda", "attn_implementation": "auto", "show_progress": True}
     assert calls[1] == {"switched_to": "flash_attention_2"}
     assert info["attn_implementation"] == "flash_attention_2" and info["load_dtype"] == "float32"
     assert info["autocast"] == "bfloat16"

@@ -160,3 +160,19 @@ def test_sizes_plot_labels_each_model_once_without_overlap(tmp_path, monkeypatch
                              summary("smollm2-135m-instruct", 134_515_008, 0.3),
                              summary("qwen2.5-coder-0.5b-instruct", 630_167_424, 0.6)], tmp_path)
     assert len(checked) == 2 and Path(path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_and_table_name_the_prompt_style_and_format_that_ran(tmp_path):
+    """report.md and each evaluation's table.md say which prompt style and format ran (not only the
+    defaults: a chat-style run with the authors' format says so)."""
+    from iclvsft.evaluate import render_table
+
+    half = lambda split, i: "Yes" if i % 2 else "No"  # noqa: E731
+    icl = folder(tmp_path / "icl", {("relation/k=4/seed=0", 4, 0): half})
+    summary = build_summary(["relation"], icl, [], "m", "test", prompt_style="chat", prompt_format="authors")
+    report = write_report(tmp_path / "out", [summary]).read_text()
+    assert "the model's chat template" in report and "(`prompt_style: chat`), format `authors`" in report
+    identity = {"model": "m", "adapter": None, "format": "authors", "prompt_style": "chat", "dtype": "float32",
+                "attn_implementation": "sdpa", "data_seed": 0, "demo_mode": "fixed"}
+    table = render_table({"identity": identity, "provenance": {"git_commit": None, "versions": {}}, "by_condition": []})
+    assert "prompt format authors, prompt style chat, dtype float32" in table

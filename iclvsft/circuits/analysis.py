@@ -167,7 +167,8 @@ def _analyze(config: Config, data_dir: str | Path, out: Path, show_progress: boo
     write_json(out / "config.json", {"config": config.to_dict(), "provenance": provenance(), "argv": list(argv or []),
                                      "data": str(data_dir)})
     adapters = {t: adapter_for(config, t) for t in c.tasks}  # fail early on a missing adapter
-    load_kw = dict(dtype=c.dtype or config.dtype, attn_implementation=config.attn_implementation)
+    load_kw = dict(dtype=c.dtype or config.dtype, attn_implementation=config.attn_implementation,
+                   show_progress=show_progress)
     base = load_model(config.model, **load_kw)
     states: dict[str, TaskState] = {}
     for name in c.tasks:

@@ -73,7 +73,7 @@ def _evaluate(plan: EvalPlan, loaded, show_progress: bool, state: PartialState) 
     if loaded is None:
         loaded = load_model(plan.model_name, dtype=plan.config.dtype,
                             attn_implementation=plan.config.attn_implementation, adapter=plan.adapter,
-                            device=str(state.device))
+                            device=str(state.device), show_progress=show_progress and state.is_main_process)
     loaded.model.eval()
     identity = {**core, "dtype": str(loaded.info.get("dtype")),
                 "attn_implementation": loaded.info.get("attn_implementation")}

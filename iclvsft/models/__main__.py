@@ -23,11 +23,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                         help="re-hash every cached file against the sha256 recorded when it was prepared (a "
                              "mismatch rebuilds the model); without it a file whose size and mtime are unchanged "
                              "is trusted")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none outside a terminal)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         for name in args.names:
-            print(ensure_offline_model(name, args.cache_dir, verify=args.verify))
+            print(ensure_offline_model(name, args.cache_dir, verify=args.verify, show_progress=not args.quiet))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ConfigError
-from ..io import folder_sha256
+from ..io import folder_sha256, library_bars
 from .offline import OFFLINE_MODELS, adapter_base, ensure_offline_model, read_marker
 from .params import count_parameters
 from .precision import resolve_attn_implementation, resolve_device, resolve_dtype
@@ -105,12 +105,12 @@ def _looks_like_path(name: str) -> bool:
             or name.count("/") > 1 or name.endswith("/"))
 
 
-def _resolve_source(name: str, cache_dir) -> tuple[str, str, dict[str, Any]]:
+def _resolve_source(name: str, cache_dir, show_progress: bool = True) -> tuple[str, str, dict[str, Any]]:
     """(kind, path-or-id, extra info) for a model name; kind is tiny, offline, local, adapter or hub."""
     if name == TINY_MODEL_NAME:
         return "tiny", TINY_MODEL_NAME, {}
     if name in OFFLINE_MODELS:
-        folder = ensure_offline_model(name, cache_dir)
+        folder = ensure_offline_model(name, cache_dir, show_progress=show_progress)
         marker = read_marker(folder) or {}
         return "offline", str(folder), {"sha256": marker.get("sha256"), "gguf_file": marker.get("gguf_file")}
     path = Path(name).expanduser()
@@ -242,7 +242,7 @@ def _contiguous_output_input(model) -> None:
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_implementation: str = "auto",
                adapter: str | None = None, merge_adapter: bool = False,
-               cache_dir: str | None = None) -> LoadedModel:
+               cache_dir: str | None = None, show_progress: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer by name.
 
     Names resolve in this order: ``tiny-random-qwen2`` (the test model, built in code); an offline name
@@ -262,6 +262,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
         merge_adapter: merge the adapter into the weights (``merge_and_unload``): a plain model, slightly
             faster, no longer a ``PeftModel``.
         cache_dir: where offline models are dequantised (default :func:`model_cache_root`).
+        show_progress: library progress bars (transformers' weight loading, the GGUF conversion); shown
+            only when stderr is a terminal as well (:func:`iclvsft.io.shows_bars`).
 
     Returns a :class:`LoadedModel` in eval mode; ``info`` holds name, source, path, dtype, device,
     attn_implementation, adapter, adapter_merged, n_params, model_type, vocab_size, load_seconds and, for
@@ -273,7 +275,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
         raise ConfigError("merge_adapter=True needs an adapter folder")
     started = time.perf_counter()
     dev = resolve_device(device)
-    kind, source, extra = _resolve_source(name, cache_dir)
+    kind, source, extra = _resolve_source(name, cache_dir, show_progress)
 
     if kind == "adapter":  # a PEFT adapter folder given as the model: load its recorded base model
         if adapter is not None:
@@ -284,7 +286,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
             raise ConfigError(f"adapter folder {name!r} does not record its base model; pass the base model "
                               f"as the name and this folder as the adapter")
         loaded = load_model(base, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                            adapter=source, merge_adapter=merge_adapter, cache_dir=cache_dir)
+                            adapter=source, merge_adapter=merge_adapter, cache_dir=cache_dir,
+                            show_progress=show_progress)
         loaded.info["name"] = name
         return loaded
 
@@ -294,7 +297,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", attn_imp
         model = build_tiny_model(attn).to(device=dev, dtype=torch_dtype)
         tokenizer = build_tiny_tokenizer()
     else:
-        model, tokenizer = _load_pretrained(kind, source, name, torch_dtype, dev, attn)
+        with library_bars(show_progress):
+            model, tokenizer = _load_pretrained(kind, source, name, torch_dtype, dev, attn)
         if kind == "offline":
             # The name it was loaded by, so a PEFT adapter saved from it records a base model name that
             # load_model understands on any machine.

