@@ -155,27 +155,29 @@ def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
 
 def test_kept_positions_are_an_index_padded_to_the_bucket():
     """The labelled-logits collator picks positions on the CPU as an int64 (batch, K) index with their
-    targets, K a multiple of the bucket; the padding slots repeat the row's last kept position with
-    target -100 (ignored by the loss)."""
+    targets; the batch's slots (batch x K) are a multiple of the bucket (K itself for a padding-free
+    batch); the padding slots repeat the row's last kept position with target -100 (ignored by the loss)."""
     bucket = train.LOGITS_BUCKET
-    for counts in ([1], [bucket], [bucket + 1], [3, 0, 70], [2 * bucket, 5]):
+    for counts in ([1], [bucket], [bucket + 1], [3, 0], [3, 0, 70, 9], [2 * bucket, 5]):
         length = max(counts) + 7
         labels = torch.full((len(counts), length), -100)
-        for row, n in enumerate(counts):  # n labels, their next-token positions n-1 .. at the row's end
+        for row, n in enumerate(counts):  # n labels at the row's end: kept positions length-n-1 .. length-2
             labels[row, length - n:] = torch.arange(n) + 10
         index, targets = train.kept_positions(labels)
-        width = max(bucket, -(-max(counts) // bucket) * bucket)
-        assert index.dtype == targets.dtype == torch.long and index.shape == targets.shape == (len(counts), width)
+        step = bucket // len(counts)
+        assert index.dtype == targets.dtype == torch.long and index.shape == targets.shape
+        assert index.numel() % bucket == 0, counts
+        assert index.shape == (len(counts), -(-max(counts) // step) * step), counts  # no more than needed
         shifted = train.next_token_targets(labels)
         for row, n in enumerate(counts):
             real = (shifted[row] != -100).nonzero().squeeze(-1)
             assert torch.equal(index[row, :n], real) and torch.equal(targets[row, :n], shifted[row, real])
             assert (targets[row, n:] == -100).all()
             assert (index[row, n:] == (real[-1] if n else 0)).all()
-    # every batching, and a bucket of another size
+    # the collator on every batching (4 rows), and a bucket of another size
     loaded = load_model(TINY)
     rows = [{"id": f"r{i}", "task": "expression", "prompt": "1+2=" * (i + 1), "completion": "3" * (5 * i + 1)}
-            for i in range(3)]
+            for i in range(4)]
     feats, _ = train.tokenize_rows(rows, loaded.tokenizer, max_length=128)
     for batching in BATCHING:
         for size in (bucket, 8):
@@ -183,7 +185,7 @@ def test_kept_positions_are_an_index_padded_to_the_bucket():
             collator.bucket = size
             batch = collator(feats)
             keep = batch["logits_to_keep"]
-            assert keep.ndim == 2 and keep.dtype == torch.long and keep.shape[-1] % size == 0, (batching, size)
+            assert keep.ndim == 2 and keep.dtype == torch.long and keep.numel() % size == 0, (batching, size)
             assert keep.shape == batch[train.KEPT_TARGETS].shape
             assert (batch[train.KEPT_TARGETS] != -100).sum() == (train.next_token_targets(batch["labels"]) != -100).sum()
 
@@ -198,7 +200,7 @@ def _forward_keys(model):
 @pytest.mark.parametrize("batching", ["padding_free", "padded"])
 @pytest.mark.parametrize("loss_on", ["completion", "sequence"])
 def test_labelled_logits_step_equals_all_logits(data_dir, tmp_path, batching, loss_on):
-    """One optimizer step of 6 rows in 2 passes (gradient accumulation) through the Trainer's
+    """One optimizer step of 8 rows in 2 passes (gradient accumulation) through the Trainer's
     ``compute_loss``: the loss and every parameter's gradient with the output layer at the kept
     positions (``ft.logits_on=labels``, bucket-padded index) equal those with it at every position
     (fp32). The kept targets never reach the model's forward."""
@@ -207,14 +209,14 @@ def test_labelled_logits_step_equals_all_logits(data_dir, tmp_path, batching, lo
     model = build_tiny_model()
     model.config.use_cache = False
     tok = tiny_tokenizer()
-    rows, _ = train.select_rows(data_dir, ["expression", "boolean"], 3, seed=0)
-    feats, _ = train.tokenize_rows(rows, tok, loss_on=loss_on, max_length=128)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=3)
+    rows, _ = train.select_rows(data_dir, ["expression", "boolean"], 4, seed=0)
+    feats, _ = train.tokenize_rows(rows, tok, loss_on=loss_on, max_length=256)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4)
     seen = _forward_keys(model)
     results = {}
     for logits_on in ("all", "labels"):
-        collator = train.make_collator(batching, tok.pad_token_id, 128, "sdpa", logits_on)
-        batches = [collator(feats[:3]), collator(feats[3:])]
+        collator = train.make_collator(batching, tok.pad_token_id, 256, "sdpa", logits_on)
+        batches = [collator(feats[:4]), collator(feats[4:])]
         trainer_class = train.LabelledLogitsTrainer if logits_on == "labels" else Trainer
         trainer = trainer_class(model=model, args=args, data_collator=collator,
                                 compute_loss_func=train.labelled_logits_loss if logits_on == "labels" else None)
@@ -228,8 +230,7 @@ def test_labelled_logits_step_equals_all_logits(data_dir, tmp_path, batching, lo
             loss += step.item()
         if logits_on == "labels":
             for batch, kwargs in zip(batches, seen[-2:]):
-                width = batch["logits_to_keep"].shape[-1]
-                assert width % train.LOGITS_BUCKET == 0
+                assert batch["logits_to_keep"].numel() % train.LOGITS_BUCKET == 0
                 assert (batch[train.KEPT_TARGETS] == -100).any()  # the bucket padding is exercised
                 assert train.KEPT_TARGETS not in kwargs and "labels" not in kwargs
                 assert kwargs["logits_to_keep"].dtype == torch.long

@@ -152,13 +152,17 @@ LOGITS_BUCKET = 64  # kept positions per row are padded up to a multiple of this
 
 def kept_positions(labels: torch.Tensor, bucket: int = LOGITS_BUCKET) -> tuple[torch.Tensor, torch.Tensor]:
     """``(index, targets)``, both int64 ``(batch, K)``: per row, the positions whose next token has a
-    label (in order) and those tokens; K is the most such positions in a row rounded up to a multiple
-    of ``bucket``. A row's remaining slots repeat its last kept position (a real token, so its hidden
-    state is finite) with target -100, which the cross-entropy ignores (no loss, zero gradient)."""
+    label (in order) and those tokens. K is the most such positions in a row rounded up to a multiple
+    of ``bucket // batch`` (at least 1), so the batch's ``batch x K`` slots are a multiple of
+    ``bucket`` when ``batch`` divides it: a padding-free batch (one row) keeps a multiple of
+    ``bucket`` positions, and a padded batch does not pay ``bucket`` slots per row. A row's remaining
+    slots repeat its last kept position (a real token, so its hidden state is finite) with target
+    -100, which the cross-entropy ignores (no loss, zero gradient)."""
     targets = next_token_targets(labels)
     keep = targets != -100
     counts = keep.sum(dim=-1).tolist()
-    width = -(-max(max(counts, default=0), 1) // bucket) * bucket
+    step = max(1, bucket // labels.shape[0])
+    width = -(-max(max(counts, default=0), 1) // step) * step
     index = torch.zeros((labels.shape[0], width), dtype=torch.long)
     kept = torch.full((labels.shape[0], width), -100, dtype=torch.long)
     for row, n in enumerate(counts):
@@ -185,8 +189,8 @@ class LabelledLogitsCollator:
     collator runs on the CPU, so it picks the positions and their targets there; transformers gathers
     a 2-D integer ``(batch, K)`` index with ``take_along_dim`` (``slice_logits_to_keep``: per row,
     the same count in every row), which serves padding-free batches (one row) and padded ones
-    alike. K is rounded up to a multiple of ``bucket`` so that the output layer's shapes repeat
-    across steps instead of changing every step.
+    alike. The kept slots are rounded up to a multiple of ``bucket`` (:func:`kept_positions`) so that
+    the output layer's shapes repeat across steps instead of changing every step.
 
     Train with :class:`LabelledLogitsTrainer` (it keeps :data:`KEPT_TARGETS` out of the forward pass
     and hands them to :func:`labelled_logits_loss`).
