@@ -176,7 +176,7 @@ def run_ours(size: str, method: str, data_dir: Path, work: Path, a) -> dict:
     model_config = result.model.config if method == "full" else result.model.base_model.model.config
     n_params = s["model_info"]["n_params"]
     per_token = flops(model_config, n_params, method, stats["mean_row_tokens"])
-    ft = config["ft"]
+    ft = config.ft.to_dict()
     rows_per_pass = ft["per_device_batch_size"]
     n_rows = len(result.trainer.train_dataset)
     label_per_row = stats["label_tokens"] / n_rows
@@ -211,14 +211,14 @@ def run_trl(size: str, method: str, data_dir: Path, work: Path, a, checkpointing
     from iclvsft.train import plan_precision, select_rows, tokenize_rows, training_device
 
     config = load_config(None, ft_overrides(method, size, a))
-    ft = config["ft"]
+    ft = config.ft.to_dict()
     rows, _ = select_rows(data_dir, ft["tasks"], ft["n_train"])
     precision = plan_precision(config, training_device())
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    loaded = load_model(config["model"], dtype=precision.load_dtype)
+    loaded = load_model(config.model, dtype=precision.load_dtype)
     n_params = count_parameters(loaded.model)
     _, stats = tokenize_rows(rows, loaded.tokenizer, loss_on="completion", max_length=ft["max_length"])
     if method == "full":
