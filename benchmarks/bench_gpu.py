@@ -22,10 +22,20 @@ is the project's own path:
   against plain ``model.generate`` on the same prompts, one prompt at a time (the authors' loop) and
   batched (left-padded, same batch size); greedy, bf16; identical completions counted.
 
+* **profile** (``--profile``): for ours and TRL at the first size:method pair, ``--profile-steps``
+  more optimizer steps after the timed ones run under ``torch.profiler`` (CPU and, on a GPU, CUDA
+  activity); the JSON gets the top ``--profile-rows`` ops by self CUDA time and by self CPU time as
+  text tables, and the ops that wait for the device (synchronize, ``item``, ``nonzero``, copies)
+  with their counts. The timed steps are not profiled (``step_seconds``: warm-up and timed steps;
+  the profiled steps' seconds are in ``profile``).
+
 Writes one JSON (``--out``) after every stage, so a run cut short still leaves what it measured.
 
     python benchmarks/bench_gpu.py --out results_gpu.json                # on a GPU
-    python benchmarks/bench_gpu.py --sizes tiny --steps 2 --warmup 1 --items 4 --out /tmp/g.json  # CPU try
+    python benchmarks/bench_gpu.py --sizes tiny --train tiny:full,tiny:lora --eval-sizes tiny --steps 2 --warmup 1 \
+        --items 4 --batch-size 4 --per-device 4 --shots 2 --eval-batch 2 --profile --out /tmp/g.json  # CPU try
+    python benchmarks/bench_gpu.py --sizes 0.5b,1.5b --train 0.5b:full,1.5b:full --steps 30 --eval-sizes= \
+        --profile --out gpu_logits.json           # full FT step times (stalls) and where a step's time goes
 """
 from __future__ import annotations
 
@@ -133,11 +143,80 @@ def step_clock():
     return StepClock()
 
 
-def ft_overrides(method: str, size: str, a) -> list[str]:
+# Ops whose time is the host waiting for the device (or a device-to-host copy): counted in a profile.
+SYNC_OPS = ("Synchronize", "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "Memcpy", "aten::is_nonzero")
+
+
+def profiler_callback(start: int, steps: int, record: dict, rows: int = 20):
+    """A callback that profiles optimizer steps ``start + 1 .. start + steps`` (from the end of step
+    ``start``, so the next step's batch collation is inside) and writes the tables into ``record``."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None and state.global_step == start and not record:
+                sync()
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                try:  # a profiler that cannot start (no CUPTI) must not cost the run's timings
+                    self.prof = profile(activities=activities)
+                    self.prof.__enter__()
+                except Exception as error:  # noqa: BLE001
+                    self.prof, record["error"] = None, f"start: {type(error).__name__}: {error}"
+                self._begin = time.perf_counter()
+            elif self.prof is not None and state.global_step >= start + steps:
+                self.finish(state.global_step - start)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.prof is not None:
+                self.finish(state.global_step - start)
+
+        def finish(self, done: int):
+            sync()
+            prof, self.prof = self.prof, None
+            try:
+                prof.__exit__(None, None, None)
+                record.update(profile_tables(prof, done, time.perf_counter() - self._begin, cuda, rows))
+            except Exception as error:  # noqa: BLE001
+                record["error"] = f"tables: {type(error).__name__}: {error}"
+
+    return Profile()
+
+
+def profile_tables(prof, steps: int, seconds: float, cuda: bool, rows: int = 20) -> dict:
+    """The top ``rows`` ops by self CUDA time and by self CPU time (torch's text tables) and the ops that
+    wait for the device, from a finished ``torch.profiler.profile``."""
+    averages = prof.key_averages()
+
+    def table(key: str) -> str:
+        try:
+            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        except (AttributeError, KeyError):  # older torch: the CUDA column's key
+            return averages.table(sort_by=key.replace("device", "cuda"), row_limit=rows, max_name_column_width=60)
+
+    waits = {e.key: {"count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+                     "cpu_total_ms": round(e.cpu_time_total / 1e3, 3)}
+             for e in averages if any(name in e.key for name in SYNC_OPS)}
+    total_cpu = sum(e.self_cpu_time_total for e in averages)
+    total_device = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages)
+    return {"steps": steps, "wall_seconds": round(seconds, 4), "device_activity": "cuda" if cuda else None,
+            "self_cpu_ms_total": round(total_cpu / 1e3, 3), "self_cuda_ms_total": round(total_device / 1e3, 3) if cuda else None,
+            "by_self_cuda_time": table("self_device_time_total") if cuda else None,
+            "by_self_cpu_time": table("self_cpu_time_total"), "device_waits": waits}
+
+
+def ft_overrides(method: str, size: str, a, extra_steps: int = 0) -> list[str]:
+    """The config of one training run: ``--warmup`` + ``--steps`` optimizer steps, plus ``extra_steps``
+    (profiled) after them."""
     lr = "1.0e-5" if method == "full" else "2.0e-4"
-    return [f"model={PREFIX}{size}", "dtype=bf16", f"ft.tasks=[{a.task}]", f"ft.n_train={(a.warmup + a.steps) * a.batch_size}",
+    steps = a.warmup + a.steps + extra_steps
+    return [f"model={PREFIX}{size}", "dtype=bf16", f"ft.tasks=[{a.task}]", f"ft.n_train={steps * a.batch_size}",
             f"ft.batch_size={a.batch_size}", f"ft.per_device_batch_size={a.per_device}", f"ft.method={method}",
-            f"ft.learning_rate={lr}", f"ft.max_steps={a.warmup + a.steps}", "ft.save_steps=0", "ft.logging_steps=1",
+            f"ft.learning_rate={lr}", f"ft.max_steps={steps}", "ft.save_steps=0", "ft.logging_steps=1",
             "ft.warmup_steps=0", "ft.lr_scheduler=constant", "ft.epochs=1", *a.extra]
 
 
@@ -147,36 +226,39 @@ def flops(model_config, n_params: int, method: str, mean_len: float) -> float:
     return flops_per_token(model_config, n_params, method, mean_len)
 
 
-def run_ours(size: str, method: str, data_dir: Path, work: Path, a) -> dict:
+def run_ours(size: str, method: str, data_dir: Path, work: Path, a, profile: bool = False) -> dict:
     import transformers
 
     from iclvsft.config import load_config
     from iclvsft.plan import CUDA_OVERHEAD, train_memory
     from iclvsft.train import finetune
 
-    config = load_config(None, ft_overrides(method, size, a))
+    extra = a.profile_steps if profile else 0
+    config = load_config(None, ft_overrides(method, size, a, extra))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     timer = step_clock()
+    profiled: dict = {}
+    callbacks = [timer] + ([profiler_callback(a.warmup + a.steps, extra, profiled, a.profile_rows)] if extra else [])
     save = transformers.Trainer.save_model
     transformers.Trainer.save_model = lambda self, *args, **kw: None  # timing only: no weights to disk
     started = time.perf_counter()
     try:
-        result = finetune(config, work / f"ours-{size}-{method}", data_dir, callbacks=[timer], show_progress=False)
+        result = finetune(config, work / f"ours-{size}-{method}", data_dir, callbacks=callbacks, show_progress=False)
     finally:
         transformers.Trainer.save_model = save
     wall = time.perf_counter() - started
     log_rows = [json.loads(x) for x in (work / f"ours-{size}-{method}" / "train_log.jsonl").read_text().splitlines()]
-    timed = log_rows[a.warmup:]
-    seconds = sum(timer.wall[a.warmup:])
+    timed = log_rows[a.warmup:a.warmup + a.steps]
+    seconds = sum(timer.wall[a.warmup:a.warmup + a.steps])
     tokens = sum(e["tokens"] for e in timed)
     s = result.summary
     stats = s["tokens_per_epoch"]
     model_config = result.model.config if method == "full" else result.model.base_model.model.config
     n_params = s["model_info"]["n_params"]
     per_token = flops(model_config, n_params, method, stats["mean_row_tokens"])
-    ft = config["ft"]
+    ft = config.ft.to_dict()
     rows_per_pass = ft["per_device_batch_size"]
     n_rows = len(result.trainer.train_dataset)
     label_per_row = stats["label_tokens"] / n_rows
@@ -189,19 +271,23 @@ def run_ours(size: str, method: str, data_dir: Path, work: Path, a) -> dict:
            "per_device_batch_size": rows_per_pass, "optimizer": ft["optimizer"], "precision": s["precision"],
            "attn_implementation": s["model_info"].get("attn_implementation"), "params": n_params,
            "trainable_params": s["model_info"].get("trainable_params"), "timed_steps": len(timed),
-           "timed_seconds": seconds, "step_seconds": [round(x, 4) for x in timer.wall], "real_tokens": tokens,
+           "timed_seconds": seconds, "step_seconds": [round(x, 4) for x in timer.wall[:a.warmup + a.steps]],
+           "real_tokens": tokens,
            "mean_row_tokens": stats["mean_row_tokens"], "label_tokens_per_row": label_per_row,
            "tokens_per_second": tokens / seconds, "model_flops_per_token": per_token,
            "model_tflops": per_token * tokens / seconds / 1e12, "losses": [e["loss"] for e in log_rows],
            "peak_memory_gib": s["peak_memory_gib"], "plan_estimate_gib": est.device / 2**30,
            "plan_needed_gib": (est.device + CUDA_OVERHEAD) / 2**30,
            "plan_parts_gib": {k: round(v / 2**30, 3) for k, v in est.parts.items()}, "wall_seconds": wall}
+    if profile:  # the profiled steps' seconds apart: the profiler slows them
+        out["profile"] = {**profiled, "step_seconds": [round(x, 4) for x in timer.wall[a.warmup + a.steps:]]}
     del result
     gc.collect()
     return out
 
 
-def run_trl(size: str, method: str, data_dir: Path, work: Path, a, checkpointing: bool = False) -> dict:
+def run_trl(size: str, method: str, data_dir: Path, work: Path, a, checkpointing: bool = False,
+            profile: bool = False) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -210,15 +296,16 @@ def run_trl(size: str, method: str, data_dir: Path, work: Path, a, checkpointing
     from iclvsft.models import count_parameters, load_model
     from iclvsft.train import plan_precision, select_rows, tokenize_rows, training_device
 
-    config = load_config(None, ft_overrides(method, size, a))
-    ft = config["ft"]
+    extra = a.profile_steps if profile else 0
+    config = load_config(None, ft_overrides(method, size, a, extra))
+    ft = config.ft.to_dict()
     rows, _ = select_rows(data_dir, ft["tasks"], ft["n_train"])
     precision = plan_precision(config, training_device())
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    loaded = load_model(config["model"], dtype=precision.load_dtype)
+    loaded = load_model(config.model, dtype=precision.load_dtype)
     n_params = count_parameters(loaded.model)
     _, stats = tokenize_rows(rows, loaded.tokenizer, loss_on="completion", max_length=ft["max_length"])
     if method == "full":
@@ -227,32 +314,37 @@ def run_trl(size: str, method: str, data_dir: Path, work: Path, a, checkpointing
     lora = ft["lora"]
     args = SFTConfig(output_dir=str(work / f"trl-{size}-{method}"), per_device_train_batch_size=ft["per_device_batch_size"],
                      gradient_accumulation_steps=ft["batch_size"] // ft["per_device_batch_size"],
-                     learning_rate=ft["learning_rate"], lr_scheduler_type="constant", max_steps=a.warmup + a.steps,
+                     learning_rate=ft["learning_rate"], lr_scheduler_type="constant", max_steps=ft["max_steps"],
                      optim=ft["optimizer"], bf16=precision.bf16, logging_steps=1, save_strategy="no",
                      report_to="none", seed=ft["train_seed"], completion_only_loss=True, padding_free=True,
                      max_length=None, disable_tqdm=True, gradient_checkpointing=checkpointing,
                      use_cpu=not torch.cuda.is_available())
     timer = step_clock()
-    trainer = SFTTrainer(model=loaded.model, args=args, processing_class=loaded.tokenizer, callbacks=[timer],
+    profiled: dict = {}
+    callbacks = [timer] + ([profiler_callback(a.warmup + a.steps, extra, profiled, a.profile_rows)] if extra else [])
+    trainer = SFTTrainer(model=loaded.model, args=args, processing_class=loaded.tokenizer, callbacks=callbacks,
                          train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                                           for r in rows]),
                          peft_config=None if method == "full" else LoraConfig(
                              r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                              target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
     trainer.train()
-    seconds = sum(timer.wall[a.warmup:])
+    seconds = sum(timer.wall[a.warmup:a.warmup + a.steps])
     n_rows = a.steps * ft["batch_size"]
     tokens = n_rows * stats["mean_row_tokens"]  # the same rows as ours
     per_token = flops(loaded.model.config, n_params, method, stats["mean_row_tokens"])
     out = {"impl": "trl" + ("_checkpointing" if checkpointing else ""), "size": size, "method": method,
            "batch_size": ft["batch_size"], "per_device_batch_size": ft["per_device_batch_size"],
            "gradient_checkpointing": checkpointing, "optimizer": ft["optimizer"], "timed_steps": a.steps,
-           "timed_seconds": seconds, "step_seconds": [round(x, 4) for x in timer.wall], "real_tokens": tokens,
+           "timed_seconds": seconds, "step_seconds": [round(x, 4) for x in timer.wall[:a.warmup + a.steps]],
+           "real_tokens": tokens,
            "mean_row_tokens": stats["mean_row_tokens"], "tokens_per_second": tokens / seconds,
            "model_flops_per_token": per_token, "model_tflops": per_token * tokens / seconds / 1e12,
            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
            "wall_seconds": time.perf_counter() - started}
+    if profile:  # the profiled steps' seconds apart: the profiler slows them
+        out["profile"] = {**profiled, "step_seconds": [round(x, 4) for x in timer.wall[a.warmup + a.steps:]]}
     del trainer, loaded
     gc.collect()
     return out
@@ -352,6 +444,10 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (datasheet)")
     p.add_argument("--budget", type=float, default=380, help="seconds; stages starting later are skipped")
     p.add_argument("--extra", nargs="*", default=[], help="extra config overrides for both trainers (e.g. ft.logits_on=all)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile ours and TRL at the first size:method pair (torch.profiler tables in the JSON)")
+    p.add_argument("--profile-steps", type=int, default=3, help="optimizer steps profiled, after the timed ones")
+    p.add_argument("--profile-rows", type=int, default=20, help="ops per profile table")
     p.add_argument("--out", default="results_gpu.json")
     a = p.parse_args()
 
@@ -388,7 +484,7 @@ def main() -> int:
     trl_ckpt = {tuple(x.split(":")) for x in a.trl_checkpointing.split(",") if x}
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     data_dir = work / "data"
-    n_rows = (a.warmup + a.steps) * a.batch_size
+    n_rows = (a.warmup + a.steps + (a.profile_steps if a.profile else 0)) * a.batch_size
     generate(load_config(None, [f"data.tasks=[{a.task}]", f"data.train_pattern={max(n_rows, 64)}", "data.train_control=0",
                                 "data.test_pattern=100", "data.test_control=100"]), data_dir, show_progress=False)
     peak = a.peak_tflops
@@ -402,6 +498,7 @@ def main() -> int:
         if size in evals:
             jobs.append(("eval", size, None))
     jobs += [("trl_ckpt", s, m) for s, m in pairs if (s, m) in trl_ckpt]  # TRL's default: last, least needed
+    profiled = pairs[0] if a.profile and pairs and a.profile_steps > 0 else None  # the first size:method pair
     for kind, size, method in jobs:
         if time.perf_counter() - T0 > a.budget:
             res["skipped"].append(f"{kind} {size} {method or ''}: over the time budget")
@@ -412,8 +509,9 @@ def main() -> int:
                 r = run_eval(size, data_dir, a)
                 res["eval"].append(r)
             else:
-                r = (run_ours(size, method, data_dir, work, a) if kind == "ours" else
-                     run_trl(size, method, data_dir, work, a, checkpointing=kind == "trl_ckpt"))
+                profile = (size, method) == profiled and kind in ("ours", "trl")
+                r = (run_ours(size, method, data_dir, work, a, profile=profile) if kind == "ours" else
+                     run_trl(size, method, data_dir, work, a, checkpointing=kind == "trl_ckpt", profile=profile))
                 r["mfu_vs_datasheet"] = r["model_tflops"] / peak
                 r["mfu_vs_matmul"] = r["model_tflops"] / res["matmul"]["tflops"]
                 res["train"].append(r)

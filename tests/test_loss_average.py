@@ -53,11 +53,12 @@ def test_row_means_on_every_batching_match_one_row_at_a_time(data_dir, batching,
     rows_mean, tokens_mean = _by_hand(loaded.model, features)
     collator = RowIndexCollator(train.make_collator(batching, loaded.tokenizer.pad_token_id, 512, "sdpa", logits_on))
     batch = collator(features)
-    rows, labels = batch.pop("row_index"), batch.pop("labels")
+    rows, labels, kept = batch.pop("row_index"), batch.pop("labels"), batch.pop(train.KEPT_TARGETS, None)
     assert int(rows.max()) + 1 == len(features)
     with torch.no_grad():
         logits = loaded.model(**batch).logits
-    got = float(row_means_sum(logits, labels, rows)) / len(features)
+    keep = batch["logits_to_keep"] if logits_on == "labels" else None
+    got = float(row_means_sum(logits, labels, rows, keep, kept)) / len(features)
     assert got == pytest.approx(rows_mean, rel=1e-5)
     assert abs(rows_mean - tokens_mean) > 1e-3  # the test can tell the two averages apart
 

@@ -134,9 +134,10 @@ def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
                 n_items = (train.next_token_targets(batch["labels"]) != -100).sum()
                 model.zero_grad()
                 if logits_on == "labels":
-                    out = model(**{k: v for k, v in batch.items() if k != "labels"})
-                    assert out.logits.shape[0] == n_items  # one row of logits per labelled position
-                    loss = train.labelled_logits_loss(out, batch["labels"], num_items_in_batch=n_items)
+                    out = model(**{k: v for k, v in batch.items() if k not in ("labels", train.KEPT_TARGETS)})
+                    assert out.logits.shape[:-1] == batch[train.KEPT_TARGETS].shape  # one per kept position
+                    assert (batch[train.KEPT_TARGETS] != -100).sum() == n_items
+                    loss = train.labelled_logits_loss(out, batch[train.KEPT_TARGETS], num_items_in_batch=n_items)
                 else:
                     loss = model(**batch, num_items_in_batch=n_items).loss
                 loss.backward()
@@ -150,6 +151,104 @@ def test_padding_free_padded_and_max_length_give_the_same_loss(data_dir):
     # ... and so do restarting positions when a KV cache is built (why the batch carries use_cache=False)
     leaky = model(**{**flat, "use_cache": True}).loss.item()
     assert abs(leaky - ref) > 1e-3
+
+
+def test_kept_positions_are_an_index_padded_to_the_bucket():
+    """The labelled-logits collator picks positions on the CPU as an int64 (batch, K) index with their
+    targets; the batch's slots (batch x K) are a multiple of the bucket (K itself for a padding-free
+    batch); the padding slots repeat the row's last kept position with target -100 (ignored by the loss)."""
+    bucket = train.LOGITS_BUCKET
+    for counts in ([1], [bucket], [bucket + 1], [3, 0], [3, 0, 70, 9], [2 * bucket, 5]):
+        length = max(counts) + 7
+        labels = torch.full((len(counts), length), -100)
+        for row, n in enumerate(counts):  # n labels at the row's end: kept positions length-n-1 .. length-2
+            labels[row, length - n:] = torch.arange(n) + 10
+        index, targets = train.kept_positions(labels)
+        step = bucket // len(counts)
+        assert index.dtype == targets.dtype == torch.long and index.shape == targets.shape
+        assert index.numel() % bucket == 0, counts
+        assert index.shape == (len(counts), -(-max(counts) // step) * step), counts  # no more than needed
+        shifted = train.next_token_targets(labels)
+        for row, n in enumerate(counts):
+            real = (shifted[row] != -100).nonzero().squeeze(-1)
+            assert torch.equal(index[row, :n], real) and torch.equal(targets[row, :n], shifted[row, real])
+            assert (targets[row, n:] == -100).all()
+            assert (index[row, n:] == (real[-1] if n else 0)).all()
+    # the collator on every batching (4 rows), and a bucket of another size
+    loaded = load_model(TINY)
+    rows = [{"id": f"r{i}", "task": "expression", "prompt": "1+2=" * (i + 1), "completion": "3" * (5 * i + 1)}
+            for i in range(4)]
+    feats, _ = train.tokenize_rows(rows, loaded.tokenizer, max_length=128)
+    for batching in BATCHING:
+        for size in (bucket, 8):
+            collator = train.make_collator(batching, loaded.tokenizer.pad_token_id, 128, "sdpa", "labels")
+            collator.bucket = size
+            batch = collator(feats)
+            keep = batch["logits_to_keep"]
+            assert keep.ndim == 2 and keep.dtype == torch.long and keep.numel() % size == 0, (batching, size)
+            assert keep.shape == batch[train.KEPT_TARGETS].shape
+            assert (batch[train.KEPT_TARGETS] != -100).sum() == (train.next_token_targets(batch["labels"]) != -100).sum()
+
+
+def _forward_keys(model):
+    """The keyword arguments of every forward call of ``model``, recorded by a pre-hook."""
+    seen = []
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("batching", ["padding_free", "padded"])
+@pytest.mark.parametrize("loss_on", ["completion", "sequence"])
+def test_labelled_logits_step_equals_all_logits(data_dir, tmp_path, batching, loss_on):
+    """One optimizer step of 8 rows in 2 passes (gradient accumulation) through the Trainer's
+    ``compute_loss``: the loss and every parameter's gradient with the output layer at the kept
+    positions (``ft.logits_on=labels``, bucket-padded index) equal those with it at every position
+    (fp32). The kept targets never reach the model's forward."""
+    from transformers import Trainer, TrainingArguments
+
+    model = build_tiny_model()
+    model.config.use_cache = False
+    tok = tiny_tokenizer()
+    rows, _ = train.select_rows(data_dir, ["expression", "boolean"], 4, seed=0)
+    feats, _ = train.tokenize_rows(rows, tok, loss_on=loss_on, max_length=256)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4)
+    seen = _forward_keys(model)
+    results = {}
+    for logits_on in ("all", "labels"):
+        collator = train.make_collator(batching, tok.pad_token_id, 256, "sdpa", logits_on)
+        batches = [collator(feats[:4]), collator(feats[4:])]
+        trainer_class = train.LabelledLogitsTrainer if logits_on == "labels" else Trainer
+        trainer = trainer_class(model=model, args=args, data_collator=collator,
+                                compute_loss_func=train.labelled_logits_loss if logits_on == "labels" else None)
+        n_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+        assert int(n_items) == sum(int((train.next_token_targets(b["labels"]) != -100).sum()) for b in batches)
+        model.zero_grad()
+        loss = 0.0
+        for batch in batches:
+            step = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+            step.backward()
+            loss += step.item()
+        if logits_on == "labels":
+            for batch, kwargs in zip(batches, seen[-2:]):
+                assert batch["logits_to_keep"].numel() % train.LOGITS_BUCKET == 0
+                assert (batch[train.KEPT_TARGETS] == -100).any()  # the bucket padding is exercised
+                assert train.KEPT_TARGETS not in kwargs and "labels" not in kwargs
+                assert kwargs["logits_to_keep"].dtype == torch.long
+            if loss_on == "sequence" and batching == "padding_free":
+                assert batches[0]["logits_to_keep"].shape[-1] > train.LOGITS_BUCKET  # several buckets
+        results[logits_on] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_all, grads_all), (loss_kept, grads_kept) = results["all"], results["labels"]
+    assert loss_kept == pytest.approx(loss_all, rel=1e-6, abs=1e-6)
+    assert grads_kept.keys() == grads_all.keys()
+    for name, grad in grads_all.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(grads_kept[name], grad, rtol=1e-5, atol=1e-6), (name, (grads_kept[name] - grad).abs().max())
+
+
+def test_labelled_logits_loss_refuses_full_length_labels():
+    logits = torch.zeros(1, 64, 5)
+    with pytest.raises(ValueError, match="LabelledLogitsTrainer"):
+        train.labelled_logits_loss(type("Out", (), {"logits": logits})(), torch.zeros(1, 70, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,9 +8,13 @@ docs/engine.md.
 from __future__ import annotations
 
 from .rows import (
+    KEPT_TARGETS,
+    LOGITS_BUCKET,
     LabelledLogitsCollator,
+    LabelledLogitsTrainer,
     PaddedCollator,
     PaddingFreeCollator,
+    kept_positions,
     labelled_logits_loss,
     make_collator,
     next_token_targets,
@@ -51,7 +55,10 @@ __all__ = [
     "RUN_CONFIG_FILE",
     "SUMMARY_FILE",
     "FinetuneResult",
+    "KEPT_TARGETS",
+    "LOGITS_BUCKET",
     "LabelledLogitsCollator",
+    "LabelledLogitsTrainer",
     "PaddedCollator",
     "PaddingFreeCollator",
     "Precision",
@@ -62,6 +69,7 @@ __all__ = [
     "gradient_accumulation",
     "inspect_output",
     "is_finished",
+    "kept_positions",
     "labelled_logits_loss",
     "loss_curve",
     "make_collator",

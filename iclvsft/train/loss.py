@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .rows import next_token_targets
+from .rows import KEPT_TARGETS, next_token_targets
 
 
 @dataclass
@@ -39,20 +39,28 @@ class RowIndexCollator:
         return batch
 
 
-def row_means_sum(logits: torch.Tensor, labels: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+def row_means_sum(logits: torch.Tensor, labels: torch.Tensor, row_index: torch.Tensor,
+                  logits_to_keep: torch.Tensor | None = None, kept_targets: torch.Tensor | None = None) -> torch.Tensor:
     """The sum over rows of each row's mean next-token cross-entropy. ``logits``: at every position
-    (batch, length, vocab), or only at the positions whose next token has a label (kept, in order), as
-    :class:`~iclvsft.train.rows.LabelledLogitsCollator` asks the model for."""
-    targets = next_token_targets(labels)
-    labelled = targets != -100
-    rows = row_index[labelled].to(logits.device)
-    flat = logits.reshape(-1, logits.shape[-1])
-    if flat.shape[0] != rows.shape[0]:  # logits at every position: keep the labelled ones
-        flat = flat[labelled.reshape(-1).to(logits.device)]
-    losses = torch.nn.functional.cross_entropy(flat.float(), targets[labelled].to(logits.device), reduction="none")
+    (batch, length, vocab), or, given ``logits_to_keep`` and ``kept_targets`` (the batch's keys from
+    :class:`~iclvsft.train.rows.LabelledLogitsCollator`), only at those positions (batch, K, vocab),
+    slots with target -100 ignored."""
+    if logits_to_keep is not None:
+        rows = torch.take_along_dim(row_index.to(logits.device), logits_to_keep.to(logits.device), dim=-1).reshape(-1)
+        targets = kept_targets.to(logits.device).reshape(-1)
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
+                                                   reduction="none")  # 0 where the target is -100
+        weights = (targets != -100).to(losses.dtype)
+    else:
+        targets = next_token_targets(labels)
+        labelled = targets != -100
+        rows = row_index[labelled].to(logits.device)
+        flat = logits.reshape(-1, logits.shape[-1])[labelled.reshape(-1).to(logits.device)]
+        losses = torch.nn.functional.cross_entropy(flat.float(), targets[labelled].to(logits.device), reduction="none")
+        weights = torch.ones_like(losses)
     n_rows = int(row_index.max()) + 1
     sums = torch.zeros(n_rows, device=losses.device).index_add(0, rows, losses)
-    counts = torch.zeros(n_rows, device=losses.device).index_add(0, rows, torch.ones_like(losses))
+    counts = torch.zeros(n_rows, device=losses.device).index_add(0, rows, weights)
     return (sums[counts > 0] / counts[counts > 0]).sum()
 
 
@@ -69,7 +77,8 @@ class RowMeanTrainer(Trainer):
         return super()._get_num_items_in_batch(batch_samples, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rows, labels = inputs.pop("row_index"), inputs.pop("labels")
+        rows, labels, kept = inputs.pop("row_index"), inputs.pop("labels"), inputs.pop(KEPT_TARGETS, None)
         outputs = model(**inputs)
-        loss = row_means_sum(outputs.logits, labels, rows) / max(getattr(self, "step_rows", 1), 1)
+        keep = inputs.get("logits_to_keep") if kept is not None else None
+        loss = row_means_sum(outputs.logits, labels, rows, keep, kept) / max(getattr(self, "step_rows", 1), 1)
         return (loss, outputs) if return_outputs else loss

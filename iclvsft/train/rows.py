@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorWithFlattening
+from transformers import DataCollatorWithFlattening, Trainer
 from transformers.loss.loss_utils import fixed_cross_entropy
 
 from ..config import BATCHING, LOSS_ON
@@ -149,40 +149,103 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
 
 
+KEPT_TARGETS = "kept_targets"  # the batch key of the kept positions' targets (LabelledLogitsCollator)
+LOGITS_BUCKET = 64  # kept positions per row are padded up to a multiple of this
+
+
+def kept_positions(labels: torch.Tensor, bucket: int = LOGITS_BUCKET) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, targets)``, both int64 ``(batch, K)``: per row, the positions whose next token has a
+    label (in order) and those tokens. K is the most such positions in a row rounded up to a multiple
+    of ``bucket // batch`` (at least 1), so the batch's ``batch x K`` slots are a multiple of
+    ``bucket`` when ``batch`` divides it: a padding-free batch (one row) keeps a multiple of
+    ``bucket`` positions, and a padded batch does not pay ``bucket`` slots per row. A row's remaining
+    slots repeat its last kept position (a real token, so its hidden state is finite) with target
+    -100, which the cross-entropy ignores (no loss, zero gradient)."""
+    targets = next_token_targets(labels)
+    keep = targets != -100
+    counts = keep.sum(dim=-1).tolist()
+    step = max(1, bucket // labels.shape[0])
+    width = -(-max(max(counts, default=0), 1) // step) * step
+    index = torch.zeros((labels.shape[0], width), dtype=torch.long)
+    kept = torch.full((labels.shape[0], width), -100, dtype=torch.long)
+    for row, n in enumerate(counts):
+        if n:
+            positions = keep[row].nonzero().squeeze(-1)
+            index[row, :n], kept[row, :n] = positions, targets[row, positions]
+            index[row, n:] = positions[-1]
+    return index, kept
+
+
 @dataclass
 class LabelledLogitsCollator:
-    """Wraps a collator: each batch also carries ``logits_to_keep``, the mask of positions whose next
-    token has a label, so the model runs its output layer (151,936 words for Qwen) only there.
+    """Wraps a collator: each batch also carries ``logits_to_keep``, the positions whose next token
+    has a label, so the model runs its output layer (151,936 words for Qwen) only there, and
+    :data:`KEPT_TARGETS`, their targets (:func:`kept_positions`).
 
     With the loss on the answer alone, most positions are prompt: skipping them leaves the loss and
     its gradients unchanged (their logits never reach the loss) and saves most of the output layer's
-    matmuls and the log-softmax. transformers accepts such a mask (``slice_logits_to_keep``) but its
-    loss then misaligns the full-length labels, so :func:`labelled_logits_loss` pairs the kept logits
-    with their targets (hand-written because no library loss takes pre-selected positions).
+    matmuls and the log-softmax.
+
+    Why an index and not a mask: transformers applies a boolean mask as ``hidden[mask]`` (a
+    device-to-host sync and a new output size every step; on an H200 that path stalled 1.2-1.9 s
+    steps, benchmarks/README.md), and the loss would need the same selection on the targets. The
+    collator runs on the CPU, so it picks the positions and their targets there; transformers gathers
+    a 2-D integer ``(batch, K)`` index with ``take_along_dim`` (``slice_logits_to_keep``: per row,
+    the same count in every row), which serves padding-free batches (one row) and padded ones
+    alike. The kept slots are rounded up to a multiple of ``bucket`` (:func:`kept_positions`) so that
+    the output layer's shapes repeat across steps instead of changing every step.
+
+    Train with :class:`LabelledLogitsTrainer` (it keeps :data:`KEPT_TARGETS` out of the forward pass
+    and hands them to :func:`labelled_logits_loss`).
     """
 
     inner: Any
+    bucket: int = LOGITS_BUCKET
 
     def __call__(self, features, *args, **kwargs) -> dict[str, Any]:
         batch = self.inner(features, *args, **kwargs)
-        batch["logits_to_keep"] = next_token_targets(batch["labels"]) != -100
+        batch["logits_to_keep"], batch[KEPT_TARGETS] = kept_positions(batch["labels"], self.bucket)
         return batch
 
 
 def labelled_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """The causal-LM loss for logits kept by :class:`LabelledLogitsCollator` (the Trainer's
-    ``compute_loss_func``): cross-entropy summed over the labelled positions and divided by
-    ``num_items_in_batch`` (the label tokens of the whole accumulated batch), exactly as transformers'
-    ``ForCausalLMLoss`` does over every position."""
-    targets = next_token_targets(labels)
-    targets = targets[targets != -100].to(outputs.logits.device)
-    return fixed_cross_entropy(outputs.logits.float(), targets, num_items_in_batch)
+    ``compute_loss_func``): ``labels`` are the batch's :data:`KEPT_TARGETS` (``(batch, K)``, aligned
+    with the kept logits; :class:`LabelledLogitsTrainer` passes them), the cross-entropy is summed
+    over them (-100 ignored) and divided by ``num_items_in_batch`` (the label tokens of the whole
+    accumulated batch), exactly as transformers' ``ForCausalLMLoss`` does over every position. No
+    boolean selection: nothing here waits for the device."""
+    logits = outputs.logits
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labelled_logits_loss takes the kept positions' targets {tuple(logits.shape[:-1])}, got "
+                         f"labels {tuple(labels.shape)}; train with LabelledLogitsTrainer")
+    return fixed_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device),
+                               num_items_in_batch)
+
+
+class LabelledLogitsTrainer(Trainer):
+    """The Trainer for :class:`LabelledLogitsCollator` batches: the kept positions' targets replace
+    ``labels`` for the loss (``compute_loss_func``, :func:`labelled_logits_loss`), so that key never
+    reaches the model's forward as an unknown keyword. ``num_items_in_batch`` is counted before, from
+    the batches' full-length ``labels`` (the Trainer's ``_get_num_items_in_batch``), so it is
+    unchanged."""
+
+    def __init__(self, *args, compute_loss_func=labelled_logits_loss, **kwargs):
+        super().__init__(*args, compute_loss_func=compute_loss_func, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if KEPT_TARGETS in inputs:
+            inputs = {**inputs, "labels": inputs[KEPT_TARGETS]}
+            del inputs[KEPT_TARGETS]
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
 
 def make_collator(batching: str, pad_token_id: int, max_length: int, attn_implementation: str | None = None,
                   logits_on: str = "all"):
     """The collator for ``ft.batching`` (docs/engine.md); ``logits_on="labels"`` wraps it in
-    :class:`LabelledLogitsCollator` (train with :func:`labelled_logits_loss` then)."""
+    :class:`LabelledLogitsCollator` (train with :class:`LabelledLogitsTrainer` and
+    :func:`labelled_logits_loss` then)."""
     if batching == "padding_free":
         flash = bool(attn_implementation and attn_implementation.startswith("flash_attention"))
         collator = PaddingFreeCollator(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=flash)

@@ -26,7 +26,7 @@ from ..runs import compare_identity, summarise_differences
 from ..tasks.formats import train_format
 from ..writers import check_folder, clear_folder, entries, writing
 from .loss import RowIndexCollator, RowMeanTrainer
-from .rows import labelled_logits_loss, make_collator, select_rows, tokenize_rows
+from .rows import LabelledLogitsTrainer, labelled_logits_loss, make_collator, select_rows, tokenize_rows
 from .setup import (
     CHECKPOINT_DIR,
     LossProgressCallback,
@@ -262,7 +262,7 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
     collator = make_collator(ft.batching, tokenizer.pad_token_id, ft.max_length,
                              model_info["attn_implementation"], ft.logits_on)
     loss_func = labelled_logits_loss if ft.logits_on == "labels" else None
-    trainer_class = Trainer
+    trainer_class = LabelledLogitsTrainer if ft.logits_on == "labels" else Trainer
     if ft.loss_average == "rows":  # the loss needs each position's row: RowMeanTrainer computes it
         collator, loss_func, trainer_class = RowIndexCollator(collator), None, RowMeanTrainer
     with warnings.catch_warnings():
