@@ -89,8 +89,8 @@ def register_random_models() -> None:
 
     resolve, load = loading._resolve_source, loading._load_pretrained
 
-    def _resolve(name, cache_dir):
-        return ("random", name, {}) if name.startswith(PREFIX) else resolve(name, cache_dir)
+    def _resolve(name, cache_dir, *rest):
+        return ("random", name, {}) if name.startswith(PREFIX) else resolve(name, cache_dir, *rest)
 
     def _load(kind, source, name, dtype, device, attn):
         if kind != "random":
@@ -448,6 +448,9 @@ def main() -> int:
                    help="profile ours and TRL at the first size:method pair (torch.profiler tables in the JSON)")
     p.add_argument("--profile-steps", type=int, default=3, help="optimizer steps profiled, after the timed ones")
     p.add_argument("--profile-rows", type=int, default=20, help="ops per profile table")
+    p.add_argument("--no-cudnn-sdp", action="store_true",
+                   help="switch off PyTorch's cuDNN attention backend for SDPA (both trainers): the other kernels "
+                        "take the packed rows' block mask without planning a cuDNN graph per shape")
     p.add_argument("--out", default="results_gpu.json")
     a = p.parse_args()
 
@@ -458,6 +461,8 @@ def main() -> int:
     from iclvsft.data import generate
 
     register_random_models()
+    if a.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     versions = {}
     for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "flash-attn"):
         try:

@@ -490,3 +490,18 @@ def test_script_help_and_clean_errors(tmp_path):
         assert option in helped.stdout
     assert failed.returncode == 2 and failed.stderr.startswith("error:") and "generate_data.py" in failed.stderr
     assert nope.returncode == 2
+
+
+def test_training_on_cuda_keeps_sdpa_off_the_cudnn_backend():
+    """cuDNN attention plans a graph per packed-batch shape (a stall per new length on an H200): training
+    on CUDA with SDPA runs without it and restores the process's choice after; elsewhere nothing changes."""
+    from iclvsft.train.setup import training_attention
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with training_attention("sdpa", "cuda:0"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for attn, device in (("sdpa", "cpu"), ("flash_attention_2", "cuda"), ("eager", "cuda")):
+        with training_attention(attn, device):
+            assert torch.backends.cuda.cudnn_sdp_enabled()

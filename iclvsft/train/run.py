@@ -36,6 +36,7 @@ from .setup import (
     gradient_accumulation,
     plan_precision,
     training_arguments,
+    training_attention,
     training_device,
 )
 
@@ -283,7 +284,8 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
                     f"{token_stats['tokens']:,}", ft.batch_size, ft.per_device_batch_size, args.world_size,
                     args.gradient_accumulation_steps)
         train_started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume)
+        with training_attention(model_info["attn_implementation"], args.device):
+            output = trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.perf_counter() - train_started
         base_config = getattr(trainer.accelerator.unwrap_model(trainer.model), "config", None)
         if base_config is not None:

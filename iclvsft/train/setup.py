@@ -2,6 +2,7 @@
 callback that keeps train_log.jsonl."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -269,3 +270,22 @@ class TrainLogCallback(TrainerCallback):
     def _write(self, state) -> None:
         if state.is_world_process_zero:
             atomic_write_text(self.path, "".join(jsonl_line(e) for e in state.log_history if "loss" in e))
+
+
+@contextlib.contextmanager
+def training_attention(attn_implementation: str | None, device: torch.device | str):
+    """PyTorch SDPA without its cuDNN backend while training on CUDA (a no-op elsewhere).
+
+    Padding-free batches reach SDPA with the packed rows' block mask and a new length every step; the
+    cuDNN backend plans a graph per call and per new shape (on an H200: ~3 ms of host time per
+    attention call and a 1-2 s stall at each new length, the GPU's own work unchanged). Without it the
+    memory-efficient kernel takes the mask: full FT of the 0.5B shape went from 12.9k to 27.9k tokens/s
+    (benchmarks/README.md, "GPU throughput"). Flash and math stay allowed; FlashAttention-2 (its own
+    ``attn_implementation``) is not SDPA and is untouched."""
+    if attn_implementation != "sdpa" or torch.device(device).type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
