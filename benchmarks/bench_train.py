@@ -125,7 +125,7 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
     wall, cpu = sum(timer.wall[warmup:]), sum(timer.cpu[warmup:])
     seconds = cpu if clock == "cpu" else wall
     tokens = sum(e["tokens"] for e in timed)
-    ft = config["ft"]
+    ft = config.ft.to_dict()
     rows = len(timed) * ft["batch_size"]
     summary = result.summary
     model_config = result.model.config if ft["method"] == "full" else result.model.base_model.model.config
@@ -169,10 +169,10 @@ def run_trl(base: list[str], data_dir: Path, workdir: Path, warmup: int, steps: 
     from iclvsft.train import plan_precision, select_rows, tokenize_rows, training_device
 
     config = load_config(None, [*base, *SETUPS["ours_lora"], f"ft.max_steps={warmup + steps}"])
-    ft = config["ft"]
+    ft = config.ft.to_dict()
     rows, _ = select_rows(data_dir, ft["tasks"], ft["n_train"])
     precision = plan_precision(config, training_device())
-    loaded = load_model(config["model"], dtype=precision.load_dtype, device="cpu")
+    loaded = load_model(config.model, dtype=precision.load_dtype, device="cpu")
     _, stats = tokenize_rows(rows, loaded.tokenizer, loss_on="completion", max_length=ft["max_length"])
     lora = ft["lora"]
     args = SFTConfig(output_dir=str(workdir / "trl_lora"), use_cpu=True, per_device_train_batch_size=ft["per_device_batch_size"],
