@@ -143,7 +143,8 @@ def plan_ladder(config: Config, results: Path) -> list[Rung]:
     rungs = []
     configs = rung_configs(config)
     # the first rung once more on each of ladder.first_rung_models, right after it
-    steps = [(0, *configs[0], "")] + [(0, configs[0][0], derive(configs[0][1], {"model": m}), str(m))
+    other = {"ladder.train_seeds": list(config.ladder.first_rung_seeds)} if config.ladder.first_rung_seeds else {}
+    steps = [(0, *configs[0], "")] + [(0, configs[0][0], derive(configs[0][1], {"model": m, **other}), str(m))
                                       for m in config.ladder.first_rung_models] if configs else []
     steps += [(n, entry, cfg, "") for n, (entry, cfg) in enumerate(configs) if n > 0]
     for n, entry, cfg, other in steps:

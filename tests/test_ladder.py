@@ -278,3 +278,12 @@ def test_small_ladder_end_to_end_and_resume(root, tmp_path):
     again = run_study(config, tmp_path / "data", tmp_path / "r", show_progress=False,
                       runners=Runners(finetune=lambda *a, **k: pytest.fail("retrained a finished rung")))
     assert again.read_text() == text
+
+
+def test_first_rung_seeds_apply_to_the_other_models_only(root, tmp_path):
+    config = load_config(root / "configs" / "ladder.yaml", ["ladder.first_rung_seeds=[0]"])
+    every = plan_ladder(config, tmp_path)
+    first, others = every[0], [r for r in every if r.config.model != config.model]
+    assert [f.seed for f in first.ft] == [0, 1, 2] and others
+    assert all([f.seed for f in r.ft] == [0] for r in others)
+    assert [f.seed for f in plan_ladder(load_config(root / "configs" / "ladder.yaml"), tmp_path)[1].ft] == [0, 1, 2]

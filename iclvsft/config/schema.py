@@ -320,6 +320,8 @@ class LadderConfig(Section):
                                "them, e.g. three seeds at the first and the last rung)")
     first_rung_models: list = option([], "other models that also run the first rung (the authors' setup), e.g. "
                                      "a base model: does it behave differently under their protocol?")
+    first_rung_seeds: list = option([], "train seeds of the first rung on ladder.first_rung_models (empty: the "
+                                    "first rung's own), e.g. [0] where three seeds of each would not fit the budget")
     icl_select: str = option("fixed", "the ICL cell a rung reports: fixed (k = fixed_k) | max (the k of eval.shots "
                              "with the best pattern accuracy by the authors' substring score: their reading)",
                              choices=LADDER_SELECT)
@@ -330,6 +332,7 @@ class LadderConfig(Section):
         if self.tasks:
             _set(self, "tasks", parse_task_list(self.tasks))
         _int_list("ladder.train_seeds", self.train_seeds, 0)
+        _int_list("ladder.first_rung_seeds", self.first_rung_seeds, 0, empty_ok=True)
         for n, rung in enumerate(self.rungs):
             _need(isinstance(rung, dict) and isinstance(rung.get("name"), str) and isinstance(rung.get("set", {}), dict)
                   and set(rung) <= {"name", "why", "set"},
