@@ -145,16 +145,17 @@ def test_authors_training_rows_follow_the_factors_their_text_has():
 
 def test_format_names_and_training_identity_by_hand():
     assert format_name("authors", ["labels", "query_space"]) == "authors+ours:query_space,labels"
+    assert format_name("authors", ["query_space", "budget"]) == "authors+ours:budget,query_space"
     assert parse_format("authors+ours:query_space,labels") == {"query_space", "labels"}
     assert parse_format("ours") is None and parse_format("authors") == frozenset()
     with pytest.raises(ConfigError, match="unknown format"):
         parse_format("authors+ours:labels,query_space")  # not canonical order
     # the identity of the fine-tuned model: only the factors its rows show
     assert train_format("authors", "authors_train") == "authors"
-    assert train_format("authors+ours:query_space,budget,header,giveaway", "authors_train") == "authors"
+    assert train_format("authors+ours:budget,query_space,header,giveaway", "authors_train") == "authors"
     assert train_format("authors+ours:budget,labels", "authors_train") == "authors+ours:labels"
     assert train_format("ours", "authors_train") == "authors+ours:answer_end,labels,question"
-    assert train_format("authors+ours:query_space,budget,answer_end,labels,header,question",
+    assert train_format("authors+ours:budget,query_space,answer_end,labels,header,question",
                         "authors_train") == train_format("ours", "authors_train")
     assert train_format("ours", "prompt") == "ours" and train_format("authors", "prompt") == "authors"
     assert train_format("authors+ours:budget", "prompt") == "authors"

@@ -26,9 +26,9 @@ from .base import Item, Task
 FORMATS = ("ours", "authors")
 PROMPT_STYLES = ("raw", "chat")
 # The factors of the authors' format, each theirs or ours (config key format_ours), in ladder order:
+#   budget       their fixed greedy budget (tokens) | the longest train answer + a margin
 #   query_space  the query ends with a space and the answer follows it directly (relation ``is ``+``True``,
 #                boolean ``is: ``+``1``, algebra ``b = ``+``2``) | no trailing space, the answer starts with one
-#   budget       their fixed greedy budget (tokens) | the longest train answer + a margin
 #   answer_end   the answer ends where the text ends | with a newline
 #   labels       their answer words (relation True/False, boolean 1/0) | ours (Yes/No, True/False)
 #   header       their evaluation header | ours
@@ -36,7 +36,7 @@ PROMPT_STYLES = ("raw", "chat")
 #                boolean's ``The result is:``, algebra's ``1a + 4b = 13`` lines, their demonstration
 #                separators) | ours
 #   giveaway     algebra's query gives a away and asks for b alone | asks for both
-FORMAT_FACTORS = ("query_space", "budget", "answer_end", "labels", "header", "question", "giveaway")
+FORMAT_FACTORS = ("budget", "query_space", "answer_end", "labels", "header", "question", "giveaway")
 # The factors the authors' training text (ft.rows: authors_train) depends on: it has no header, its
 # query never ends with a space, it always asks for algebra's whole answer, and a budget is not text.
 TRAIN_TEXT_FACTORS = ("answer_end", "labels", "question")
