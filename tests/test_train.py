@@ -308,6 +308,9 @@ def test_optimizer_and_param_dtype_are_checked_when_the_config_loads(monkeypatch
     assert load_config(None, ["ft.optimizer=adamw_torch_4bit"]).ft.optimizer == "adamw_torch_4bit"
     full_bf16 = ["ft.method=full", "ft.optimizer=adamw_torch_8bit", "ft.param_dtype=bf16"]
     assert load_config(None, full_bf16).ft.param_dtype == "bf16"
+    # runs recorded before the key existed (fp32 master weights) keep their identity
+    assert "param_dtype" not in train.run_identity(load_config(None, ["ft.method=full"]), {})["ft"]
+    assert train.run_identity(load_config(None, full_bf16), {})["ft"]["param_dtype"] == "bf16"
     with pytest.raises(ConfigError, match=r"^ft.optimizer: unknown optimizer 'adamw_nope'; use a transformers "
                                           r"TrainingArguments.optim name, e.g. adamw_torch_fused \(the default\) "
                                           r"or adamw_torch_8bit$"):
