@@ -30,6 +30,7 @@ whole process (``ru_maxrss``: loading included), and the plan's estimate for the
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -92,9 +93,11 @@ def child(args) -> dict:
                  "ft.warmup_steps=0", "ft.save_steps=0", "ft.logging_steps=1", *SETUPS[args.child]]
     config = load_config(str(ROOT / "configs" / "cpu.yaml"), overrides)
     sampler = rss_sampler()
-    with tempfile.TemporaryDirectory(prefix="bench_lowmem_") as tmp:
-        result = finetune(config, Path(tmp) / "run", args.data, callbacks=[sampler], show_progress=False)
-        log = [json.loads(line) for line in (Path(tmp) / "run" / "train_log.jsonl").read_text().splitlines()]
+    out = Path(args.workdir) / args.child
+    result = finetune(config, out, args.data, callbacks=[sampler], show_progress=False, overwrite=True)
+    log = read_log(out)
+    for weights in out.glob("*.safetensors"):  # the trained model is not needed: free the disk
+        weights.unlink()
     summary = result.summary
     stats = summary["tokens_per_epoch"]
     shape = model_shape(args.model)
@@ -111,8 +114,14 @@ def child(args) -> dict:
             "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
             "plan_estimate_gib": est.device / GIB, "plan_needed_gib": (est.device + CPU_OVERHEAD) / GIB,
             "plan_parts_gib": {k: round(v / GIB, 3) for k, v in est.parts.items()},
-            "precision": summary["precision"], "threads": __import__("torch").get_num_threads(),
+            "plan_shape_params": shape.params, "precision": summary["precision"],
+            "threads": __import__("torch").get_num_threads(),
             "train_seconds": summary["train_seconds"], "wall_seconds": summary["wall_seconds"]}
+
+
+def read_log(out: Path) -> list[dict]:
+    path = out / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def compare(runs: list[dict]) -> dict:
@@ -131,6 +140,44 @@ def compare(runs: list[dict]) -> dict:
     return out
 
 
+def write_results(args, runs: list[dict]) -> dict:
+    """The results so far (``--out``): every run, and each complete one against the first if it completed."""
+    done = [r for r in runs if "error" not in r]
+    against = compare(done) if len(done) > 1 and done[0]["setup"] == runs[0]["setup"] else {}
+    result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "runs": runs, "against_first": against}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def run_setup(args, name: str, workdir: Path, left: float | None) -> dict:
+    """One setup in a child process (killed when ``left`` seconds have passed: its logged steps are kept)."""
+    started = time.time()
+    cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data, "--task",
+           args.task, "--rows", str(args.rows), "--steps", str(args.steps), "--lr", str(args.lr),
+           "--workdir", str(workdir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=left)
+    except subprocess.TimeoutExpired:
+        log = read_log(workdir / name)
+        print(f"{name}: stopped at the deadline, {len(log)} steps logged", file=sys.stderr)
+        return {"setup": name, "error": f"stopped at the deadline after {time.time() - started:.0f} s",
+                "losses": [e["loss"] for e in log], "seconds": [e["seconds"] for e in log]}
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        print(f"{name}: failed ({last})", file=sys.stderr)
+        return {"setup": name, "error": last, "returncode": proc.returncode}
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    run["load_average_after"] = os.getloadavg()
+    print(f"{name}: {time.time() - started:.0f} s; loss {run['losses'][0]:.4f} -> {run['losses'][-1]:.4f}; "
+          f"{run['seconds_per_step']:.2f} s/step (first {run['seconds_first_step']:.1f} s); peak RSS training "
+          f"{run['peak_rss_train_gib']:.2f} GiB (process {run['ru_maxrss_gib']:.2f}); plan "
+          f"{run['plan_needed_gib']:.2f} GiB", file=sys.stderr)
+    print("  losses: " + " ".join(f"{x:.4f}" for x in run["losses"]), file=sys.stderr)
+    return run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -140,43 +187,38 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.0e-5, help="constant learning rate (the authors' full FT: 1e-5)")
     parser.add_argument("--setups", default="fp32,8bit,8bit_bf16", help=f"comma-separated, of {', '.join(SETUPS)}")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (after each setup)")
+    parser.add_argument("--workdir", default=None, help="the runs' folders (default: a temporary folder)")
+    parser.add_argument("--deadline", default=None, help="HH:MM (UTC): a setup still running then is stopped "
+                        "(its logged steps are kept) and no further one starts")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    runs = []
-    for name in args.setups.split(","):
+    names = args.setups.split(",")
+    for name in names:
         if name not in SETUPS:
             parser.error(f"unknown setup {name!r}; use {', '.join(SETUPS)}")
-        started = time.time()
-        cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data, "--task",
-               args.task, "--rows", str(args.rows), "--steps", str(args.steps), "--lr", str(args.lr)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            runs.append({"setup": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
-                         f"exit {proc.returncode}", "returncode": proc.returncode})
-            print(f"{name}: failed ({runs[-1]['error']})", file=sys.stderr)
-            continue
-        run = json.loads(proc.stdout.strip().splitlines()[-1])
-        run["load_average_after"] = os.getloadavg()
-        runs.append(run)
-        print(f"{name}: {time.time() - started:.0f} s; loss {run['losses'][0]:.4f} -> {run['losses'][-1]:.4f}; "
-              f"{run['seconds_per_step']:.2f} s/step (first {run['seconds_first_step']:.1f} s); peak RSS training "
-              f"{run['peak_rss_train_gib']:.2f} GiB (process {run['ru_maxrss_gib']:.2f}); plan "
-              f"{run['plan_needed_gib']:.2f} GiB", file=sys.stderr)
-        print("  losses: " + " ".join(f"{x:.4f}" for x in run["losses"]), file=sys.stderr)
-    ok = [r for r in runs if "losses" in r]
-    result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "runs": runs,
-              "against_first": compare(ok) if len(ok) > 1 and ok[0]["setup"] == runs[0]["setup"] else {}}
+    deadline = None
+    if args.deadline:
+        hour, minute = map(int, args.deadline.split(":"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        deadline = now.replace(hour=hour, minute=minute, second=0, microsecond=0).timestamp()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lowmem_"))
+    runs: list[dict] = []
+    for name in names:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < 60:
+            runs.append({"setup": name, "error": "not run: the deadline had come"})
+        else:
+            runs.append(run_setup(args, name, workdir, left))
+        write_results(args, runs)
+    result = write_results(args, runs)
     for name, diff in result["against_first"].items():
         print(f"{name} vs {runs[0]['setup']}: final loss {diff['final_rel']:+.2%}, mean loss {diff['mean_rel']:+.2%}, "
               f"largest step {diff['max_step_rel']:.2%}", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if len(ok) == len(runs) else 1
+    return 0 if all("error" not in r for r in runs) else 1
 
 
 if __name__ == "__main__":
