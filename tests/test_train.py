@@ -5,7 +5,9 @@ truncation; the three batchings give the same loss on the same rows (padding-fre
 the loss falls on a repeated small batch; LoRA leaves the base bit-identical and changes the adapter,
 and the saved adapter reproduces the in-memory logits; a full run saves a loadable model; an
 interrupted run resumes to the same log as an uninterrupted one; a finished run is not overwritten
-unless asked; `accelerate launch` with two processes completes and saves once.
+unless asked; `accelerate launch` with two processes completes and saves once; ft.optimizer is
+checked at load (name and package), and torchao's 8-bit AdamW trains full FT over fp32 master weights
+or bf16 weights (stochastic rounding) and resumes from its checkpoint exactly.
 """
 from __future__ import annotations
 
@@ -414,6 +416,31 @@ def test_interrupted_run_resumes_to_the_same_log(data_dir, tmp_path):
     assert resumed.summary["resumed_from"].endswith("checkpoint-2")
     a, b = log_lines(tmp_path / "straight"), log_lines(out)
     assert [e["step"] for e in b] == [1, 2, 3, 4, 5, 6]  # step 3 redone once, no duplicate lines
+    assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-5)
+    assert resumed.summary["final_loss"] == pytest.approx(straight.summary["final_loss"], rel=1e-5)
+
+
+def test_low_precision_run_resumes_with_its_8bit_state(data_dir, tmp_path):
+    """Full FT with bf16 weights and torchao's 8-bit AdamW, killed after step 3: the checkpoint holds the
+    quantized moments (tensor subclasses) and the RNG of the stochastic rounding, so the resumed run logs
+    the losses of an uninterrupted one."""
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
+                raise Crash("simulated kill after step 3")
+
+    config = tiny_config("ft.max_steps=6", "ft.save_steps=2", "ft.method=full", "dtype=bf16", "ft.learning_rate=0.003",
+                         "ft.optimizer=adamw_torch_8bit", "ft.param_dtype=bf16")
+    straight = train.finetune(config, tmp_path / "straight", data_dir, show_progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        train.finetune(config, out, data_dir, callbacks=[CrashAt()], show_progress=False)
+    resumed = train.finetune(config, out, data_dir, show_progress=False)
+    assert resumed.summary["resumed_from"].endswith("checkpoint-2")
+    a, b = log_lines(tmp_path / "straight"), log_lines(out)
+    assert [e["step"] for e in b] == [1, 2, 3, 4, 5, 6]
     assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-5)
     assert resumed.summary["final_loss"] == pytest.approx(straight.summary["final_loss"], rel=1e-5)
 
