@@ -88,6 +88,7 @@ FILE_SYSTEM_ERRORS = {errno.EACCES: "choose a folder you can write, e.g. another
 
 
 INTERRUPTED = "interrupted; rerun the same command to continue"
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")  # warnings only at import: see run()
 
 
 def run(main: Callable[[], int | None]) -> None:
@@ -100,6 +101,11 @@ def run(main: Callable[[], int | None]) -> None:
     main_process = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # torchao (ft.optimizer adamw_torch_8bit / _4bit) is imported by transformers whenever it is installed;
+    # without CUDA its import warns for each GPU kernel library it cannot load, and torch's pytree for
+    # two of its enums: noise on every command, whatever the optimizer
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not shows_bars():
         with contextlib.suppress(ImportError):
             import transformers

@@ -221,6 +221,58 @@ def test_7b_full_ft_needs_sharding_or_offload():
         single.parts["activations"]
 
 
+def test_low_precision_full_ft_estimate_by_hand():
+    """Full FT of Qwen2.5-1.5B (1,543,714,304 parameters, tied 151,936 x 1,536 embedding, the largest
+    tensor: 233,373,696 values), 4 rows x 36 tokens per pass, 4 answer positions per row, accumulation 4,
+    on the CPU, worked out by hand: torchao's 8-bit AdamW keeps 2 x (1 + 4/256) = 2.03125 bytes per
+    parameter (4-bit: 1.03125) and steps through 8 bytes per value of the largest tensor; ft.param_dtype=bf16
+    halves weights and gradients and needs no autocast copies."""
+    p, largest = 1_543_714_304, 151_936 * 1_536
+    shape = KNOWN_SHAPES["qwen2.5-1.5b"]
+    assert (shape.params, shape.largest_tensor) == (p, largest)
+    kwargs = dict(tokens=4 * 36, logit_positions=4 * 4, accumulation=4, cuda=False)
+    base = train_memory(shape, "full", optimizer="adamw_torch_fused", **kwargs).parts
+    acts_logits = base["activations"] + base["logits"]
+    for optimizer, param_bytes, state, temp in [("adamw_torch_fused", 4, 8 * p, 0),
+                                                ("adamw_torch_8bit", 4, 3_135_669_680, 1_866_989_568),
+                                                ("adamw_torch_8bit", 2, 3_135_669_680, 1_866_989_568),
+                                                ("adamw_torch_4bit", 2, 1_591_955_376, 1_866_989_568)]:
+        est = train_memory(shape, "full", optimizer=optimizer, param_bytes=param_bytes, **kwargs)
+        weights, grads = param_bytes * p, param_bytes * p
+        copies = 2 * p if param_bytes == 4 else 0  # bf16 autocast copies of every (tied) matmul weight
+        assert est.parts["weights"] == weights and est.parts["gradients"] == grads, optimizer
+        assert est.parts["optimizer"] == pytest.approx(state, abs=1) and est.parts["optimizer_temp"] == temp
+        assert est.parts["autocast_copies"] == copies
+        # accumulation > 1: the gradients are held through the forward passes of a step
+        forward, step = copies + acts_logits + grads, grads + temp
+        assert est.device == pytest.approx(weights + state + max(forward, step), abs=1), optimizer
+    # in GiB: 26.4 (the default), 17.8 (8-bit moments), 10.4 (and bf16 weights): only the last two fit
+    # this 23 GiB machine (with the process's 2 GiB, at 90%)
+    machine = Machine(0, 0.0, 23 * GIB, "")
+    assert [round(train_memory(shape, "full", optimizer=o, param_bytes=b, **kwargs).device / GIB, 1) for o, b in
+            [("adamw_torch_fused", 4), ("adamw_torch_8bit", 4), ("adamw_torch_8bit", 2)]] == [26.4, 17.8, 10.4]
+    assert [plan.fits(train_memory(shape, "full", optimizer=o, param_bytes=b, **kwargs), machine) for o, b in
+            [("adamw_torch_fused", 4), ("adamw_torch_8bit", 4), ("adamw_torch_8bit", 2)]] == [False, True, True]
+
+
+def test_plan_of_1_5b_full_ft_on_this_machine(tmp_path):
+    """The size sweep with a full-FT protocol on Qwen2.5-1.5B (its tied upstream shape: a hub id, not the
+    offline copy, whose converted config may differ): refused on a 23 GiB CPU machine with the default
+    optimizer, naming the 8-bit optimizer as what would fit; planned with it (and with bf16 weights)."""
+    config = load_config(str(ROOT / "configs" / "cpu_scale.yaml"),
+                         ["reproduce.models=[Qwen/Qwen2.5-1.5B-Instruct]", "reproduce.ft_protocols={full: {method: full}}",
+                          "reproduce.compare_protocol=full", "ft.per_device_batch_size=4"])
+    machine = Machine(0, 0.0, 23 * GIB, "the project's 2-core CPU machine")
+    with pytest.raises(ConfigError, match=r"full \(full\) N=16: .* needs ~29 GiB on one device, host RAM has 23 GiB; "
+                                          r"would fit: LoRA here \(~6 GiB\); or ft.optimizer=adamw_torch_8bit here "
+                                          r"\(~20 GiB\); or one GPU"):
+        check_plan(config, machine, tmp_path)
+    for low_ft in ({"optimizer": "adamw_torch_8bit"}, {"optimizer": "adamw_torch_8bit", "param_dtype": "bf16"}):
+        low = derive(config, {"reproduce.ft_protocols": {"full": {"method": "full", **low_ft}}})
+        rows = [r for r in check_plan(low, machine, tmp_path).rows if r.stage == "FT"]
+        assert rows and all(r.fits for r in rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # the GPU path on a faked CUDA machine with flash-attn present
 # ----------------------------------------------------------------------------------------------

@@ -337,6 +337,29 @@ def test_report_to_a_missing_package_is_one_line_before_any_model_loads(data, tm
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
 
 
+def test_a_bad_optimizer_or_its_missing_package_is_one_line_before_any_model_loads(data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """ft.optimizer: a name transformers does not know, or a low-precision optimizer whose package
+    (torchao) is not installed: refused when the config loads, not by the Trainer after the model is built."""
+    import importlib.util
+
+    from iclvsft.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("no model may load"))
+    code, err = script("finetune.py", "--data", data, "--task", "expression", "--out", tmp_path / "ft",
+                       "ft.optimizer=adamw_nope", capsys=capsys)
+    one_line(code, err, "ft.optimizer: unknown optimizer 'adamw_nope'; use a transformers TrainingArguments.optim "
+             "name, e.g. adamw_torch_fused (the default) or adamw_torch_8bit")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    code, err = script("finetune.py", "--data", data, "--task", "expression", "--out", tmp_path / "ft",
+                       "ft.method=full", "ft.optimizer=adamw_torch_8bit", capsys=capsys)
+    one_line(code, err, "ft.optimizer=adamw_torch_8bit needs the torchao package: pip install torchao "
+             "(or ft.optimizer=adamw_torch_fused)")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
+
+
 def test_ctrl_c_is_one_line_and_exit_130():
     """Ctrl-C used to print a KeyboardInterrupt traceback (tens of lines from torch or the Trainer)."""
     import subprocess

@@ -5,11 +5,14 @@ truncation; the three batchings give the same loss on the same rows (padding-fre
 the loss falls on a repeated small batch; LoRA leaves the base bit-identical and changes the adapter,
 and the saved adapter reproduces the in-memory logits; a full run saves a loadable model; an
 interrupted run resumes to the same log as an uninterrupted one; a finished run is not overwritten
-unless asked; `accelerate launch` with two processes completes and saves once.
+unless asked; `accelerate launch` with two processes completes and saves once; ft.optimizer is
+checked at load (name and package), and torchao's 8-bit AdamW trains full FT over fp32 master weights
+or bf16 weights (stochastic rounding) and resumes from its checkpoint exactly.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -380,6 +383,83 @@ def test_report_to_is_checked_when_the_config_loads(monkeypatch):
         load_config(None, ["ft.report_to=[tensorboard]"])
 
 
+def test_optimizer_names_and_packages_agree_with_transformers():
+    """ft.optimizer's table (iclvsft.optimizers) holds exactly transformers' TrainingArguments.optim names,
+    and its package check agrees with transformers' own where transformers has one."""
+    from transformers.training_args import OptimizerNames
+    from transformers.utils import import_utils
+
+    from iclvsft.optimizers import OPTIMIZERS, STOCHASTIC_ROUNDING, optimizer_installed
+
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+    assert set(STOCHASTIC_ROUNDING) <= set(OPTIMIZERS)
+    checks = {"adamw_torch_8bit": "is_torchao_available", "adamw_bnb_8bit": "is_bitsandbytes_available",
+              "galore_adamw": "is_galore_torch_available", "apollo_adamw": "is_apollo_torch_available",
+              "lomo": "is_lomo_available", "grokadamw": "is_grokadamw_available",
+              "schedule_free_adamw": "is_schedulefree_available", "stable_adamw": "is_torch_optimi_available"}
+    for name, check in checks.items():
+        assert optimizer_installed(name) == bool(getattr(import_utils, check)()), name
+    assert optimizer_installed("adamw_torch_8bit")  # torchao is pinned in requirements.txt
+
+
+def test_optimizer_and_param_dtype_are_checked_when_the_config_loads(monkeypatch):
+    """A bad ft.optimizer name, a missing package, or ft.param_dtype=bf16 without a stochastic-rounding
+    optimizer, with LoRA, or with fp32 compute: one ConfigError line when the config loads (the scripts
+    print it and exit 2 before any model loads)."""
+    assert load_config(None, ["ft.optimizer=adamw_torch_4bit"]).ft.optimizer == "adamw_torch_4bit"
+    full_bf16 = ["ft.method=full", "ft.optimizer=adamw_torch_8bit", "ft.param_dtype=bf16"]
+    assert load_config(None, full_bf16).ft.param_dtype == "bf16"
+    # runs recorded before the key existed (fp32 master weights) keep their identity
+    assert "param_dtype" not in train.run_identity(load_config(None, ["ft.method=full"]), {})["ft"]
+    assert train.run_identity(load_config(None, full_bf16), {})["ft"]["param_dtype"] == "bf16"
+    with pytest.raises(ConfigError, match=r"^ft.optimizer: unknown optimizer 'adamw_nope'; use a transformers "
+                                          r"TrainingArguments.optim name, e.g. adamw_torch_fused \(the default\) "
+                                          r"or adamw_torch_8bit$"):
+        load_config(None, ["ft.optimizer=adamw_nope"])
+    with pytest.raises(ConfigError, match=r"^ft.param_dtype must be one of fp32, bf16, got 'fp16'$"):
+        load_config(None, ["ft.param_dtype=fp16"])
+    with pytest.raises(ConfigError, match=r"^ft.param_dtype=bf16 needs an optimizer that rounds its updates to bf16 "
+                                          r"stochastically: ft.optimizer=adamw_torch_8bit or adamw_torch_4bit, got "
+                                          r"adamw_torch_fused$"):
+        load_config(None, ["ft.method=full", "ft.param_dtype=bf16"])
+    with pytest.raises(ConfigError, match=r"^ft.param_dtype=bf16 applies to ft.method=full"):
+        load_config(None, [*full_bf16, "ft.method=lora"])
+    with pytest.raises(ConfigError, match=r"^ft.param_dtype=bf16 trains in bf16: it needs dtype bf16 or auto, got "
+                                          r"dtype fp32$"):
+        load_config(None, [*full_bf16, "dtype=fp32"])
+    with pytest.raises(ConfigError, match=r"^ft.optimizer: unknown optimizer 'sgdx'"):  # a protocol's too
+        load_config(None, ["reproduce.ft_protocols={x: {optimizer: sgdx}}"])
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("torchao") else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^ft.optimizer=adamw_torch_8bit needs the torchao package: pip install "
+                                          r"torchao \(or ft.optimizer=adamw_torch_fused\)$"):
+        load_config(None, ["ft.optimizer=adamw_torch_8bit"])
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_low_precision_optimizer_trains_full_ft(data_dir, tmp_path, param_dtype):
+    """Full FT with torchao's 8-bit AdamW under bf16 compute, over fp32 master weights or bf16 weights
+    (stochastic rounding): the Trainer builds that optimizer, its moments are 8-bit, the weights keep
+    their dtype, and the loss is finite and falls on a repeated small batch."""
+    from torchao.optim import AdamW8bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    config = tiny_config("ft.n_train=4", "ft.max_steps=12", "ft.method=full", "ft.learning_rate=0.003", "dtype=bf16",
+                         "ft.optimizer=adamw_torch_8bit", f"ft.param_dtype={param_dtype}")
+    result = train.finetune(config, tmp_path / "run", data_dir, show_progress=False)
+    losses = [e["loss"] for e in log_lines(tmp_path / "run")]
+    assert len(losses) == 12 and all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    optimizer = result.trainer.optimizer.optimizer
+    assert isinstance(optimizer, AdamW8bit) and optimizer.bf16_stochastic_round == (param_dtype == "bf16")
+    assert any(isinstance(t, OptimState8bit) for st in optimizer.state.values() for t in st.values())
+    want = torch.bfloat16 if param_dtype == "bf16" else torch.float32
+    assert {p.dtype for p in result.model.parameters()} == {want}
+    assert result.summary["precision"]["load_dtype"] == ("bfloat16" if param_dtype == "bf16" else "float32")
+
+
 def test_tensorboard_events_survive_the_run_and_read_back(data_dir, tmp_path):
     """ft.report_to=tensorboard: the event files go to <out>/runs/, survive the removal of checkpoints/
     at the end of the run, and hold the same losses as train_log.jsonl."""
@@ -435,6 +515,31 @@ def test_interrupted_run_resumes_to_the_same_log(data_dir, tmp_path):
     assert resumed.summary["resumed_from"].endswith("checkpoint-2")
     a, b = log_lines(tmp_path / "straight"), log_lines(out)
     assert [e["step"] for e in b] == [1, 2, 3, 4, 5, 6]  # step 3 redone once, no duplicate lines
+    assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-5)
+    assert resumed.summary["final_loss"] == pytest.approx(straight.summary["final_loss"], rel=1e-5)
+
+
+def test_low_precision_run_resumes_with_its_8bit_state(data_dir, tmp_path):
+    """Full FT with bf16 weights and torchao's 8-bit AdamW, killed after step 3: the checkpoint holds the
+    quantized moments (tensor subclasses) and the RNG of the stochastic rounding, so the resumed run logs
+    the losses of an uninterrupted one."""
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 3:
+                raise Crash("simulated kill after step 3")
+
+    config = tiny_config("ft.max_steps=6", "ft.save_steps=2", "ft.method=full", "dtype=bf16", "ft.learning_rate=0.003",
+                         "ft.optimizer=adamw_torch_8bit", "ft.param_dtype=bf16")
+    straight = train.finetune(config, tmp_path / "straight", data_dir, show_progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        train.finetune(config, out, data_dir, callbacks=[CrashAt()], show_progress=False)
+    resumed = train.finetune(config, out, data_dir, show_progress=False)
+    assert resumed.summary["resumed_from"].endswith("checkpoint-2")
+    a, b = log_lines(tmp_path / "straight"), log_lines(out)
+    assert [e["step"] for e in b] == [1, 2, 3, 4, 5, 6]
     assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-5)
     assert resumed.summary["final_loss"] == pytest.approx(straight.summary["final_loss"], rel=1e-5)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io import host_ram_bytes
+from ..optimizers import OPTIMIZERS, STOCHASTIC_ROUNDING, optimizer_installed, optimizer_package
 from ..reporting import REPORTERS, report_to_list, reporter_installed
 from ..tasks import FORMAT_FACTORS, FORMATS, POOLS, PROMPT_STYLES, SPLITS, TASKS, corruption_kinds, get_task, parse_task_list
 from ..tasks.base import DISTRIBUTIONS, check_distribution
@@ -29,6 +30,7 @@ LOSS_ON = ("completion", "sequence")
 LOSS_AVERAGES = ("tokens", "rows")
 BATCHING = ("padding_free", "padded", "max_length")
 LOGITS_ON = ("labels", "all")
+PARAM_DTYPES = ("fp32", "bf16")
 # transformers schedulers that need no extra arguments (tests check they exist in transformers).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
@@ -191,7 +193,13 @@ class FtConfig(Section):
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", minimum=0)
     optimizer: str = option("adamw_torch_fused", "a transformers optimizer name (TrainingArguments.optim); "
                             "adamw_torch_fused: torch's fused AdamW kernel (CPU and CUDA), ~8x faster than the "
-                            "per-tensor loop of adamw_torch on the 0.5B model's full FT here")
+                            "per-tensor loop of adamw_torch on the 0.5B model's full FT here | adamw_torch_8bit, "
+                            "adamw_torch_4bit: torchao's AdamW with 8-/4-bit moments (2 / 1 bytes per parameter "
+                            "instead of 8; the torchao package), for full FT of models too large otherwise")
+    param_dtype: str = option("fp32", "full FT: the dtype the trained weights and their gradients are held in: fp32 "
+                              "(master weights under bf16 autocast) | bf16 (half the bytes; each update rounded to "
+                              "bf16 stochastically, so it needs ft.optimizer adamw_torch_8bit or adamw_torch_4bit)",
+                              choices=PARAM_DTYPES)
     batch_size: int = option(16, "effective rows per optimizer step = per_device_batch_size x devices x "
                              "accumulation")
     per_device_batch_size: int = option(4, "rows per forward pass on one device; accumulation makes up batch_size",
@@ -225,7 +233,19 @@ class FtConfig(Section):
         _need(self.batch_size >= 1 and self.batch_size % self.per_device_batch_size == 0,
               f"ft.batch_size ({self.batch_size}, rows per optimizer step) must be a positive multiple of "
               f"ft.per_device_batch_size ({self.per_device_batch_size})")
-        _need(bool(self.optimizer), "ft.optimizer must name a transformers optimizer, e.g. adamw_torch")
+        _need(self.optimizer in OPTIMIZERS, f"ft.optimizer: unknown optimizer {self.optimizer!r}; use a transformers "
+              "TrainingArguments.optim name, e.g. adamw_torch_fused (the default) or adamw_torch_8bit")
+        package = optimizer_package(self.optimizer)
+        _need(optimizer_installed(self.optimizer), f"ft.optimizer={self.optimizer} needs the {package} package: "
+              f"pip install {package} (or ft.optimizer=adamw_torch_fused)")
+        if self.param_dtype == "bf16":
+            _need(self.method == "full", f"ft.param_dtype=bf16 applies to ft.method=full (LoRA trains an fp32 "
+                  f"adapter), got ft.method={self.method}")
+            _need(self.optimizer in STOCHASTIC_ROUNDING, f"ft.param_dtype=bf16 needs an optimizer that rounds its "
+                  f"updates to bf16 stochastically: ft.optimizer={' or '.join(STOCHASTIC_ROUNDING)}, got "
+                  f"{self.optimizer}")
+            _need(config.get("dtype", "auto") in ("auto", "bf16"), f"ft.param_dtype=bf16 trains in bf16: it needs "
+                  f"dtype bf16 or auto, got dtype {config.get('dtype')}")
         _need(self.rows == "prompt" or config.get("format") == "authors",
               "ft.rows authors_train needs format: authors (our FT rows are the evaluation prompt)")
         for name in report_to_list(self.report_to):

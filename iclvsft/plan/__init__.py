@@ -55,6 +55,7 @@ from .estimates import (
     load_seconds,
     needed,
     optimizer_state_bytes,
+    param_bytes,
     task_tokens,
     train_memory,
     train_seconds,
@@ -68,6 +69,6 @@ __all__ = [
     "KNOWN_SHAPES", "LOGIT_BYTES", "AccelerateCheck", "Estimate", "FTShape", "Invocation", "Machine", "Plan", "PlanRow",
     "Rates", "Shape", "accumulation_for", "check_accelerate_config", "check_plan", "compute_dtype", "detect_machine",
     "eval_memory", "eval_seconds", "fits", "ft_shape", "host_ram_bytes", "launch_command", "load_seconds",
-    "model_shape", "needed", "optimizer_state_bytes", "plan_study", "read_accelerate_config", "render_plan",
+    "model_shape", "needed", "optimizer_state_bytes", "param_bytes", "plan_study", "read_accelerate_config", "render_plan",
     "shape_from_config", "task_tokens", "train_memory", "train_seconds",
 ]

@@ -25,10 +25,17 @@ CUDA_OVERHEAD = 1.0 * GIB  # CUDA context, cuBLAS/NCCL workspaces: outside torch
 CPU_OVERHEAD = 2.0 * GIB  # the interpreter, torch, tokenizer and data of the process
 FIT_FRACTION = 0.9  # headroom for allocator fragmentation
 
-#: Optimizer state bytes per trainable parameter (transformers' ``optim`` names).
+#: Optimizer state bytes per trainable parameter (transformers' ``optim`` names). torchao's low-bit
+#: AdamW (adamw_torch_8bit / _4bit) keeps each of its two moments as 8-bit (4-bit) codes plus one fp32
+#: scale per block of 256 values (transformers' block_size): 2 x (1 + 4/256), 2 x (0.5 + 4/256).
 OPTIMIZER_STATE = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_torch_npu_fused": 8, "adamw_apex_fused": 8,
                    "adamw_anyprecision": 8, "adafactor": 1, "sgd": 0, "adagrad": 4, "lion_32bit": 4, "lion_8bit": 1,
-                   "adamw_8bit": 2, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "rmsprop": 4}
+                   "adamw_8bit": 2, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "rmsprop": 4,
+                   "adamw_torch_8bit": 2 * (1 + 4 / 256), "adamw_torch_4bit": 2 * (0.5 + 4 / 256)}
+#: torchao's AdamW updates one parameter at a time (a compiled kernel per shape) through two fp32
+#: temporaries of that parameter's size: 8 bytes per value of the largest trained tensor (measured:
+#: 8.03 bytes per value for a 32M-value tensor, fp32 and bf16 weights alike, torchao 0.18 on CPU).
+PER_TENSOR_TEMP = {"adamw_torch_8bit": 8, "adamw_torch_4bit": 8}
 
 #: Tokens per item of each task (Qwen2.5 tokenizer, default generators, 64 train / 64 test items):
 #: (FT row mean, FT row max, completion + eos, demonstration mean, query mean, query max).
@@ -89,15 +96,22 @@ def optimizer_state_bytes(optimizer: str) -> float:
     return float(OPTIMIZER_STATE.get(optimizer, 8))
 
 
+def param_bytes(ft: FtConfig) -> int:
+    """Bytes per trained weight and per gradient of full FT: 4 (fp32 master weights), 2 (ft.param_dtype=bf16)."""
+    return 2 if ft.method == "full" and ft.param_dtype == "bf16" else 4
+
+
 def train_memory(shape: Shape, method: str, *, tokens: float, logit_positions: float, lora_r: int = 16,
                  half: bool = True, optimizer: str = "adamw_torch_fused", accumulation: int = 1,
                  checkpointing: bool = False, strategy: str = "single", n_gpus: int = 1,
-                 cuda: bool = True) -> Estimate:
+                 cuda: bool = True, param_bytes: int = 4) -> Estimate:
     """Peak memory of one training run (see the module docstring for the formula).
 
     ``tokens``: tokens of one forward pass on one device; ``logit_positions``: positions whose logits
     are computed in it; ``half``: bf16/fp16 compute (autocast for full FT, a half-precision base for
-    LoRA); ``strategy``: ``single`` | ``zero3`` | ``zero3_offload`` (DeepSpeed, ``n_gpus`` processes).
+    LoRA); ``strategy``: ``single`` | ``zero3`` | ``zero3_offload`` (DeepSpeed, ``n_gpus`` processes);
+    ``param_bytes``: full FT's bytes per weight and per gradient (4: fp32 master weights under
+    autocast, 2: ``ft.param_dtype=bf16``, no autocast copies then).
     """
     lora = method == "lora"
     p = float(shape.params)
@@ -109,10 +123,11 @@ def train_memory(shape: Shape, method: str, *, tokens: float, logit_positions: f
         if lora:
             weights, copies = (2.0 if half else 4.0) * p + 4 * t, (2 * t if half else 0.0)
         else:
-            weights, copies = 4 * p, (2.0 * shape.matmul_params if half else 0.0)
-        grads = 4 * t
-        foreach = "fused" not in optimizer and optimizer.startswith("adamw_torch") and cuda
-        temp = 4 * t if foreach else 0.0
+            weights, copies = param_bytes * p, (2.0 * shape.matmul_params if half and param_bytes == 4 else 0.0)
+        grads = (4 if lora else param_bytes) * t
+        foreach = optimizer in ("adamw_torch", "adamw_torch_xla") and cuda
+        temp = 4 * t if foreach else PER_TENSOR_TEMP.get(optimizer, 0) * (shape.largest_lora_tensor(lora_r) if lora
+                                                                          else shape.largest_tensor)
         forward = copies + acts + logits + (grads if accumulation > 1 else 0.0)
         step = grads + temp
         parts = {"weights": weights, "optimizer": state, "gradients": grads, "autocast_copies": copies,

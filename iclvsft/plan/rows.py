@@ -11,6 +11,7 @@ from typing import Any
 from ..config import Config, FtConfig
 from ..errors import ConfigError
 from ..jobs import FTRun, plan_ft, plan_ladder
+from ..optimizers import STOCHASTIC_ROUNDING
 from ..tasks import get_task
 from .estimates import (
     CHAT_TOKENS,
@@ -31,6 +32,7 @@ from .estimates import (
     ft_shape,
     load_seconds,
     needed,
+    param_bytes,
     task_tokens,
     train_memory,
     train_seconds,
@@ -161,7 +163,7 @@ def _ft_estimate(shape: Shape, ft: FtConfig, config: Config, model: str, machine
     est = train_memory(shape, ft.method, tokens=fts.tokens_per_pass, logit_positions=fts.logit_positions,
                        lora_r=ft.lora.r, half=half, optimizer=ft.optimizer,
                        accumulation=accumulation_for(ft, n) or 1, checkpointing=ft.gradient_checkpointing,
-                       strategy=strategy, n_gpus=n, cuda=machine.cuda)
+                       strategy=strategy, n_gpus=n, cuda=machine.cuda, param_bytes=param_bytes(ft))
     return est, fts, half
 
 
@@ -233,6 +235,15 @@ def _ft_alternatives(shape: Shape, ft: FtConfig, config: Config, model: str, mac
         est, _, _ = _ft_estimate(shape, dataclasses.replace(ft, method="lora"), config, model, machine, "single", 1)
         if fits(est, machine):
             options.append(f"LoRA here (~{needed(est, machine.cuda) / GIB:.0f} GiB)")
+    if ft.method == "full" and ft.optimizer not in STOCHASTIC_ROUNDING:
+        # torchao's 8-bit AdamW: over the fp32 master weights, else also with bf16 weights
+        for low, text in (({"optimizer": "adamw_torch_8bit"}, "ft.optimizer=adamw_torch_8bit"),
+                          ({"optimizer": "adamw_torch_8bit", "param_dtype": "bf16"},
+                           "ft.optimizer=adamw_torch_8bit ft.param_dtype=bf16")):
+            est, _, _ = _ft_estimate(shape, dataclasses.replace(ft, **low), config, model, machine, "single", 1)
+            if fits(est, machine):
+                options.append(f"{text} here (~{needed(est, machine.cuda) / GIB:.0f} GiB)")
+                break
     if not ft.gradient_checkpointing:
         est, _, _ = _ft_estimate(shape, dataclasses.replace(ft, gradient_checkpointing=True), config, model, machine, "single", 1)
         if fits(est, machine):

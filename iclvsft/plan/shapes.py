@@ -57,6 +57,14 @@ class Shape:
         """Parameters used in matrix products: all but an untied input embedding (a lookup)."""
         return self.params - (0 if self.tied else self.vocab * self.hidden)
 
+    @property
+    def largest_tensor(self) -> int:
+        """Values of the largest weight: the embedding (or output head), an MLP or the query projection."""
+        return self.hidden * max(self.vocab, self.intermediate, self.heads * self.hd)
+
+    def largest_lora_tensor(self, r: int) -> int:
+        return r * max(self.hidden, self.heads * self.hd, self.intermediate)
+
     def lora_params(self, r: int) -> int:
         """Adapter parameters of LoRA rank ``r`` on every linear layer but the output head (all-linear)."""
         h, q, kv, i = self.hidden, self.heads * self.hd, self.kv_dim, self.intermediate

@@ -52,7 +52,7 @@ SUMMARY_FILE = "summary.json"
 NON_SEMANTIC_FT_KEYS = ("save_steps", "keep_checkpoints", "logging_steps", "report_to")
 # ft keys added after runs were recorded, at the value every earlier run trained with: left out of the
 # identity at that value, so runs recorded before the key existed stay the same run.
-DEFAULT_ADDED_FT = {"loss_average": "tokens"}
+DEFAULT_ADDED_FT = {"loss_average": "tokens", "param_dtype": "fp32"}
 
 
 def default_out_dir(config: Config) -> Path:

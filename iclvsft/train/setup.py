@@ -57,7 +57,14 @@ def plan_precision(config: Config, device) -> Precision:
     if dtype == torch.float16 and torch.device(device).type != "cuda":
         raise ConfigError("dtype fp16 trains only on CUDA (it needs a gradient scaler); use bf16 or fp32 here")
     # LoRA: the frozen base may live in half precision (the adapter is fp32, peft's default).
-    # Full: fp32 master weights; the half-precision math comes from autocast.
+    # Full: fp32 master weights; the half-precision math comes from autocast. ft.param_dtype=bf16 (full
+    # FT only, checked with the config): bf16 weights and gradients, updated by an optimizer that rounds
+    # stochastically (iclvsft.optimizers.STOCHASTIC_ROUNDING).
+    if config.ft.method == "full" and config.ft.param_dtype == "bf16":
+        if dtype != torch.bfloat16:
+            raise ConfigError(f"ft.param_dtype=bf16 trains in bf16, but dtype {config.dtype} resolves to {name} on "
+                              f"{torch.device(device).type}; use ft.param_dtype=fp32 there")
+        return Precision(name, "bfloat16", bf16=True, fp16=False)
     load = name if config.ft.method == "lora" else "float32"
     return Precision(name, load, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
 
@@ -194,6 +201,8 @@ def training_arguments(config: Config, out: Path, precision: Precision, world_si
         weight_decay=ft.weight_decay,
         max_grad_norm=ft.max_grad_norm,
         optim=ft.optimizer,
+        # bf16 weights: torchao's low-bit AdamW rounds each update to bf16 stochastically
+        optim_args="bf16_stochastic_round=True" if precision.load_dtype == "bfloat16" and ft.method == "full" else None,
         num_train_epochs=ft.epochs if ft.max_steps == 0 else 1.0,
         max_steps=ft.max_steps if ft.max_steps > 0 else -1,
         bf16=precision.bf16,
