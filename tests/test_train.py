@@ -56,6 +56,15 @@ def tiny_tokenizer():
 # rows, tokens, collators
 # ----------------------------------------------------------------------------------------------
 
+
+def hide_package(monkeypatch, prefix: str) -> None:
+    """Make every module whose name starts with ``prefix`` look not installed (importlib's find_spec)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith(prefix) else real_find_spec(name, *a))
+
 def test_select_rows_first_n_and_mixed(data_dir):
     rows, record = train.select_rows(data_dir, ["expression"], 5)
     assert [r["id"] for r in rows] == [f"expression-train-pattern-{i:05d}" for i in range(5)]
@@ -374,10 +383,7 @@ def test_report_to_is_checked_when_the_config_loads(monkeypatch):
         assert reporter_installed(name) == bool(getattr(integration_utils, check)()), name
     with pytest.raises(ConfigError, match="unknown logger 'csv'; use none or one of tensorboard"):
         load_config(None, ["ft.report_to=csv"])
-    import importlib.util
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("tensorboard") else real_find_spec(name, *a))
+    hide_package(monkeypatch, "tensorboard")
     with pytest.raises(ConfigError, match=r"^ft.report_to=tensorboard needs the tensorboard package: pip install "
                                           r"tensorboard \(or ft.report_to=none\)$"):
         load_config(None, ["ft.report_to=[tensorboard]"])
@@ -429,10 +435,7 @@ def test_optimizer_and_param_dtype_are_checked_when_the_config_loads(monkeypatch
         load_config(None, [*full_bf16, "dtype=fp32"])
     with pytest.raises(ConfigError, match=r"^ft.optimizer: unknown optimizer 'sgdx'"):  # a protocol's too
         load_config(None, ["reproduce.ft_protocols={x: {optimizer: sgdx}}"])
-    import importlib.util
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("torchao") else real_find_spec(name, *a))
+    hide_package(monkeypatch, "torchao")
     with pytest.raises(ConfigError, match=r"^ft.optimizer=adamw_torch_8bit needs the torchao package: pip install "
                                           r"torchao \(or ft.optimizer=adamw_torch_fused\)$"):
         load_config(None, ["ft.optimizer=adamw_torch_8bit"])
