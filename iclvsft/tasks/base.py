@@ -195,9 +195,6 @@ class Task:
         """``item`` as this format shows it (``ours``: unchanged)."""
         return item
 
-    def train_row(self, item: Item) -> dict[str, str]:
-        raise ConfigError("ft.rows authors_train needs format: authors (our FT rows are the evaluation prompt)")
-
     def authors_item(self, item: Item, ours: frozenset[str] = frozenset()) -> Item:
         """``item`` in the authors' evaluation format, the factors in ``ours`` (``formats.FORMAT_FACTORS``)
         shown our way: their query text (without its trailing space: the view adds it), gold and shortcut
