@@ -32,10 +32,13 @@ OPTIMIZER_STATE = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_torch_npu_fu
                    "adamw_anyprecision": 8, "adafactor": 1, "sgd": 0, "adagrad": 4, "lion_32bit": 4, "lion_8bit": 1,
                    "adamw_8bit": 2, "adamw_bnb_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "rmsprop": 4,
                    "adamw_torch_8bit": 2 * (1 + 4 / 256), "adamw_torch_4bit": 2 * (0.5 + 4 / 256)}
-#: torchao's AdamW updates one parameter at a time (a compiled kernel per shape) through two fp32
-#: temporaries of that parameter's size: 8 bytes per value of the largest trained tensor (measured:
-#: 8.03 bytes per value for a 32M-value tensor, fp32 and bf16 weights alike, torchao 0.18 on CPU).
-PER_TENSOR_TEMP = {"adamw_torch_8bit": 8, "adamw_torch_4bit": 8}
+#: torchao's AdamW updates one parameter at a time (a compiled kernel per shape) through temporaries of
+#: that parameter's size, counted per value of the largest trained tensor. 8-bit: two fp32 temporaries,
+#: 8 bytes (measured: 8.03 bytes per value for a 32M-value tensor, fp32 and bf16 weights alike, torchao
+#: 0.18 on CPU). 4-bit: 24 bytes, fitted to the one measurement there is (full FT of the offline 0.5B
+#: model, benchmarks/bench_lowmem.py: peak RSS 8.00 GiB while training, 2.03 GiB above what 8 bytes
+#: gives; its quantizer compares each value with the 16 codes) and checked against it in tests/test_plan.py.
+PER_TENSOR_TEMP = {"adamw_torch_8bit": 8, "adamw_torch_4bit": 24}
 
 #: Tokens per item of each task (Qwen2.5 tokenizer, default generators, 64 train / 64 test items):
 #: (FT row mean, FT row max, completion + eos, demonstration mean, query mean, query max).

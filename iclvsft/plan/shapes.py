@@ -116,6 +116,9 @@ KNOWN_SHAPES: dict[str, Shape] = {
     "qwen2.5-32b": Shape(5120, 64, 27648, 40, 8, 152064, False, source=QWEN25),
     # the offline GGUF of Qwen2.5-Coder-0.5B-Instruct carries an untied output layer (~630M parameters)
     "qwen2.5-coder-0.5b-instruct": Shape(896, 24, 4864, 14, 2, 151936, False, source="the offline GGUF"),
+    # and that of the 1.5B model (~1.78B parameters, not the upstream 1.54B): before it is prepared, the plan
+    # must not fall back to the tied upstream shape and underestimate full FT by ~3.5 GiB
+    "qwen2.5-coder-1.5b-instruct": Shape(1536, 28, 8960, 12, 2, 151936, False, source="the offline GGUF"),
     "smollm2-135m-instruct": Shape(576, 30, 1536, 9, 3, 49152, True, qkv_bias=False, source="the public config"),
     # 4 query heads of 256 (wider than hidden 640), q/k norms and 4 norms a layer (0.01% of its parameters, not counted)
     "gemma3-270m": Shape(640, 18, 2048, 4, 1, 262144, True, head_dim=256, qkv_bias=False, source="the public config"),
