@@ -115,10 +115,41 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
     same = sum(first_line(ours.get(i.id, "")) == first_line(theirs.get(i.id, "\0")) for i in items)
     print(f"test.py is {seconds['lm-eval'] / seconds['test.py']:.1f}x faster end to end; identical first lines "
           f"{same}/{len(items)} ({len(ours)} test.py rows, {len(theirs)} lm-eval rows)")
+    differences = [{"id": i.id, "test.py": first_line(ours.get(i.id, "")), "lm-eval": first_line(theirs.get(i.id, ""))}
+                   for i in items if first_line(ours.get(i.id, "")) != first_line(theirs.get(i.id, "\0"))]
+    if differences:
+        explain(args, task, {i.id: i for i in items}, demos, max_new, differences)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "identical": same,
-                                               "items": len(items), "provenance": provenance()}, indent=2))
+                                               "items": len(items), "differences": differences,
+                                               "provenance": provenance()}, indent=2))
     return 0
+
+
+def explain(args, task, items: dict, demos, max_new: int, differences: list[dict]) -> None:
+    """Where the two tools disagree: each such prompt again, alone (one row: no padding, no batch, no
+    cache; transformers' generate), in the run's precision and in fp32, with the smallest gap between
+    the two most likely tokens over the greedy steps (a near-tie shows as a gap of a rounding error)."""
+    for dtype in dict.fromkeys([args.dtype, "fp32"]):
+        loaded = load_model(args.model, dtype=dtype)
+        model, tok = loaded.model.eval(), loaded.tokenizer
+        for d in differences:
+            enc = tok(build_prompt(task, items[d["id"]].question, demos), return_tensors="pt")
+            with torch.inference_mode():
+                gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+            tokens = gen.sequences[0, enc["input_ids"].shape[1]:].tolist()
+            # the steps of the first line: up to and including the first token that ends it
+            n = next((k + 1 for k in range(len(tokens)) if "\n" in tok.decode(tokens[:k + 1])), len(tokens))
+            tops = [torch.topk(score[0].float(), 2) for score in gen.scores[:n]]
+            step = min(range(len(tops)), key=lambda k: float(tops[k].values[0] - tops[k].values[1]))
+            name = str(loaded.info.get("dtype", dtype))
+            d[f"alone_{name}"] = first_line(tok.decode(tokens, skip_special_tokens=True))
+            d[f"smallest_gap_{name}"] = {"step": step, "gap": float(tops[step].values[0] - tops[step].values[1]),
+                                         "top2": [tok.decode(t) for t in tops[step].indices.tolist()]}
+            print(f"{d['id']}: test.py {d['test.py']!r}, lm-eval {d['lm-eval']!r}, alone in {name} "
+                  f"{d[f'alone_{name}']!r} (smallest top-2 gap {d[f'smallest_gap_{name}']['gap']:.4f} at step "
+                  f"{step}: {d[f'smallest_gap_{name}']['top2']})")
 
 
 def main() -> int:

@@ -32,8 +32,7 @@ from iclvsft.config import derive, load_config, protocol_ft
 from iclvsft.errors import ConfigError
 from iclvsft.jobs import plan_ft
 from iclvsft.models import precision as precision_module
-from iclvsft.plan import (CPU_OVERHEAD, GIB, KNOWN_SHAPES, Machine, check_accelerate_config, check_plan, model_shape,
-                          train_memory)
+from iclvsft.plan import CPU_OVERHEAD, GIB, KNOWN_SHAPES, Machine, check_accelerate_config, check_plan, model_shape, train_memory
 from iclvsft.train import setup
 
 PAPER = ROOT / "configs" / "paper.yaml"
