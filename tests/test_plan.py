@@ -226,8 +226,7 @@ def test_low_precision_full_ft_estimate_by_hand():
     tensor: 233,373,696 values), 4 rows x 36 tokens per pass, 4 answer positions per row, accumulation 4,
     on the CPU, worked out by hand: torchao's 8-bit AdamW keeps 2 x (1 + 4/256) = 2.03125 bytes per
     parameter (4-bit: 1.03125) and steps through 8 bytes per value of the largest tensor (4-bit: 24, as
-    measured); ft.param_dtype=bf16
-    halves weights and gradients and needs no autocast copies."""
+    measured); ft.param_dtype=bf16 halves weights and gradients and needs no autocast copies."""
     p, largest = 1_543_714_304, 151_936 * 1_536
     shape = KNOWN_SHAPES["qwen2.5-1.5b"]
     assert (shape.params, shape.largest_tensor) == (p, largest)

@@ -37,7 +37,7 @@ OPTIMIZER_STATE = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_torch_npu_fu
 #: 8 bytes (measured: 8.03 bytes per value for a 32M-value tensor, fp32 and bf16 weights alike, torchao
 #: 0.18 on CPU). 4-bit: 24 bytes, fitted to the one measurement there is (full FT of the offline 0.5B
 #: model, benchmarks/bench_lowmem.py: peak RSS 8.00 GiB while training, 2.03 GiB above what 8 bytes
-#: gives; its quantizer compares each value with the 16 codes) and checked against it in tests/test_plan.py.
+#: gives; where the extra bytes go inside torchao was not traced) and checked against it in tests/test_plan.py.
 PER_TENSOR_TEMP = {"adamw_torch_8bit": 8, "adamw_torch_4bit": 24}
 
 #: Tokens per item of each task (Qwen2.5 tokenizer, default generators, 64 train / 64 test items):
