@@ -9,7 +9,9 @@ Setups (all through :func:`iclvsft.train.finetune`, same model, rows, row order,
                  at labelled positions (``ft.logits_on: labels``);
 * ``ours_lora``: LoRA (r 16, all linear layers), the same: our default;
 * ``*_v1``:      the same with the earlier per-tensor AdamW and full logits (``ft.optimizer=adamw_torch
-                 ft.logits_on=all``), to measure those two changes side by side.
+                 ft.logits_on=all``), to measure those two changes side by side;
+* ``ours_lora_bf16in``: ``ours_lora`` with peft's cast of each adapter's input to fp32 turned off (not a
+                 config key: a candidate change, measured with its loss curve before it becomes one).
 
 For each, ``--warmup`` optimizer steps are run and dropped, then ``--steps`` are timed (real tokens
 per step from ``train_log.jsonl``; wall and process CPU seconds per step from a callback, step end to
@@ -57,6 +59,26 @@ SETUPS = {
                      *V1],
     "ours_lora": ["ft.method=lora", "ft.learning_rate=2.0e-4", "ft.loss_on=completion", "ft.batching=padding_free"],
 }
+# Benchmark-only variants (no config key): what a change would gain, measured before it becomes one.
+# "_bf16in": peft's switch `cast_input_dtype_enabled = False` on every LoRA layer, so an adapter's input stays
+# bf16 under autocast instead of being copied to the adapter's fp32 and back (dropout then draws on the bf16
+# tensor, whose 1/(1-p) scale rounds in bf16: 1/0.95 -> 1.0547, +0.2%: not the same maths).
+VARIANTS = {"ours_lora_bf16in": "ours_lora"}
+
+
+def no_input_cast():
+    """A Trainer callback that turns peft's cast of adapter inputs off when training begins."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import TrainerCallback
+
+    class NoInputCast(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            assert layers, "no LoRA layer found"
+            for layer in layers:
+                layer.cast_input_dtype_enabled = False
+
+    return NoInputCast()
 
 
 def matmul_rate(dtype, n: int = 2048, reps: int = 10, clock: str = "wall") -> float:
@@ -115,11 +137,13 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
     from iclvsft.config import load_config
     from iclvsft.train import finetune
 
-    config = load_config(None, [*base, *SETUPS[name], f"ft.max_steps={warmup + steps}", "ft.save_steps=0",
+    overrides = SETUPS[VARIANTS.get(name, name)]
+    config = load_config(None, [*base, *overrides, f"ft.max_steps={warmup + steps}", "ft.save_steps=0",
                                 "ft.logging_steps=1", "ft.warmup_steps=0", "ft.lr_scheduler=constant"])
     started = time.perf_counter()
     timer = step_clock()
-    result = finetune(config, workdir / name, data_dir, callbacks=[timer], show_progress=False)
+    extra = [no_input_cast()] if name == "ours_lora_bf16in" else []
+    result = finetune(config, workdir / name, data_dir, callbacks=[timer, *extra], show_progress=False)
     log = [json.loads(line) for line in (workdir / name / "train_log.jsonl").read_text().splitlines()]
     timed = log[warmup:]
     wall, cpu = sum(timer.wall[warmup:]), sum(timer.cpu[warmup:])
@@ -133,7 +157,7 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
     mean_len = summary["tokens_per_epoch"]["mean_row_tokens"]
     per_token = flops_per_token(model_config, n_params, ft["method"], mean_len)
     out = {
-        "setup": name, "overrides": SETUPS[name], "method": ft["method"], "batching": ft["batching"],
+        "setup": name, "overrides": overrides, "method": ft["method"], "batching": ft["batching"],
         "precision": summary["precision"]["dtype"], "timed_steps": len(timed), "rows": rows,
         "clock": clock, "seconds": round(seconds, 3), "wall_seconds_timed": round(wall, 3),
         "cpu_seconds_timed": round(cpu, 3), "step_wall_seconds": [round(x, 3) for x in timer.wall],
@@ -214,7 +238,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step (ft.batch_size)")
     p.add_argument("--per-device", type=int, default=2, help="rows per forward pass (ft.per_device_batch_size)")
     p.add_argument("--epoch-rows", type=int, default=256, help="rows per epoch for the seconds-per-epoch column")
-    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated: " + ", ".join([*SETUPS, "trl_lora"])
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated: " + ", ".join([*SETUPS, *VARIANTS, "trl_lora"])
                    + " (trl_lora: TRL's SFTTrainer, needs trl from requirements-dev.txt)")
     p.add_argument("--dtype", default="auto", help="config key dtype (auto: bf16 where the CPU has it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
