@@ -11,7 +11,8 @@ each in a fresh process, one after another, so peak memory is the setup's own):
 * ``4bit_bf16``:  the same with 4-bit moments (``adamw_torch_4bit``).
 
 Each run trains ``--steps`` optimizer steps of ``--rows`` rows of ``--task`` (``--rows`` = the batch, so
-every step sees the same rows: ``ft.n_train = ft.batch_size = ft.per_device_batch_size``), lr
+every step sees the same rows: ``ft.n_train = ft.batch_size = ft.per_device_batch_size``; with
+``--n-train`` above ``--rows`` each step takes rows not yet seen, in the train seed's order), lr
 ``--lr`` constant, no warm-up, the loss on the answer (configs/cpu.yaml otherwise). Recorded: the
 loss at every step (train_log.jsonl), seconds per step (the first one includes torchao's compilation
 of its update kernels, so the median of the others is reported), the peak resident memory of the
@@ -50,6 +51,7 @@ SETUPS = {
     "8bit": ["ft.optimizer=adamw_torch_8bit"],
     "8bit_bf16": ["ft.optimizer=adamw_torch_8bit", "ft.param_dtype=bf16"],
     "4bit_bf16": ["ft.optimizer=adamw_torch_4bit", "ft.param_dtype=bf16"],
+    "fp32_seed1": ["ft.train_seed=1"],  # the default with the rows in another order: a noise reference
 }
 GIB = 2**30
 
@@ -88,7 +90,7 @@ def child(args) -> dict:
     from iclvsft.train import finetune
 
     overrides = [f"model={args.model}", "dtype=bf16", "ft.method=full", f"ft.tasks=[{args.task}]",
-                 f"ft.n_train={args.rows}", f"ft.batch_size={args.rows}", f"ft.per_device_batch_size={args.rows}",
+                 f"ft.n_train={args.n_train or args.rows}", f"ft.batch_size={args.rows}", f"ft.per_device_batch_size={args.rows}",
                  f"ft.max_steps={args.steps}", f"ft.learning_rate={args.lr}", "ft.lr_scheduler=constant",
                  "ft.warmup_steps=0", "ft.save_steps=0", "ft.logging_steps=1", *SETUPS[args.child]]
     config = load_config(str(ROOT / "configs" / "cpu.yaml"), overrides)
@@ -102,12 +104,15 @@ def child(args) -> dict:
     stats = summary["tokens_per_epoch"]
     shape = model_shape(args.model)
     ft = config.ft
-    est = train_memory(shape, "full", tokens=stats["tokens"], logit_positions=stats["label_tokens"], half=True,
+    per_step = args.rows / (args.n_train or args.rows)  # the stats count an epoch of n_train rows
+    est = train_memory(shape, "full", tokens=stats["tokens"] * per_step, logit_positions=stats["label_tokens"] * per_step,
+                       half=True,
                        optimizer=ft.optimizer, accumulation=1, cuda=False, param_bytes=param_bytes(ft))
     seconds = [e["seconds"] for e in log]
     return {"setup": args.child, "overrides": SETUPS[args.child], "model": args.model,
-            "params": summary["model_info"]["trainable_params"], "rows": args.rows, "steps": len(log),
-            "tokens_per_step": stats["tokens"], "label_tokens_per_step": stats["label_tokens"],
+            "params": summary["model_info"]["trainable_params"], "rows": args.rows, "n_train": args.n_train or args.rows,
+            "steps": len(log),
+            "tokens_per_step": stats["tokens"] * per_step, "label_tokens_per_step": stats["label_tokens"] * per_step,
             "losses": [e["loss"] for e in log], "seconds": seconds,
             "seconds_first_step": seconds[0], "seconds_per_step": statistics.median(seconds[1:] or seconds),
             "peak_rss_train_gib": sampler.peak / GIB, "rss_at_train_begin_gib": sampler.at_begin / GIB,
@@ -154,7 +159,7 @@ def run_setup(args, name: str, workdir: Path, left: float | None) -> dict:
     """One setup in a child process (killed when ``left`` seconds have passed: its logged steps are kept)."""
     started = time.time()
     cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data, "--task",
-           args.task, "--rows", str(args.rows), "--steps", str(args.steps), "--lr", str(args.lr),
+           args.task, "--rows", str(args.rows), "--n-train", str(args.n_train), "--steps", str(args.steps), "--lr", str(args.lr),
            "--workdir", str(workdir)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=left)
@@ -184,6 +189,8 @@ def main() -> int:
     parser.add_argument("--data", default="data")
     parser.add_argument("--task", default="expression")
     parser.add_argument("--rows", type=int, default=16, help="rows per step (= ft.n_train: the same rows every step)")
+    parser.add_argument("--n-train", type=int, default=0, help="rows trained on (0: --rows, the same rows every "
+                        "step; more: fresh rows each step until they run out, so each step's loss is on rows not yet seen)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.0e-5, help="constant learning rate (the authors' full FT: 1e-5)")
     parser.add_argument("--setups", default="fp32,8bit,8bit_bf16", help=f"comma-separated, of {', '.join(SETUPS)}")
