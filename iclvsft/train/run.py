@@ -26,7 +26,7 @@ from ..runs import compare_identity, summarise_differences
 from ..tasks.formats import train_format
 from ..writers import check_folder, clear_folder, entries, writing
 from .loss import RowIndexCollator, RowMeanTrainer
-from .rows import LabelledLogitsTrainer, labelled_logits_loss, make_collator, select_rows, tokenize_rows
+from .rows import LabelledLogitsTrainer, make_collator, select_rows, tokenize_rows
 from .setup import (
     CHECKPOINT_DIR,
     LossProgressCallback,
@@ -262,16 +262,16 @@ def _train(config, out, args, model, tokenizer, model_info, features, token_stat
     ft = config.ft
     collator = make_collator(ft.batching, tokenizer.pad_token_id, ft.max_length,
                              model_info["attn_implementation"], ft.logits_on)
-    loss_func = labelled_logits_loss if ft.logits_on == "labels" else None
+    # each trainer class carries its loss (LabelledLogitsTrainer: labelled_logits_loss)
     trainer_class = LabelledLogitsTrainer if ft.logits_on == "labels" else Trainer
     if ft.loss_average == "rows":  # the loss needs each position's row: RowMeanTrainer computes it
-        collator, loss_func, trainer_class = RowIndexCollator(collator), None, RowMeanTrainer
+        collator, trainer_class = RowIndexCollator(collator), RowMeanTrainer
     with warnings.catch_warnings():
         # peft looks the base model up on the hub to see whether the vocabulary was resized; offline
         # names are not hub ids, so the lookup fails and warns at every checkpoint. Harmless: we never resize.
         warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)")
         trainer = trainer_class(model=model, args=args, train_dataset=features, data_collator=collator,
-                          processing_class=tokenizer, compute_loss_func=loss_func,
+                          processing_class=tokenizer,
                           callbacks=[TrainLogCallback(out / LOG_FILE), *callbacks])
         # Each step's log goes to train_log.jsonl (and report_to); the console gets a progress bar with the
         # loss, not a printed dict per step.
