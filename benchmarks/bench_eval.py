@@ -17,7 +17,11 @@ same separators, greedy until end of line), so both build byte-identical prompts
 ``pip install -r requirements-bench.txt``.
 
 Prints seconds, items/s, the speed-up of ours over each, and whether every prediction agrees (the
-first line of each completion and its strict parse). Run from the repo root:
+first line of each completion and its strict parse). For ``ours`` also the rate of the arithmetic the
+engine executes (FLOPs of every token it runs through the model, pads and the shared prefix included)
+as a share of a dense bf16/fp32 matmul measured in the same run; with ``--lm-eval``, the share of
+``test.py``'s wall time that is start-up (interpreter, imports, model load: timed in a separate process
+that does only that). Run from the repo root:
 
     .venv/bin/python benchmarks/bench_eval.py --model qwen2.5-coder-0.5b-instruct --shots 32 --items 50
 """
@@ -31,8 +35,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_train import matmul_params, matmul_rate  # noqa: E402
 
 from iclvsft import engine  # noqa: E402
 from iclvsft.config import load_config  # noqa: E402
@@ -59,6 +65,54 @@ def authors_loop(model, tokenizer, prompts, max_new_tokens):
                                  pad_token_id=tokenizer.pad_token_id)
         out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
+
+
+class ForwardFlops:
+    """Counts the FLOPs of every forward pass of ``model`` (a forward pre-hook): per call with input
+    [B, T] over a mask of width W (cached tokens + T), ``2 * N * B * T`` for the weights used in matmuls
+    (the output layer only at the positions kept, ``logits_to_keep``) plus causal attention,
+    ``4 * layers * d_attn * B * sum over the T positions of its context`` (QK^T and AV, 2 FLOPs per
+    multiply-add). Pads count: they are computed."""
+
+    def __init__(self, model):
+        config = model.config
+        self.layers = config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.d_attn = config.num_attention_heads * head_dim
+        n_params = sum(p.numel() for p in model.parameters())
+        self.head = config.vocab_size * config.hidden_size
+        self.body = matmul_params(config, n_params) - self.head
+        self.flops, self.tokens, self.calls = 0.0, 0, 0
+        self.handle = model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        b, t = ids.shape
+        mask = kwargs.get("attention_mask")
+        width = mask.shape[-1] if mask is not None else t
+        kept = kwargs.get("logits_to_keep", 0)
+        kept = t if not kept else (kept if isinstance(kept, int) else int(kept.numel()))
+        context = t * (width - t) + t * (t + 1) / 2  # position i of T sees the cached tokens and i + 1 of its own
+        self.flops += 2 * self.body * b * t + 2 * self.head * b * kept + 4 * self.layers * self.d_attn * b * context
+        self.tokens += b * t
+        self.calls += 1
+
+
+def start_up_seconds(args) -> dict:
+    """A fresh process doing only what test.py does before its first item: the interpreter, test.py's
+    imports (the command and the evaluation package), loading the model and tokenizer."""
+    import subprocess
+
+    code = ("import time, json; t0 = time.perf_counter()\n"
+            "from iclvsft.commands import test_main\nimport iclvsft.evaluate.run\n"
+            "from iclvsft.models import load_model\nt1 = time.perf_counter()\n"
+            f"load_model({args.model!r}, dtype={args.dtype!r}, show_progress=False)\n"
+            "print(json.dumps({'imports': t1 - t0, 'load': time.perf_counter() - t1}))")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, check=True)
+    inside = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"total": time.perf_counter() - t0, **inside}
 
 
 def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
@@ -107,6 +161,9 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
             print(proc.stderr[-3000:])
             raise SystemExit(f"{name} failed")
         print(f"{name:<8} {seconds[name]:7.1f} s end to end ({len(items) / seconds[name]:.2f} items/s)")
+    start = start_up_seconds(args)
+    print(f"start-up alone {start['total']:.1f} s (imports {start['imports']:.1f} s, model load {start['load']:.1f} s): "
+          f"{100 * start['total'] / seconds['test.py']:.0f}% of test.py's wall time")
     ours = {r["item_id"]: r["completion"] for r in map(json.loads, (work / "ours" / "samples.jsonl").open())}
     theirs = {}
     for path in (work / "lmeval").rglob("samples_iclvsft_bench_*.jsonl"):
@@ -120,7 +177,9 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
     if differences:
         explain(args, task, {i.id: i for i in items}, demos, max_new, differences)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "identical": same,
+        Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "start_up_seconds": start,
+                                               "start_up_share_of_test_py": start["total"] / seconds["test.py"],
+                                               "identical": same,
                                                "items": len(items), "differences": differences,
                                                "provenance": provenance()}, indent=2))
     return 0
@@ -203,7 +262,19 @@ def main() -> int:
         print(f"{name:<10} {secs:8.1f} s  {len(items) / secs:7.2f} items/s")
 
     ev = Evaluator(model, tok, args.batch_size, constrained=False)
+    counter = ForwardFlops(model)
     timed("ours", lambda: [r["completion"] for r in ev.run(task, items, demos, max_new)])
+    counter.handle.remove()
+    dtype = next(model.parameters()).dtype
+    rates = {str(d).removeprefix("torch."): matmul_rate(d) for d in dict.fromkeys([dtype, torch.float32])}
+    rate = counter.flops / results["ours"]["seconds"]
+    results["ours"].update(executed_flops=counter.flops, forward_calls=counter.calls, tokens_run=counter.tokens,
+                           executed_flops_per_second=rate, matmul_flops_per_second=rates,
+                           executed_fraction_of_matmul=rate / rates[str(dtype).removeprefix("torch.")])
+    print(f"ours executed {counter.flops / 1e12:.2f} TFLOP in {counter.calls} forward passes ({counter.tokens} tokens, "
+          f"pads and prefix included): {rate / 1e9:.0f} GFLOP/s, "
+          f"{100 * results['ours']['executed_fraction_of_matmul']:.1f}% of a 2048^3 matmul in "
+          f"{str(dtype).removeprefix('torch.')} ({', '.join(f'{k} {v / 1e9:.0f}' for k, v in rates.items())} GFLOP/s)")
     if "nocache" not in args.skip:
         timed("no-cache", lambda: [r["completion"] for r in ev.run(task, items, demos, max_new, use_cache=False)])
     if "authors" not in args.skip:

@@ -11,7 +11,10 @@ Setups (all through :func:`iclvsft.train.finetune`, same model, rows, row order,
 * ``*_v1``:      the same with the earlier per-tensor AdamW and full logits (``ft.optimizer=adamw_torch
                  ft.logits_on=all``), to measure those two changes side by side;
 * ``ours_lora_bf16in``: ``ours_lora`` with peft's cast of each adapter's input to fp32 turned off (not a
-                 config key: a candidate change, measured with its loss curve before it becomes one).
+                 config key: a candidate change, measured with its loss curve before it becomes one);
+* ``ours_lora_compiled``, ``ours_full_compiled``: the same setups with every decoder layer compiled by
+                 ``torch.compile`` (inductor, dynamic shapes: padding-free batches change length every
+                 step), same maths; the first steps compile, so give ``--warmup 2`` or more.
 
 For each, ``--warmup`` optimizer steps are run and dropped, then ``--steps`` are timed (real tokens
 per step from ``train_log.jsonl``; wall and process CPU seconds per step from a callback, step end to
@@ -63,7 +66,10 @@ SETUPS = {
 # "_bf16in": peft's switch `cast_input_dtype_enabled = False` on every LoRA layer, so an adapter's input stays
 # bf16 under autocast instead of being copied to the adapter's fp32 and back (dropout then draws on the bf16
 # tensor, whose 1/(1-p) scale rounds in bf16: 1/0.95 -> 1.0547, +0.2%: not the same maths).
-VARIANTS = {"ours_lora_bf16in": "ours_lora"}
+# "_compiled": torch.compile on each decoder layer (regional compilation: the layers share one compiled
+# graph, so compiling costs one layer's trace, not the model's); fuses the elementwise work around the
+# matmuls (norms, rotary, SiLU, LoRA's casts and dropout), the matmuls and their maths stay.
+VARIANTS = {"ours_lora_bf16in": "ours_lora", "ours_lora_compiled": "ours_lora", "ours_full_compiled": "ours_full"}
 
 
 def no_input_cast():
@@ -79,6 +85,25 @@ def no_input_cast():
                 layer.cast_input_dtype_enabled = False
 
     return NoInputCast()
+
+
+def compiled_layers():
+    """A Trainer callback that compiles every decoder layer in place when training begins."""
+    from transformers import TrainerCallback
+
+    class CompileLayers(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            assert layers, "no decoder layer found"
+            for layer in layers:
+                layer.compile(dynamic=True)
+
+    return CompileLayers()
+
+
+# The callbacks that make a variant what it is.
+VARIANT_CALLBACKS = {"ours_lora_bf16in": no_input_cast, "ours_lora_compiled": compiled_layers,
+                     "ours_full_compiled": compiled_layers}
 
 
 def matmul_rate(dtype, n: int = 2048, reps: int = 10, clock: str = "wall") -> float:
@@ -142,7 +167,7 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
                                 "ft.logging_steps=1", "ft.warmup_steps=0", "ft.lr_scheduler=constant"])
     started = time.perf_counter()
     timer = step_clock()
-    extra = [no_input_cast()] if name == "ours_lora_bf16in" else []
+    extra = [VARIANT_CALLBACKS[name]()] if name in VARIANT_CALLBACKS else []
     result = finetune(config, workdir / name, data_dir, callbacks=[timer, *extra], show_progress=False)
     log = [json.loads(line) for line in (workdir / name / "train_log.jsonl").read_text().splitlines()]
     timed = log[warmup:]

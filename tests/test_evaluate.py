@@ -49,6 +49,32 @@ def test_cached_uncached_and_batch_sizes_agree(data_dir, tiny):
                         assert a["label_logprobs"][label] == pytest.approx(b["label_logprobs"][label], abs=1e-4)
 
 
+def test_a_cell_in_chunks_builds_its_prefix_once(data_dir, tiny, monkeypatch, tmp_path):
+    """A cell's chunks share one prefix pass (evaluate() hands the Evaluator a cell in chunks of
+    2 x batch_size, for resume), with the rows a new prefix per chunk gives; other demonstrations
+    build their own. Through evaluate(): one prefix pass per cell, however many chunks."""
+    built = []
+    real = engine.build_prefix
+    monkeypatch.setattr(engine, "build_prefix", lambda model, tok, text: built.append(text) or real(model, tok, text))
+    task = get_task("relation")
+    items = load_items(data_dir, "relation", "test")
+    pool = load_items(data_dir, "relation", "train", split="pattern")
+    demos, others = demo_order(pool, 0, "relation", 3), demo_order(pool, 1, "relation", 3)
+    shared = Evaluator(tiny.model, tiny.tokenizer, 4)
+    chunks = [shared.run(task, items[i:i + 8], demos, 6) for i in range(0, len(items), 8)]
+    assert len(chunks) == 3 and len(built) == 1
+    fresh = [Evaluator(tiny.model, tiny.tokenizer, 4).run(task, items[i:i + 8], demos, 6) for i in range(0, len(items), 8)]
+    assert len(built) == 4 and chunks == fresh
+    shared.run(task, items[:8], others, 6)
+    assert len(built) == 5 and built[-1] != built[0]
+
+    built.clear()
+    config = eval_config(tasks=["relation"], shots=[0, 3], demo_seeds=[0, 1])  # 24 items: 3 chunks per cell
+    evaluate(EvalPlan(config, data_dir, tmp_path / "eval", "tiny-random-qwen2", None), loaded=tiny,
+             show_progress=False)
+    assert len(built) == 3  # one per cell: the header alone (k = 0), k = 3 under demo seeds 0 and 1
+
+
 def test_engine_matches_generate(tiny):
     """Our greedy loop gives the tokens of transformers' own generate(), up to where it stops."""
     import torch

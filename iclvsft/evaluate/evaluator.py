@@ -22,13 +22,25 @@ class Evaluator:
     def __init__(self, model, tokenizer, batch_size: int, constrained: bool = True):
         self.model, self.tokenizer, self.batch_size, self.constrained = model, tokenizer, batch_size, constrained
         self.fallbacks = 0  # items whose tokenization forced the uncached path
+        self._last_prefix: engine.Prefix | None = None
+
+    def cached_prefix(self, text: str) -> engine.Prefix:
+        """The KV-cached prefix of ``text``, built once for consecutive calls with the same text: a cell's
+        items come in chunks (samples.jsonl grows after each, for resume), all under the same header and
+        demonstrations. The prefix's forward pass is the same computation each time and every use copies
+        its cache (:meth:`engine.Prefix.expanded`), so reusing it changes no prediction; it saves one pass
+        over the header and demonstrations per chunk (~1.9 s at 32 shots on the 0.5B model on 2 cores)."""
+        if self._last_prefix is None or self._last_prefix.text != text:
+            self._last_prefix = None  # the previous cell's cache is freed before the next is built
+            self._last_prefix = engine.build_prefix(self.model, self.tokenizer, text)
+        return self._last_prefix
 
     def run(self, task: Task, items: Sequence[Item], demos: Sequence[Item], max_new_tokens: int,
             use_cache: bool = True) -> list[dict]:
         """Completions and scores for ``items``, all prompted with the same ``demos``."""
         prompts = [build_prompt(task, i.question, demos) for i in items]
         if use_cache:
-            pre = engine.build_prefix(self.model, self.tokenizer, prefix(task, demos))
+            pre = self.cached_prefix(prefix(task, demos))
             suffixes = engine.split_suffixes(self.tokenizer, pre, [query(task, i.question) for i in items])
         else:
             pre, suffixes = engine.empty_prefix(), [None] * len(items)
