@@ -157,8 +157,36 @@ def step_clock():
     return StepClock()
 
 
+def step_profiler(step: int):
+    """A TrainerCallback running torch.profiler over optimizer step ``step`` (1-based) only; ``ops`` then
+    holds the top operators by self CPU time (the calling thread's time in each, sub-operators excluded,
+    so they add up to the time spent in operators) and ``total`` their sum over all operators."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.prof, self.ops, self.total = None, [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                self.prof = profile(activities=[ProfilerActivity.CPU])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == step:
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                self.total = sum(e.self_cpu_time_total for e in events) / 1e6
+                self.ops = sorted(({"op": e.key, "calls": e.count, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3)}
+                                   for e in events), key=lambda o: -o["self_cpu_s"])[:25]
+                self.prof = None
+
+    return StepProfiler()
+
+
 def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup: int, steps: int,
-              clock: str) -> dict:
+              clock: str, profile: bool = False) -> dict:
     from iclvsft.config import load_config
     from iclvsft.train import finetune
 
@@ -168,6 +196,8 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
     started = time.perf_counter()
     timer = step_clock()
     extra = [VARIANT_CALLBACKS[name]()] if name in VARIANT_CALLBACKS else []
+    profiler = step_profiler(warmup + 1) if profile else None  # the first timed step
+    extra += [profiler] if profiler else []
     result = finetune(config, workdir / name, data_dir, callbacks=[timer, *extra], show_progress=False)
     log = [json.loads(line) for line in (workdir / name / "train_log.jsonl").read_text().splitlines()]
     timed = log[warmup:]
@@ -192,6 +222,8 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "losses": [e["loss"] for e in log],
     }
+    if profiler is not None:
+        out["profile"] = {"step": warmup + 1, "self_cpu_seconds": round(profiler.total, 3), "top_ops": profiler.ops}
     if ft["batching"] == "max_length":
         executed = flops_per_token(model_config, n_params, ft["method"], ft["max_length"]) * ft["max_length"] * rows
         out["executed_flops_per_second"] = executed / seconds
@@ -269,6 +301,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time steps by wall clock, or by process CPU time (use with --threads 1 on a shared machine)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the first timed step of each setup (torch.profiler, CPU): its top operators by "
+                        "self CPU time are printed and written to the JSON (that step is slower for it)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
 
@@ -291,7 +326,7 @@ def main() -> int:
                                     "data.train_control=0", "data.test_pattern=1", "data.test_control=1"]),
                  data_dir, show_progress=False)
         runs = [run_trl(base, data_dir, Path(tmp), args.warmup, args.steps, args.clock) if name == "trl_lora" else
-                run_setup(name, base, data_dir, Path(tmp), args.warmup, args.steps, args.clock)
+                run_setup(name, base, data_dir, Path(tmp), args.warmup, args.steps, args.clock, args.profile)
                 for name in args.setups.split(",")]
     precision = runs[0]["precision"]
     rates = {"float32": matmul_rate(torch.float32, clock=args.clock)}
@@ -320,6 +355,14 @@ def main() -> int:
             what = "pads included" if r["batching"] == "max_length" else "output layer at labelled positions only"
             print(f"{'':<10} (executed, {what}: {r['executed_flops_per_second'] / 1e9:.1f} GFLOP/s, "
                   f"{100 * r['executed_fraction_of_matmul']:.1f}% of matmul)")
+    for r in runs:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"\n{r['setup']}: step {prof['step']} profiled, {prof['self_cpu_seconds']:.2f} s in operators "
+                  f"(the calling thread's time in each, its sub-operators excluded)")
+            for o in prof["top_ops"][:15]:
+                print(f"  {o['op']:<40} {o['calls']:>6} calls {o['self_cpu_s']:7.3f} s "
+                      f"{100 * o['self_cpu_s'] / prof['self_cpu_seconds']:5.1f}%")
     print(f"(s/epoch: {args.epoch_rows} rows; tokens/s counts real tokens only, so 'x authors' is also the "
           f"rows/s ratio up to row-length differences)")
     if args.out:
