@@ -66,9 +66,9 @@ SETUPS = {
 # "_bf16in": peft's switch `cast_input_dtype_enabled = False` on every LoRA layer, so an adapter's input stays
 # bf16 under autocast instead of being copied to the adapter's fp32 and back (dropout then draws on the bf16
 # tensor, whose 1/(1-p) scale rounds in bf16: 1/0.95 -> 1.0547, +0.2%: not the same maths).
-# "_compiled": torch.compile on each decoder layer (regional compilation: the layers share one compiled
-# graph, so compiling costs one layer's trace, not the model's); fuses the elementwise work around the
-# matmuls (norms, rotary, SiLU, LoRA's casts and dropout), the matmuls and their maths stay.
+# "_compiled": torch.compile on each decoder layer (regional compilation, rather than the whole model), meant to
+# fuse the elementwise work around the matmuls (norms, rotary, SiLU, LoRA's casts and dropout); the matmuls
+# and the maths stay (compiled dropout draws its masks from inductor's own generator, so the masks differ).
 VARIANTS = {"ours_lora_bf16in": "ours_lora", "ours_lora_compiled": "ours_lora", "ours_full_compiled": "ours_full"}
 
 
