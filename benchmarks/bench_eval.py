@@ -72,7 +72,9 @@ class ForwardFlops:
     [B, T] over a mask of width W (cached tokens + T), ``2 * N * B * T`` for the weights used in matmuls
     (the output layer only at the positions kept, ``logits_to_keep``) plus causal attention,
     ``4 * layers * d_attn * B * sum over the T positions of its context`` (QK^T and AV, 2 FLOPs per
-    multiply-add). Pads count: they are computed."""
+    multiply-add). Pads count: they are computed. Every layer is counted as attending over the whole
+    context: right for the Qwen2 models this is run on; a sliding-window layer (Gemma 3) would be
+    overcounted."""
 
     def __init__(self, model):
         config = model.config
