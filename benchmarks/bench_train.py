@@ -62,14 +62,6 @@ SETUPS = {
                      *V1],
     "ours_lora": ["ft.method=lora", "ft.learning_rate=2.0e-4", "ft.loss_on=completion", "ft.batching=padding_free"],
 }
-# Benchmark-only variants (no config key): what a change would gain, measured before it becomes one.
-# "_bf16in": peft's switch `cast_input_dtype_enabled = False` on every LoRA layer, so an adapter's input stays
-# bf16 under autocast instead of being copied to the adapter's fp32 and back (dropout then draws on the bf16
-# tensor, whose 1/(1-p) scale rounds in bf16: 1/0.95 -> 1.0547, +0.2%: not the same maths).
-# "_compiled": torch.compile on each decoder layer (regional compilation, rather than the whole model), meant to
-# fuse the elementwise work around the matmuls (norms, rotary, SiLU, LoRA's casts and dropout); the matmuls
-# and the maths stay (compiled dropout draws its masks from inductor's own generator, so the masks differ).
-VARIANTS = {"ours_lora_bf16in": "ours_lora", "ours_lora_compiled": "ours_lora", "ours_full_compiled": "ours_full"}
 
 
 def no_input_cast():
@@ -101,9 +93,16 @@ def compiled_layers():
     return CompileLayers()
 
 
-# The callbacks that make a variant what it is.
-VARIANT_CALLBACKS = {"ours_lora_bf16in": no_input_cast, "ours_lora_compiled": compiled_layers,
-                     "ours_full_compiled": compiled_layers}
+# Benchmark-only variants (no config key): what a change would gain, measured before it becomes one.
+# "_bf16in": peft's switch `cast_input_dtype_enabled = False` on every LoRA layer, so an adapter's input stays
+# bf16 under autocast instead of being copied to the adapter's fp32 and back (dropout then draws on the bf16
+# tensor, whose 1/(1-p) scale rounds in bf16: 1/0.95 -> 1.0547, +0.2%: not the same maths).
+# "_compiled": torch.compile on each decoder layer (regional compilation, rather than the whole model), meant to
+# fuse the elementwise work around the matmuls (norms, rotary, SiLU, LoRA's casts and dropout); the matmuls
+# and the maths stay (compiled dropout draws its masks from inductor's own generator, so the masks differ).
+# Each variant: the setup it changes and the callback (a factory of a TrainerCallback) that changes it.
+VARIANTS = {"ours_lora_bf16in": ("ours_lora", no_input_cast), "ours_lora_compiled": ("ours_lora", compiled_layers),
+            "ours_full_compiled": ("ours_full", compiled_layers)}
 
 
 def matmul_rate(dtype, n: int = 2048, reps: int = 10, clock: str = "wall") -> float:
@@ -190,12 +189,13 @@ def run_setup(name: str, base: list[str], data_dir: Path, workdir: Path, warmup:
     from iclvsft.config import load_config
     from iclvsft.train import finetune
 
-    overrides = SETUPS[VARIANTS.get(name, name)]
+    base_setup, variant_callback = VARIANTS.get(name, (name, None))
+    overrides = SETUPS[base_setup]
     config = load_config(None, [*base, *overrides, f"ft.max_steps={warmup + steps}", "ft.save_steps=0",
                                 "ft.logging_steps=1", "ft.warmup_steps=0", "ft.lr_scheduler=constant"])
     started = time.perf_counter()
     timer = step_clock()
-    extra = [VARIANT_CALLBACKS[name]()] if name in VARIANT_CALLBACKS else []
+    extra = [variant_callback()] if variant_callback else []
     profiler = step_profiler(warmup + 1) if profile else None  # the first timed step
     extra += [profiler] if profiler else []
     result = finetune(config, workdir / name, data_dir, callbacks=[timer, *extra], show_progress=False)
