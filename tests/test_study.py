@@ -137,6 +137,7 @@ def test_reproduce_script_reuses_everything(quick_study):
 def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path, quick_study):
     """reproduce.py killed with SIGKILL at 5 random moments (seeded) while it works, restarted after
     each, ends with the report of an uninterrupted run, byte for byte (summary.json too)."""
+    import os
     import random
     import signal
     import time
@@ -157,8 +158,18 @@ def test_kill_9_at_random_points_resumes_to_the_same_report(tmp_path, quick_stud
         return time.perf_counter() - started
 
     def state(folder) -> set:
-        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()} \
-            if folder.exists() else set()
+        # The running study renames temporary files (and folders) into place, so something listed may be
+        # gone by the time it is stat'ed: os.walk skips folders it cannot list, and a vanished file is
+        # skipped here (the next poll sees what replaced it).
+        seen = set()
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                try:
+                    st = os.stat(os.path.join(parent, name))
+                except FileNotFoundError:
+                    continue
+                seen.add((os.path.join(parent, name), st.st_size, st.st_mtime_ns))
+        return seen
 
     rng = random.Random(15)
     out = tmp_path / "run"
