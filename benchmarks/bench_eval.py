@@ -117,6 +117,15 @@ def start_up_seconds(args) -> dict:
     return {"total": time.perf_counter() - t0, **inside}
 
 
+def resolved_dtype(dtype: str, model: str) -> str:
+    """The one dtype both tools run in, by name (``bfloat16`` / ``float32``): ``auto`` resolved as test.py
+    resolves it on this CPU (bf16 only where the CPU has native bf16, else fp32), so lm-eval, which is told
+    a dtype explicitly, never runs in another precision than ours."""
+    from iclvsft.models import resolve_dtype
+
+    return str(resolve_dtype(dtype, "cpu", name=model)).removeprefix("torch.")
+
+
 def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
     """test.py and lm_eval, each timed from process start to exit; completions compared item by item."""
     import subprocess
@@ -142,12 +151,13 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
         "doc_to_text": "{{question}}", "doc_to_target": task.answer_sep + "{{answer}}", "target_delimiter": "",
         "fewshot_delimiter": sep, "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_new, "do_sample": False},
         "metric_list": [{"metric": "exact_match"}]}, sort_keys=False))
-    dtype = {"auto": "bfloat16", "bf16": "bfloat16", "fp32": "float32"}[args.dtype]
+    dtype = resolved_dtype(args.dtype, args.model)
+    print(f"both tools in {dtype}")
     n_split = {"pattern": sum(i.split == "pattern" for i in items), "control": sum(i.split != "pattern" for i in items)}
     runs = {
         "test.py": [sys.executable, "test.py", "--model", args.model, "--data", str(data), "--tasks", args.task,
                     "--shots", str(args.shots), "--demo-seeds", "0", "--limit", str(max(n_split.values())),
-                    "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--out", str(work / "ours"),
+                    "--batch-size", str(args.batch_size), "--dtype", dtype, "--out", str(work / "ours"),
                     "--quiet"],
         "lm-eval": [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                     f"pretrained={model_path},dtype={dtype}", "--device", "cpu", "--batch_size", str(args.batch_size),
@@ -179,7 +189,8 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
     if differences:
         explain(args, task, {i.id: i for i in items}, demos, max_new, differences)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds, "start_up_seconds": start,
+        Path(args.json).write_text(json.dumps({"args": vars(args), "dtype": dtype, "seconds": seconds,
+                                               "start_up_seconds": start,
                                                "start_up_share_of_test_py": start["total"] / seconds["test.py"],
                                                "identical": same,
                                                "items": len(items), "differences": differences,
@@ -191,7 +202,7 @@ def explain(args, task, items: dict, demos, max_new: int, differences: list[dict
     """Where the two tools disagree: each such prompt again, alone (one row: no padding, no batch, no
     cache; transformers' generate), in the run's precision and in fp32, with the smallest gap between
     the two most likely tokens over the greedy steps (a near-tie shows as a gap of a rounding error)."""
-    for dtype in dict.fromkeys([args.dtype, "fp32"]):
+    for dtype in dict.fromkeys([resolved_dtype(args.dtype, args.model), "float32"]):
         loaded = load_model(args.model, dtype=dtype)
         model, tok = loaded.model.eval(), loaded.tokenizer
         for d in differences:
