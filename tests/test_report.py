@@ -176,3 +176,25 @@ def test_report_and_table_name_the_prompt_style_and_format_that_ran(tmp_path):
                 "attn_implementation": "sdpa", "data_seed": 0, "demo_mode": "fixed"}
     table = render_table({"identity": identity, "provenance": {"git_commit": None, "versions": {}}, "by_condition": []})
     assert "prompt format authors, prompt style chat, dtype float32" in table
+
+
+def test_report_names_the_precision_each_side_ran_in(tmp_path):
+    """`dtype: auto` resolves per machine (bf16 on a CPU with native bf16, else fp32), so report.md says
+    what the run's folders recorded: the ICL and FT evaluations' dtype and the FT runs' training precision;
+    a folder with no record adds nothing, and a report with no record says nothing."""
+    half = lambda split, i: "Yes" if i % 2 else "No"  # noqa: E731
+    icl = folder(tmp_path / "icl", {("relation/k=4/seed=0", 4, 0): half})
+    icl.write_text(json.dumps({"identity": {"dtype": "torch.bfloat16"}}))
+    ft = [FTResult("answer_lora", "lora", ("relation",), 16, seed,
+                   folder(tmp_path / f"ft{seed}", {("relation/k=0", 0, None): half}),
+                   {"precision": {"dtype": dtype, "load_dtype": dtype, "bf16": True, "fp16": False}})
+          for seed, dtype in ((0, "bfloat16"), (1, "float32"))]
+    ft[0].metrics_path.write_text(json.dumps({"identity": {"dtype": "torch.float32"}}))  # ft[1]'s: no record
+    summary = build_summary(["relation"], icl, ft, "m", "test")
+    assert summary["precision"] == {"evaluation": ["bfloat16", "float32"], "training": ["bfloat16", "float32"]}
+    report = write_report(tmp_path / "out", [summary]).read_text()
+    assert "Precision: evaluation in bfloat16 and float32, training in bfloat16 and float32 (" in report
+
+    bare = build_summary(["relation"], folder(tmp_path / "bare", {("relation/k=4/seed=0", 4, 0): half}), [], "m", "t")
+    assert bare["precision"] == {"evaluation": [], "training": []}
+    assert "Precision:" not in write_report(tmp_path / "out2", [bare]).read_text()

@@ -205,6 +205,15 @@ def size_table(summaries: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def precision_line(precision: dict | None) -> str:
+    """What the run computed in (config ``dtype: auto`` resolves per machine); "" when nothing recorded it."""
+    if not precision or not (precision.get("evaluation") or precision.get("training")):
+        return ""
+    parts = [f"{side} in {' and '.join(precision[side])}" for side in ("evaluation", "training") if precision.get(side)]
+    return (f"Precision: {', '.join(parts)} (as resolved on the machine that ran it; `dtype: auto` is bf16 on a CPU "
+            "with native bf16 or a GPU, else fp32, and a run in another precision can differ on near-ties).")
+
+
 def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str] = ()) -> str:
     lines = [f"# ICL vs FT on implicit patterns: {summary['model']} (config `{summary['config']}`)", ""]
     if summary.get("smoke"):
@@ -213,6 +222,8 @@ def render(summary: dict, plots: dict[str, list[str]], extra_sections: list[str]
     how = "the model's chat template (the prompt as the user's message)" if style == "chat" else "raw text"
     lines += [f"Prompts: {how} (`prompt_style: {style}`), format `{summary.get('format', 'ours')}`, for ICL, FT and "
               "scoring alike.", ""]
+    if line := precision_line(summary.get("precision")):
+        lines += [line, ""]
     lines += [INTRO, ""]
     lines += headline(summary)
     lines += list(extra_sections)

@@ -3,6 +3,7 @@ seeds and items, the constant-answer baselines, the paired ICL-vs-FT comparison 
 and N, and the FT rows needed to reach the ICL level."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,21 @@ def judge_summaries(summaries: list[dict], alpha: float = ALPHA) -> int:
     return family
 
 
+def precisions(icl_metrics: Path | None, ft_results: list[FTResult]) -> dict[str, list[str]]:
+    """The dtypes the run computed in, as its folders recorded them: ``dtype: auto`` resolves per machine
+    (bf16 on a CPU with native bf16 or a GPU, else fp32), and a run in another precision can give other
+    numbers, so the report says which. ``evaluation``: the ICL folder's and the fine-tuned models'
+    evaluations; ``training``: each FT run's training precision."""
+    def evaluated(path: Path | None) -> str | None:
+        if path is None or not Path(path).is_file():
+            return None
+        return str(json.loads(Path(path).read_text()).get("identity", {}).get("dtype") or "").removeprefix("torch.")
+
+    evaluation = {evaluated(icl_metrics)} | {evaluated(r.metrics_path) for r in ft_results}
+    training = {(r.train_summary.get("precision") or {}).get("dtype") for r in ft_results}
+    return {"evaluation": sorted(d for d in evaluation if d), "training": sorted(d for d in training if d)}
+
+
 def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[FTResult], model: str,
                   config_name: str, compare: Comparison = Comparison(), icl_cells: Iterable[str] | None = None,
                   smoke: bool = False, prompt_style: str = "raw", prompt_format: str = "ours") -> dict:
@@ -207,5 +223,5 @@ def build_summary(tasks: list[str], icl_metrics: Path | None, ft_results: list[F
     n_params = next((r.train_summary.get("model_info", {}).get("n_params") for r in ft_results
                      if r.train_summary.get("model_info", {}).get("n_params")), None)
     return {"model": model, "config": config_name, "smoke": smoke, "prompt_style": prompt_style, "format": prompt_format,
-            "n_params": n_params,
+            "n_params": n_params, "precision": precisions(icl_metrics, ft_results),
             "tasks": {task: task_summary(task, icl_rows, ft_runs, compare) for task in tasks}}
