@@ -117,13 +117,14 @@ def start_up_seconds(args) -> dict:
     return {"total": time.perf_counter() - t0, **inside}
 
 
-def resolved_dtype(dtype: str, model: str) -> str:
-    """The one dtype both tools run in, by name (``bfloat16`` / ``float32``): ``auto`` resolved as test.py
-    resolves it on this CPU (bf16 only where the CPU has native bf16, else fp32), so lm-eval, which is told
-    a dtype explicitly, never runs in another precision than ours."""
+def resolved_dtype(dtype: str, model: str) -> tuple[str, str]:
+    """The one dtype both tools run in, as (test.py's name, lm-eval's name), e.g. ``("fp32", "float32")``:
+    ``auto`` resolved as test.py resolves it on this CPU (bf16 only where the CPU has native bf16, else
+    fp32), so lm-eval, which is told a dtype explicitly, never runs in another precision than ours."""
     from iclvsft.models import resolve_dtype
 
-    return str(resolve_dtype(dtype, "cpu", name=model)).removeprefix("torch.")
+    name = str(resolve_dtype(dtype, "cpu", name=model)).removeprefix("torch.")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[name], name
 
 
 def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
@@ -151,13 +152,13 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
         "doc_to_text": "{{question}}", "doc_to_target": task.answer_sep + "{{answer}}", "target_delimiter": "",
         "fewshot_delimiter": sep, "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_new, "do_sample": False},
         "metric_list": [{"metric": "exact_match"}]}, sort_keys=False))
-    dtype = resolved_dtype(args.dtype, args.model)
+    ours_dtype, dtype = resolved_dtype(args.dtype, args.model)
     print(f"both tools in {dtype}")
     n_split = {"pattern": sum(i.split == "pattern" for i in items), "control": sum(i.split != "pattern" for i in items)}
     runs = {
         "test.py": [sys.executable, "test.py", "--model", args.model, "--data", str(data), "--tasks", args.task,
                     "--shots", str(args.shots), "--demo-seeds", "0", "--limit", str(max(n_split.values())),
-                    "--batch-size", str(args.batch_size), "--dtype", dtype, "--out", str(work / "ours"),
+                    "--batch-size", str(args.batch_size), "--dtype", ours_dtype, "--out", str(work / "ours"),
                     "--quiet"],
         "lm-eval": [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                     f"pretrained={model_path},dtype={dtype}", "--device", "cpu", "--batch_size", str(args.batch_size),
@@ -202,7 +203,7 @@ def explain(args, task, items: dict, demos, max_new: int, differences: list[dict
     """Where the two tools disagree: each such prompt again, alone (one row: no padding, no batch, no
     cache; transformers' generate), in the run's precision and in fp32, with the smallest gap between
     the two most likely tokens over the greedy steps (a near-tie shows as a gap of a rounding error)."""
-    for dtype in dict.fromkeys([resolved_dtype(args.dtype, args.model), "float32"]):
+    for dtype in dict.fromkeys([resolved_dtype(args.dtype, args.model)[0], "fp32"]):
         loaded = load_model(args.model, dtype=dtype)
         model, tok = loaded.model.eval(), loaded.tokenizer
         for d in differences:
