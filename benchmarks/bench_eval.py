@@ -188,7 +188,7 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
     differences = [{"id": i.id, "test.py": first_line(ours.get(i.id, "")), "lm-eval": first_line(theirs.get(i.id, ""))}
                    for i in items if first_line(ours.get(i.id, "")) != first_line(theirs.get(i.id, "\0"))]
     if differences:
-        explain(args, task, {i.id: i for i in items}, demos, max_new, differences)
+        explain(args, ours_dtype, task, {i.id: i for i in items}, demos, max_new, differences)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "dtype": dtype, "seconds": seconds,
                                                "start_up_seconds": start,
@@ -199,11 +199,12 @@ def lm_eval_end_to_end(args, data: Path, task, items, demos, train) -> int:
     return 0
 
 
-def explain(args, task, items: dict, demos, max_new: int, differences: list[dict]) -> None:
+def explain(args, run_dtype: str, task, items: dict, demos, max_new: int, differences: list[dict]) -> None:
     """Where the two tools disagree: each such prompt again, alone (one row: no padding, no batch, no
     cache; transformers' generate), in the run's precision and in fp32, with the smallest gap between
-    the two most likely tokens over the greedy steps (a near-tie shows as a gap of a rounding error)."""
-    for dtype in dict.fromkeys([resolved_dtype(args.dtype, args.model)[0], "fp32"]):
+    the two most likely tokens over the greedy steps (a near-tie shows as a gap of a rounding error).
+    ``run_dtype``: the run's precision, as test.py was given it."""
+    for dtype in dict.fromkeys([run_dtype, "fp32"]):
         loaded = load_model(args.model, dtype=dtype)
         model, tok = loaded.model.eval(), loaded.tokenizer
         for d in differences:

@@ -3,7 +3,6 @@ seeds and items, the constant-answer baselines, the paired ICL-vs-FT comparison 
 and N, and the FT rows needed to reach the ICL level."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from ..evaluate.samples import read_samples
 from ..evaluate.tables import aligned, split_metrics
+from ..io import read_json
 from ..metrics import ALPHA, baselines, holm, paired_difference, rows_to_match, shortcut_balanced, verdict
 
 SPLITS = ("pattern", "control")
@@ -203,10 +203,9 @@ def precisions(icl_metrics: Path | None, ft_results: list[FTResult]) -> dict[str
     (bf16 on a CPU with native bf16 or a GPU, else fp32), and a run in another precision can give other
     numbers, so the report says which. ``evaluation``: the ICL folder's and the fine-tuned models'
     evaluations; ``training``: each FT run's training precision."""
-    def evaluated(path: Path | None) -> str | None:
-        if path is None or not Path(path).is_file():
-            return None
-        return str(json.loads(Path(path).read_text()).get("identity", {}).get("dtype") or "").removeprefix("torch.")
+    def evaluated(path: Path | None) -> str:
+        identity = read_json(Path(path)).get("identity", {}) if path is not None else {}
+        return str(identity.get("dtype") or "").removeprefix("torch.")
 
     evaluation = {evaluated(icl_metrics)} | {evaluated(r.metrics_path) for r in ft_results}
     training = {(r.train_summary.get("precision") or {}).get("dtype") for r in ft_results}
